@@ -1,0 +1,17 @@
+"""Errors a user can act on. Every message says what was wrong and what to do about it."""
+
+
+class CitrusVError(Exception):
+    """Base class: an expected failure with a message meant for the user (no traceback needed)."""
+
+
+class CheckpointError(CitrusVError):
+    """The model weights or their configuration cannot be used."""
+
+
+class InputError(CitrusVError):
+    """An image, volume, prompt or option given by the user is not usable."""
+
+
+class DependencyError(CitrusVError):
+    """A required package is missing or unusable in this environment."""

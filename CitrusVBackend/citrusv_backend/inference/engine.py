@@ -1,0 +1,268 @@
+"""The four 2D tasks on one image — ask, segment, detect, report — with the reference's exact model path.
+
+One language-model pass gives both the text and the `[SEG]` hidden states: a forward hook on the final
+RMSNorm records `hidden_states[-1]` for every position as generation goes (the prompt at prefill, one row
+per decoding step), so nothing is generated twice and no mask can be lost to a shorter second pass (the
+reference generates twice). With a forced answer (`answer="Sure, it is [SEG]."`) there is no decoding at all:
+one prefill of prompt + answer. SAM2's image features are computed once per image, however many `[SEG]`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InputError
+from ..model.loader import LoadedModel, load_citrusv
+from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
+from .images import load_image
+from .parsing import ParsedReport, parse_boxes, parse_report, scale_boxes
+
+log = logging.getLogger(__name__)
+
+TASKS = ("ask", "segment", "detect", "report")
+MASK_UPSAMPLING = ("bilinear", "nearest")
+DEFAULT_MAX_NEW_TOKENS = 1024
+FORCED_SEGMENT_ANSWER = "Sure, it is [SEG]."
+
+
+@dataclass
+class SegmentationMask:
+    """One `[SEG]` token's mask and everything that led to it."""
+
+    token_position: int          # index of the [SEG] token in the full sequence
+    seg_hidden: np.ndarray       # [H] last-layer state at the [SEG] position
+    seg_embedding: np.ndarray    # [C] projector output (SAM2 prompt token)
+    low_res_logits: np.ndarray   # [256, 256] float32, SAM2's stretched-square frame
+    mask: np.ndarray             # [H_img, W_img] bool at the original image size
+    iou: float                   # SAM2's predicted IoU of the chosen candidate
+    object_score: float          # SAM2's object-score logit (never used to suppress, as in the reference)
+
+
+@dataclass
+class InferenceResult:
+    task: str
+    prompt: str
+    text: str
+    forced_answer: bool
+    input_ids: list[int]
+    generated_ids: list[int]
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    image_grid_thw: list[int]
+    masks: list[SegmentationMask] = field(default_factory=list)
+    boxes: list = field(default_factory=list)            # parsing.Box in original-image pixels
+    boxes_resized: list = field(default_factory=list)    # the same, as the model wrote them
+    report: ParsedReport | None = None
+    problems: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    random_weights: bool = False
+    mask_upsampling: str = "bilinear"
+
+    def to_json_dict(self) -> dict:
+        return {
+            "task": self.task, "prompt": self.prompt, "text": self.text, "forced_answer": self.forced_answer,
+            "random_weights": self.random_weights, "input_ids": self.input_ids, "generated_ids": self.generated_ids,
+            "original_size": list(self.original_size), "resized_size": list(self.resized_size),
+            "image_grid_thw": self.image_grid_thw, "mask_upsampling": self.mask_upsampling,
+            "masks": [{"token_position": m.token_position, "iou": m.iou, "object_score": m.object_score,
+                       "pixels": int(m.mask.sum())} for m in self.masks],
+            "boxes": [b.to_dict() for b in self.boxes], "boxes_resized": [b.to_dict() for b in self.boxes_resized],
+            "report": self.report.to_dict() if self.report is not None else None,
+            "problems": self.problems, "timings": self.timings,
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The NPZ payload: shapes hold for zero masks too."""
+        height, width = self.original_size
+        hidden = self.masks[0].seg_hidden.shape[0] if self.masks else 0
+        embed = self.masks[0].seg_embedding.shape[0] if self.masks else 0
+        side = self.masks[0].low_res_logits.shape if self.masks else (256, 256)
+        stack = lambda name, shape, dtype: (np.stack([getattr(m, name) for m in self.masks]).astype(dtype)  # noqa: E731
+                                            if self.masks else np.zeros((0, *shape), dtype))
+        return {"low_res_logits": stack("low_res_logits", side, np.float32),
+                "masks": stack("mask", (height, width), bool),
+                "seg_hidden": stack("seg_hidden", (hidden,), np.float32),
+                "seg_embedding": stack("seg_embedding", (embed,), np.float32),
+                "iou": np.array([m.iou for m in self.masks], np.float32),
+                "object_score": np.array([m.object_score for m in self.masks], np.float32)}
+
+
+@contextmanager
+def record_final_hidden_states(module: torch.nn.Module):
+    """Collect the output of `module` (the final norm) for every forward call while active."""
+    recorded: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _inp, out: recorded.append(out.detach()))
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def upsample_mask(low_res_logits: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """[N, h, w] logits -> [N, H, W] bool.
+
+    "bilinear" (default, Sa2VA's way): interpolate the logits, threshold at 0 — smoother edges for large images.
+    "nearest" (the reference's clients): threshold at 256x256 (sigmoid > 0.5), then PIL nearest resize.
+    """
+    if mode == "bilinear":
+        up = F.interpolate(low_res_logits[:, None].float(), size=size, mode="bilinear", align_corners=False)
+        return up[:, 0] > 0
+    if mode == "nearest":
+        binary = (torch.sigmoid(low_res_logits.float()) > 0.5).cpu().numpy().astype(np.uint8) * 255
+        resized = [np.asarray(Image.fromarray(m).resize((size[1], size[0]), Image.NEAREST)) > 0 for m in binary]
+        return torch.from_numpy(np.stack(resized)) if resized else torch.zeros((0, *size), dtype=torch.bool)
+    raise InputError(f"unknown mask upsampling {mode!r}; use one of {', '.join(MASK_UPSAMPLING)}")
+
+
+class CitrusVEngine:
+    """Runs the 2D tasks with one loaded model."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        tokenizer = self.processor.tokenizer
+        self.stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+    @classmethod
+    def load(cls, model, device: str | None = None, dtype: str | None = None, attention: str | None = None):
+        return cls(load_citrusv(model, device=device, dtype=dtype, attention=attention))
+
+    # ------------------------------------------------------------------------------------------ text side
+
+    def _generation_config(self, max_new_tokens: int, repetition_penalty: float | None):
+        from transformers import GenerationConfig
+
+        penalty = repetition_penalty if repetition_penalty is not None else \
+            self.loaded.generation_defaults.get("repetition_penalty", 1.0)
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
+                                eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[-1])
+
+    @torch.inference_mode()
+    def language_pass(self, inputs: ModelInputs, forced: bool, max_new_tokens: int,
+                      repetition_penalty: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full token sequence [T], last-layer hidden states [T', H] aligned with it, T' >= T - 1)."""
+        mllm = self.model.mllm
+        kwargs = inputs.qwen_kwargs(self.model.device)
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        with record_final_hidden_states(self.model.final_norm) as recorded:
+            if forced:
+                mllm(**kwargs, use_cache=False, logits_to_keep=1)
+                sequence = kwargs["input_ids"][0]
+            else:
+                output = mllm.generate(**kwargs, generation_config=self._generation_config(max_new_tokens, repetition_penalty),
+                                       return_dict_in_generate=True)
+                sequence = output.sequences[0]
+        hidden = torch.cat(recorded, dim=1)[0]
+        if sequence[-1].item() == self.processor.seg_token_idx and hidden.size(0) < sequence.size(0):
+            # Generation stopped right after a [SEG] (token budget): its state was never computed.
+            hidden = self._teacher_forced_hidden(inputs, sequence)
+        return sequence, hidden
+
+    def _teacher_forced_hidden(self, inputs: ModelInputs, sequence: torch.Tensor) -> torch.Tensor:
+        kwargs = inputs.qwen_kwargs(self.model.device)
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        kwargs["input_ids"] = sequence[None]
+        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == self.processor.image_token_id).to(torch.int32)
+        with record_final_hidden_states(self.model.final_norm) as recorded:
+            self.model.mllm(**kwargs, use_cache=False, logits_to_keep=1)
+        return recorded[-1][0]
+
+    # ------------------------------------------------------------------------------------------ mask side
+
+    @torch.inference_mode()
+    def masks_for(self, inputs: ModelInputs, sequence: torch.Tensor, hidden: torch.Tensor,
+                  upsampling: str, timings: dict) -> list[SegmentationMask]:
+        positions = (sequence[: hidden.size(0)] == self.processor.seg_token_idx).nonzero().flatten()
+        if positions.numel() == 0:
+            return []
+        started = time.perf_counter()
+        grounding = self.model.grounding_encoder
+        seg_hidden = hidden[positions]
+        embeddings = self.model.project_seg(seg_hidden)
+        features = grounding.encode_images(inputs.sam2_pixel_values.to(self.model.device, self.model.dtype))
+        timings["sam2_image_encoder_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        prediction = grounding.decode_masks(features.select(torch.zeros_like(positions)), embeddings)
+        masks = upsample_mask(prediction.low_res_logits, inputs.original_size, upsampling)
+        timings["mask_decoder_s"] = time.perf_counter() - started
+        return [SegmentationMask(
+            token_position=int(positions[i]), seg_hidden=seg_hidden[i].float().cpu().numpy(),
+            seg_embedding=embeddings[i, 0].float().cpu().numpy(),
+            low_res_logits=prediction.low_res_logits[i].cpu().numpy(), mask=masks[i].cpu().numpy(),
+            iou=float(prediction.iou[i]), object_score=float(prediction.object_score[i]))
+            for i in range(positions.numel())]
+
+    # ------------------------------------------------------------------------------------------ tasks
+
+    def run(self, image, prompt: str, task: str = "ask", answer: str | None = None, min_pixels: int | None = None,
+            max_pixels: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            mask_upsampling: str = "bilinear", repetition_penalty: float | None = None) -> InferenceResult:
+        if task not in TASKS:
+            raise InputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        if mask_upsampling not in MASK_UPSAMPLING:
+            raise InputError(f"unknown mask upsampling {mask_upsampling!r}; use one of {', '.join(MASK_UPSAMPLING)}")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        image = load_image(image)
+        default = TASK_PIXEL_BUDGETS[task]
+        budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
+        inputs = self.processor(image, prompt, budget, answer=answer)
+        timings["preprocess_s"] = time.perf_counter() - started
+
+        step = time.perf_counter()
+        sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty)
+        timings["forced_prefill_s" if answer is not None else "generate_s"] = time.perf_counter() - step
+        generated = sequence[inputs.prompt_length:].tolist()
+        text = self.processor.decode([t for t in generated if t not in self.stop_ids])
+
+        masks = self.masks_for(inputs, sequence, hidden, mask_upsampling, timings)
+        result = InferenceResult(
+            task=task, prompt=prompt, text=text, forced_answer=answer is not None,
+            input_ids=inputs.input_ids[0, : inputs.prompt_length].tolist(), generated_ids=generated,
+            original_size=inputs.original_size, resized_size=inputs.resized_size,
+            image_grid_thw=inputs.image_grid_thw[0].tolist(), masks=masks,
+            random_weights=self.loaded.random_weights, mask_upsampling=mask_upsampling)
+        self._parse_text(result)
+        timings["total_s"] = time.perf_counter() - started
+        result.timings = {k: round(v, 4) for k, v in timings.items()}
+        return result
+
+    def _parse_text(self, result: InferenceResult) -> None:
+        """Boxes for detection, structured findings for reports; both in original-image pixels."""
+        if result.task == "detect":
+            parsed = parse_boxes(result.text)
+            result.boxes_resized = parsed.boxes
+            result.boxes = scale_boxes(parsed.boxes, result.resized_size, result.original_size)
+            result.problems.extend(parsed.problems)
+        elif result.task == "report":
+            report = parse_report(result.text)
+            for region in report.regions:
+                region.box = scale_boxes([region.box], result.resized_size, result.original_size)[0]
+            result.report = report
+            result.problems.extend(report.problems)
+        if result.task == "segment" and not result.masks:
+            result.problems.append("the answer has no [SEG] token, so there is no mask (the model did not find "
+                                   "the target, or answered in words; try a forced answer)")
+
+    def ask(self, image, prompt: str, **options) -> InferenceResult:
+        return self.run(image, prompt, task="ask", **options)
+
+    def segment(self, image, prompt: str, answer: str | None = FORCED_SEGMENT_ANSWER, **options) -> InferenceResult:
+        return self.run(image, prompt, task="segment", answer=answer, **options)
+
+    def detect(self, image, prompt: str, **options) -> InferenceResult:
+        return self.run(image, prompt, task="detect", **options)
+
+    def report(self, image, prompt: str, **options) -> InferenceResult:
+        return self.run(image, prompt, task="report", **options)

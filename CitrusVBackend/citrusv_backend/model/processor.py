@@ -1,0 +1,184 @@
+"""Turning an image and a prompt into model inputs exactly as the reference's `citrus_v_infer` template does.
+
+Qwen side (reference: `qwen_vl_utils.fetch_image` + the HF image processor with `do_resize=False`):
+the RGB image is resized by PIL's default (bicubic) `resize` to the `smart_resize` size (multiples of 28,
+pixel count within [min_pixels, max_pixels]); the image processor then only rescales, normalises and
+patches it. SAM2 side (reference: `DirectResize`): the *Qwen-resized* image, LANCZOS-stretched to the SAM2
+input size (1024 for the released model), /255, ImageNet mean/std computed in float64, cast to float32.
+
+Text: ChatML with the system prompt "You are a helpful assistant."; the image placeholder goes before the
+query; every piece is tokenised on its own and concatenated, as ms-swift's template does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import CheckpointError, InputError
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+SEG_TOKEN = "[SEG]"
+EXTRA_SPECIAL_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
+IMAGE_FACTOR = 28
+MAX_RATIO = 200
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """Bounds on the Qwen-resized image's pixel count (the reference's MIN_PIXELS / MAX_PIXELS)."""
+
+    min_pixels: int
+    max_pixels: int
+
+
+# The reference's settings per task: segmentation evals and the deploy example use MAX_PIXELS=65535
+# (qwen_vl_utils' default MIN_PIXELS); detection evals and report demos use 200704..1003520.
+TASK_PIXEL_BUDGETS = {
+    "segment": PixelBudget(4 * 28 * 28, 65535),
+    "detect": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
+    "report": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
+    "ask": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
+}
+
+
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """qwen_vl_utils.smart_resize: (height, width) rounded to multiples of `factor` within the pixel budget."""
+    if min(height, width) <= 0:
+        raise InputError(f"image of {width}x{height} pixels is empty")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise InputError(f"image aspect ratio must be at most {MAX_RATIO}, got {max(height, width) / min(height, width):.0f}")
+    if min_pixels > max_pixels:
+        raise InputError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """qwen_vl_utils.to_rgb: transparent pixels become white, everything else `convert("RGB")`."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def resize_for_qwen(image: Image.Image, budget: PixelBudget) -> Image.Image:
+    rgb = to_rgb(image)
+    height, width = smart_resize(rgb.height, rgb.width, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+    return rgb.resize((width, height))  # PIL's default resampling (bicubic), as fetch_image
+
+
+def sam2_pixel_values(resized: Image.Image, size: int) -> torch.Tensor:
+    """[1, 3, size, size] float32: the reference's DirectResize + ImageNet normalisation."""
+    stretched = np.asarray(resized.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float64) / 255.0
+    normalised = (stretched - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    return torch.from_numpy(normalised.transpose(2, 0, 1).astype(np.float32)).unsqueeze(0)
+
+
+@dataclass
+class ModelInputs:
+    """Everything one image + prompt needs: Qwen inputs (batch 1), SAM2 input, and the geometry."""
+
+    input_ids: torch.Tensor          # [1, L]
+    attention_mask: torch.Tensor     # [1, L]
+    mm_token_type_ids: torch.Tensor  # [1, L]: 1 at image tokens (M-RoPE positions need it in transformers 5)
+    pixel_values: torch.Tensor       # [patches, 3*2*14*14]
+    image_grid_thw: torch.Tensor     # [1, 3]
+    sam2_pixel_values: torch.Tensor  # [1, 3, S, S]
+    original_size: tuple[int, int]   # (height, width) of the input image
+    resized_size: tuple[int, int]    # (height, width) after smart_resize: the frame of box coordinates
+    prompt_length: int               # tokens before the answer (the forced answer starts here)
+
+    def qwen_kwargs(self, device: torch.device) -> dict:
+        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                "mm_token_type_ids": self.mm_token_type_ids.to(device), "image_grid_thw": self.image_grid_thw.to(device),
+                "pixel_values": self.pixel_values.to(device)}
+
+
+class CitrusVProcessor:
+    """Tokenizer + Qwen2-VL image processor + the SAM2 input, for one image and one prompt."""
+
+    def __init__(self, tokenizer, image_processor, seg_token_idx: int, image_token_id: int, sam2_image_size: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.seg_token_idx = seg_token_idx
+        self.image_token_id = image_token_id
+        self.sam2_image_size = sam2_image_size
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path, seg_token_idx: int, image_token_id: int, sam2_image_size: int):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as error:
+            raise CheckpointError(f"{directory}: the tokenizer files cannot be loaded ({error})") from None
+        # The reference adds these right after loading any tokenizer; a no-op when they are already there.
+        tokenizer.add_tokens(EXTRA_SPECIAL_TOKENS, special_tokens=True)
+        actual = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        if actual != seg_token_idx:
+            raise CheckpointError(f"{directory}: the tokenizer gives {SEG_TOKEN} id {actual}, but config.json says "
+                                  f"seg_token_idx={seg_token_idx}; tokenizer and weights do not belong together")
+        if (directory / "preprocessor_config.json").is_file():
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory))
+        else:
+            image_processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2)
+        return cls(tokenizer, image_processor, seg_token_idx, image_token_id, sam2_image_size)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_pieces(self, query: str, image_tokens: int) -> list[int]:
+        """Token ids of the conversation up to and including `<|im_start|>assistant\\n`."""
+        ids = self._encode_text(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
+        ids += self._encode_text("<|im_start|>user\n")
+        ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
+        ids += self._encode_text("<|vision_end|>")
+        ids += self._encode_text(query)
+        ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """A forced answer as the reference would have generated it: its tokens, then `<|im_end|>`."""
+        return self._encode_text(answer) + self._encode_text("<|im_end|>")
+
+    def __call__(self, image: Image.Image, query: str, budget: PixelBudget, answer: str | None = None) -> ModelInputs:
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
+        resized = resize_for_qwen(image, budget)
+        processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        image_tokens = int(grid.prod().item()) // (self.merge_size ** 2)
+        ids = self.prompt_pieces(query, image_tokens)
+        prompt_length = len(ids)
+        if answer is not None:
+            ids += self.answer_ids(answer)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return ModelInputs(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
+            pixel_values=processed["pixel_values"], image_grid_thw=grid,
+            sam2_pixel_values=sam2_pixel_values(resized, self.sam2_image_size),
+            original_size=(image.height, image.width), resized_size=(resized.height, resized.width),
+            prompt_length=prompt_length)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)

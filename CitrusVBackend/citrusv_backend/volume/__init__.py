@@ -1,0 +1,1 @@
+"""Volumes: I/O with exact geometry, display orientation, windowing."""

@@ -1,0 +1,82 @@
+"""Showing volume slices the way the model's training images were shown: radiological convention.
+
+Axial slices: patient right on the image's left, anterior at the top. The mapping from the voxel array to
+the displayed slice uses only axis permutations and flips (no resampling), so every displayed pixel is
+exactly one voxel and masks map back without interpolation. For oblique volumes each array axis is
+assigned the patient axis it is closest to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+# World axes in LPS (the frame of ITK/DICOM/NRRD headers): 0 = Left, 1 = Posterior, 2 = Superior.
+LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DisplayOrientation:
+    """How a numpy volume (k, j, i order, as SimpleITK returns it) becomes radiological axial slices."""
+
+    slice_axis: int   # numpy axis stepped through
+    row_axis: int     # numpy axis shown top to bottom (anterior -> posterior)
+    col_axis: int     # numpy axis shown left to right (patient right -> patient left)
+    flip_rows: bool
+    flip_cols: bool
+
+    def slice(self, volume: np.ndarray, index: int) -> np.ndarray:
+        """The 2D image of slice `index` (along slice_axis), in display orientation."""
+        if not 0 <= index < volume.shape[self.slice_axis]:
+            raise InputError(f"slice {index} is outside the volume (0..{volume.shape[self.slice_axis] - 1})")
+        plane = np.take(volume, index, axis=self.slice_axis)
+        remaining = [axis for axis in range(3) if axis != self.slice_axis]
+        plane = plane if remaining.index(self.row_axis) == 0 else plane.T
+        if self.flip_rows:
+            plane = plane[::-1, :]
+        if self.flip_cols:
+            plane = plane[:, ::-1]
+        return np.ascontiguousarray(plane)
+
+    def put_slice(self, volume: np.ndarray, index: int, plane: np.ndarray) -> None:
+        """Write a display-oriented 2D array back into slice `index` of `volume`: the exact inverse of `slice`."""
+        if self.flip_cols:
+            plane = plane[:, ::-1]
+        if self.flip_rows:
+            plane = plane[::-1, :]
+        remaining = [axis for axis in range(3) if axis != self.slice_axis]
+        plane = plane if remaining.index(self.row_axis) == 0 else plane.T
+        target = [slice(None)] * 3
+        target[self.slice_axis] = index
+        expected = tuple(volume.shape[axis] for axis in remaining)
+        if plane.shape != expected:
+            raise InputError(f"slice of shape {plane.shape} does not fit the volume's {expected}")
+        volume[tuple(target)] = plane
+
+
+def dominant_axes(direction: np.ndarray) -> list[int]:
+    """For each index axis (i, j, k), the LPS world axis its direction is closest to (a permutation)."""
+    matrix = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
+    assigned: list[int | None] = [None, None, None]
+    # Greedy on the largest cosines first, so strongly oblique volumes still get a permutation.
+    for flat in np.argsort(-matrix, axis=None):
+        world, index_axis = divmod(int(flat), 3)
+        if assigned[index_axis] is None and world not in assigned:
+            assigned[index_axis] = world
+    return [int(a) for a in assigned]
+
+
+def axial_display_orientation(direction: np.ndarray) -> DisplayOrientation:
+    """`direction`: the 3x3 ITK direction (columns = LPS directions of index axes i, j, k)."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    world_of_index = dominant_axes(matrix)
+    index_of_world = {world: index for index, world in enumerate(world_of_index)}
+    to_numpy = lambda index_axis: 2 - index_axis  # noqa: E731  numpy order is (k, j, i)
+    col_index = index_of_world[LPS_LEFT]
+    row_index = index_of_world[LPS_POSTERIOR]
+    return DisplayOrientation(
+        slice_axis=to_numpy(index_of_world[LPS_SUPERIOR]), row_axis=to_numpy(row_index), col_axis=to_numpy(col_index),
+        # Columns must run towards patient left (+L) and rows towards posterior (+P).
+        flip_cols=bool(matrix[LPS_LEFT, col_index] < 0), flip_rows=bool(matrix[LPS_POSTERIOR, row_index] < 0))

@@ -1,0 +1,103 @@
+"""The `citrusv` command as a user runs it: a real subprocess with the tiny checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from citrusv_backend import __version__
+
+PROMPT = "Please help segment the left lung in this scan."
+
+
+def citrusv(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "citrusv_backend.cli", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+@pytest.mark.unit
+def test_help_lists_only_built_commands_and_version():
+    help_text = citrusv("--help")
+    assert help_text.returncode == 0
+    for command in ("infer", "make-tiny-checkpoint", "demo"):
+        assert command in help_text.stdout
+    version = citrusv("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"citrusv {__version__}"
+    unknown = citrusv("frobnicate")
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+@pytest.mark.model
+def test_infer_writes_json_and_npz_matching_the_engine(tiny_checkpoint, tiny_engine, ct_slice_rgb, work_dir: Path):
+    image_path = work_dir / "slice.png"
+    Image.fromarray(ct_slice_rgb).save(image_path)
+    prefix = work_dir / "out" / "case1"
+    run = citrusv("infer", "--model", str(tiny_checkpoint), "--image", str(image_path), "--prompt", PROMPT,
+                  "--answer", "Sure, it is [SEG].", "--task", "segment", "--out", str(prefix))
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stderr and "NOISE" in run.stderr
+    payload = json.loads(prefix.with_suffix(".json").read_text())
+    assert payload["text"] == "Sure, it is [SEG]." and payload["random_weights"] is True
+    assert payload["resized_size"] == [140, 140] and payload["image_grid_thw"] == [1, 10, 10]
+    assert payload["input_ids"][-5:] == [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
+    assert set(payload["timings"]) >= {"preprocess_s", "forced_prefill_s", "sam2_image_encoder_s", "mask_decoder_s"}
+    arrays = np.load(prefix.with_suffix(".npz"))
+    assert set(arrays.files) == {"low_res_logits", "masks", "seg_hidden", "seg_embedding", "iou", "object_score"}
+    expected = tiny_engine.segment(ct_slice_rgb, PROMPT).arrays()
+    assert np.allclose(arrays["low_res_logits"], expected["low_res_logits"], atol=1e-5)
+    assert np.array_equal(arrays["masks"], expected["masks"])
+
+
+@pytest.mark.model
+def test_infer_bad_image_fails_fast_with_a_message(tiny_checkpoint, work_dir: Path):
+    bad = work_dir / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    run = citrusv("infer", "--model", str(tiny_checkpoint), "--image", str(bad), "--prompt", PROMPT,
+                  "--out", str(work_dir / "x"))
+    assert run.returncode == 2
+    assert "not a readable image" in run.stderr and "Traceback" not in run.stderr
+    assert "loading model" not in run.stderr, "the image must be checked before the model is loaded"
+
+
+@pytest.mark.model
+def test_missing_model_says_how_to_get_it(work_dir: Path):
+    image = work_dir / "slice.png"
+    Image.new("RGB", (64, 64)).save(image)
+    run = citrusv("infer", "--model", "jdh-algo/Citrus-V-8B-v1.0", "--image", str(image), "--prompt", PROMPT,
+                  "--out", str(work_dir / "x"), env={"HF_HUB_CACHE": str(work_dir / "cache")})
+    assert run.returncode == 2 and "hf download jdh-algo/Citrus-V-8B-v1.0" in run.stderr
+
+
+@pytest.mark.model
+def test_make_tiny_checkpoint_command(work_dir: Path):
+    run = citrusv("make-tiny-checkpoint", str(work_dir / "tiny"), "--legacy-key-names")
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM" in run.stderr
+    index = json.loads((work_dir / "tiny" / "model.safetensors.index.json").read_text())
+    assert any(key.startswith("mllm.model.layers.") for key in index["weight_map"])
+
+
+@pytest.mark.model
+def test_demo_runs_the_main_job_and_says_where_results_are(tiny_checkpoint, work_dir: Path):
+    import SimpleITK as sitk
+
+    run = citrusv("demo", "--model", str(tiny_checkpoint), "--out", str(work_dir / "demo"))
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stderr and "results in" in run.stderr
+    labelmap = sitk.ReadImage(str(work_dir / "demo" / "CTChest4_seg.nrrd"))
+    from citrusv_backend.demo import sample_ct_path
+
+    ct = sitk.ReadImage(str(sample_ct_path()))
+    assert labelmap.GetSize() == ct.GetSize()
+    # NRRD stores geometry as decimal text, so a re-read can differ in the 16th digit.
+    for getter in ("GetOrigin", "GetSpacing", "GetDirection"):
+        assert np.allclose(getattr(labelmap, getter)(), getattr(ct, getter)(), rtol=1e-12, atol=1e-12)
+    voxels = sitk.GetArrayFromImage(labelmap)
+    summary = json.loads((work_dir / "demo" / "CTChest4_result.json").read_text())
+    assert voxels.sum() == summary["masks"][0]["pixels"] and np.all(voxels[summary["slice_index"] + 1:] == 0)
