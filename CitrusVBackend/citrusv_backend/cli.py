@@ -1,7 +1,8 @@
 """The `citrusv` command line.
 
-Subcommands: `infer` (one image, one prompt), `make-tiny-checkpoint` (a random tiny model in the release
-format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
+Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `eval`
+(Dice, HD95, volume error against a ground truth), `make-tiny-checkpoint` (a random tiny model in the
+release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
 anything unexpected keeps its traceback and exits with 1.
 """
 from __future__ import annotations
@@ -14,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
+from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
 
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
@@ -112,6 +116,109 @@ def cmd_infer(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- volumes
+
+class ProgressPrinter:
+    """One line per stage change, then at most one update a second: readable in a terminal and in logs."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.stage = None
+        self.last = 0.0
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if stage != self.stage or now - self.last >= self.interval or fraction >= 1.0:
+            say(f"  [{stage}] {fraction * 100:5.1f}%  {message}")
+            self.stage, self.last = stage, now
+
+
+def parse_slice_range(text: str | None):
+    if not text:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise CitrusVError(f"--slice-range {text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
+    return first, last
+
+
+def volume_options(args):
+    from .volume.pipeline import VolumeOptions
+
+    return VolumeOptions(mode=getattr(args, "mode", "propagate"), window=args.window, plane=args.axis,
+                         slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
+                         fill_holes=not getattr(args, "no_fill_holes", False),
+                         largest_component=getattr(args, "largest_component", False),
+                         max_new_tokens=args.max_new_tokens)
+
+
+def cmd_volume_task(args) -> int:
+    from .volume.io import read_volume
+    from .volume.outputs import write_outputs
+    from .volume.pipeline import SliceSource, VolumePipeline
+    from .volume.windowing import parse_window
+
+    volume = read_volume(args.volume, max_voxels=args.max_voxels)  # a bad file fails before the model loads
+    options = volume_options(args)
+    say(f"read {args.volume}: {' x '.join(map(str, volume.shape[::-1]))} voxels, spacing "
+        f"{' x '.join(f'{s:.3g}' for s in volume.geometry.spacing)} mm, {volume.modality}")
+    engine = load_engine(args)
+    pipeline = VolumePipeline(engine, progress=ProgressPrinter())
+    result = pipeline.run(volume, args.prompt or "", task=args.command, options=options)
+    window = parse_window(options.window, args.prompt or "", volume.modality, volume.voxels)
+    source = SliceSource(volume, options.plane, window)
+    files = write_outputs(result, volume, source, Path(args.out),
+                          extra={"model": engine.loaded.describe(), "version": __version__, "input": str(args.volume)})
+    if result.random_weights:
+        say(random_weights_banner(engine.loaded.checkpoint_dir))
+    for segment in result.segments:
+        m = segment.measurements
+        say(f"segment {segment.label} '{segment.name}': " + (
+            f"{m['volume_ml']:.1f} mL, long axis {m['long_axis_mm']:.1f} mm, short axis {m['short_axis_mm']:.1f} mm, "
+            f"{segment.laterality}, key slice {segment.key_slice}" if segment.mask.any() else "not found"))
+    for box in result.boxes:
+        say(f"box '{box['label']}': slices {box['slices'][0]}-{box['slices'][1]}, "
+            f"{' x '.join(f'{v:.1f}' for v in box['size_mm'])} mm, {box['laterality']}")
+    for problem in result.problems[:20]:
+        say(f"note: {problem}")
+    say(f"{args.command} done in {result.timings['total_s']:.1f} s; results in {Path(args.out).resolve()}:")
+    for kind, path in files.items():
+        say(f"  {kind:14s} {path.name}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .volume.evaluate import evaluate_labelmaps
+    from .volume.io import read_volume
+
+    prediction, truth = read_volume(args.prediction), read_volume(args.truth)
+    if prediction.shape != truth.shape or not np.allclose(prediction.geometry.ijk_to_lps(), truth.geometry.ijk_to_lps(),
+                                                          atol=1e-3):
+        raise CitrusVError("prediction and ground truth are on different voxel grids; resample one onto the other first")
+    names = _segment_names(Path(args.truth)) | _segment_names(Path(args.prediction))
+    pairs = [tuple(int(v) for v in pair.split(":")) for pair in args.pair] if args.pair else None
+    rows = evaluate_labelmaps(prediction.voxels.astype(np.int64), truth.voxels.astype(np.int64),
+                              truth.geometry.spacing, pairs=pairs, names=names)
+    print(json.dumps(rows, indent=2))
+    for row in rows:
+        hd95 = "n/a" if row["hausdorff95_mm"] is None else f"{row['hausdorff95_mm']:.2f} mm"
+        say(f"{row['name']}: Dice {row['dice']:.4f}, HD95 {hd95}, volume error {row['volume_error_ml']:+.2f} mL")
+    return 0
+
+
+def _segment_names(path: Path) -> dict:
+    """Label names from a .seg.nrrd (slicerio) or a `*_labels.json` beside a labelmap."""
+    if path.name.endswith(".seg.nrrd"):
+        import slicerio
+
+        return {s["labelValue"]: s["name"] for s in slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]}
+    table = path.with_name(path.name.split("_seg.")[0] + "_labels.json")
+    if table.is_file():
+        return {row["label"]: row["name"] for row in json.loads(table.read_text())["labels"]}
+    return {}
+
+
 # ---------------------------------------------------------------------------------------------- tiny
 
 def cmd_make_tiny_checkpoint(args) -> int:
@@ -128,10 +235,13 @@ def cmd_make_tiny_checkpoint(args) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    """`citrusv segment` on the bundled chest CT (or --volume), with the demo's defaults."""
+    from .demo import sample_ct_path
 
-    engine = load_engine(args)
-    return run_demo(engine, prompt=args.prompt, out_dir=Path(args.out), volume=args.volume, say=say)
+    args.volume = args.volume or str(sample_ct_path())
+    args.command = "segment"
+    say(f"CitrusV demo: segmenting {args.prompt!r} in {Path(args.volume).name}")
+    return cmd_volume_task(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.npz")
     infer.set_defaults(handler=cmd_infer)
 
+    for name, summary in (("segment", "segment targets through a whole volume: labelmap, measurements, report"),
+                          ("detect", "find targets in a volume: 3D boxes in patient coordinates"),
+                          ("report", "a structured report of a volume from representative slices")):
+        task = sub.add_parser(name, help=summary)
+        task.add_argument("volume", help="NIfTI (.nii/.nii.gz), NRRD, MHA/MHD file or a DICOM series folder")
+        add_model_options(task)
+        task.add_argument("--prompt", required=name != "report", default=None,
+                          help="e.g. 'segment the liver and the spleen'" if name == "segment" else "what to look for")
+        task.add_argument("--out", required=True, help="output folder")
+        if name == "segment":
+            task.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
+                              help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
+                                   "hybrid: propagation re-anchored by Citrus-V where it loses the target")
+            task.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
+            task.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
+        task.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
+        task.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
+        task.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
+        task.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
+        task.add_argument("--max-new-tokens", type=int, default=1024)
+        task.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
+        task.set_defaults(handler=cmd_volume_task)
+
+    evaluate = sub.add_parser("eval", help="Dice, 95% Hausdorff distance and volume error per segment")
+    evaluate.add_argument("prediction", help="predicted labelmap (e.g. CASE_seg.nii.gz or .seg.nrrd)")
+    evaluate.add_argument("truth", help="ground-truth labelmap on the same grid")
+    evaluate.add_argument("--pair", action="append", help="PRED:TRUTH label values to compare (repeatable)")
+    evaluate.set_defaults(handler=cmd_eval)
+
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
@@ -163,9 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the sample chest CT: segment a target, write the results")
     add_model_options(demo)
-    demo.add_argument("--prompt", default="Please help segment the left lung in this scan.")
+    demo.add_argument("--prompt", default=DEFAULT_DEMO_PROMPT)
     demo.add_argument("--volume", default=None, help="a volume file instead of the bundled sample CT")
     demo.add_argument("--out", default="citrusv-demo-output", help="output folder")
+    demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
+    demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
+    demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
+                      max_voxels=1024**3)
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -71,3 +71,32 @@ def build_sam2_model(config_path: Path):
     except Exception as error:
         raise CheckpointError(f"{config_path}: SAM2 could not be built from it ({error})") from None
     return model.eval()
+
+
+VIDEO_PREDICTOR_TARGET = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+
+
+def build_sam2_video_predictor(config_path: Path, sam2_model):
+    """SAM2's video predictor over the *same* weights as `sam2_model` (tensors shared, not copied).
+
+    The Citrus checkpoint holds the whole SAM2, memory encoder and memory attention included; the video
+    predictor is the sam2 package's own class, built from the same config and given those tensors.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers.initialization import no_init_weights
+
+    config = OmegaConf.load(config_path)
+    _retarget(config.model)
+    config.model["_target_"] = VIDEO_PREDICTOR_TARGET
+    parameter = next(sam2_model.parameters())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(parameter.dtype)
+    try:
+        with torch.device(parameter.device), no_init_weights():
+            predictor = instantiate(config.model, _recursive_=True)
+    finally:
+        torch.set_default_dtype(previous)
+    predictor.load_state_dict(sam2_model.state_dict(), strict=True, assign=True)
+    return predictor.eval()

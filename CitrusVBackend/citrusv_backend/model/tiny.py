@@ -19,6 +19,7 @@ from .config import RANDOM_WEIGHTS_FIELD, CitrusVConfig
 from .processor import EXTRA_SPECIAL_TOKENS
 
 TINY_SAM2_CONFIG = Path(__file__).parent / "configs" / "citrusv_tiny_sam2.yaml"
+OBJECT_SCORE_BIAS = 4.0
 
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
                        "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -96,6 +97,10 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0, legacy_names: bool = Fa
     save_config(config, directory, TINY_SAM2_CONFIG)
     torch.manual_seed(seed)
     model = build_model(config, directory, torch.device("cpu"), torch.float32, initialize=True)
+    with torch.no_grad():
+        # Random object-score heads say "absent" about half the time; bias them to "present" so smoke runs
+        # exercise the whole pipeline (key slice, propagation, measurements) instead of stopping early.
+        model.grounding_encoder.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(OBJECT_SCORE_BIAS)
     save_weights(model, directory, max_shard_bytes=max_shard_bytes, legacy_names=legacy_names)
     qwen25_tokenizer().save_pretrained(str(directory))
     Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,

@@ -40,6 +40,25 @@ class DisplayOrientation:
             plane = plane[:, ::-1]
         return np.ascontiguousarray(plane)
 
+    def plane_shape(self, volume_shape: tuple[int, int, int]) -> tuple[int, int]:
+        return volume_shape[self.row_axis], volume_shape[self.col_axis]
+
+    def display_to_index(self, slice_index: int, rows: np.ndarray, cols: np.ndarray,
+                         volume_shape: tuple[int, int, int]) -> np.ndarray:
+        """Display pixel (row, col) of slice `slice_index` -> voxel index (k, j, i), as float arrays [N, 3].
+
+        Fractional pixel positions are kept (box corners lie between pixel centres)."""
+        height, width = self.plane_shape(volume_shape)
+        rows = np.asarray(rows, dtype=float)
+        cols = np.asarray(cols, dtype=float)
+        rows = (height - 1) - rows if self.flip_rows else rows
+        cols = (width - 1) - cols if self.flip_cols else cols
+        points = np.zeros((rows.size, 3))
+        points[:, self.slice_axis] = slice_index
+        points[:, self.row_axis] = rows.ravel()
+        points[:, self.col_axis] = cols.ravel()
+        return points
+
     def put_slice(self, volume: np.ndarray, index: int, plane: np.ndarray) -> None:
         """Write a display-oriented 2D array back into slice `index` of `volume`: the exact inverse of `slice`."""
         if self.flip_cols:
@@ -68,15 +87,32 @@ def dominant_axes(direction: np.ndarray) -> list[int]:
     return [int(a) for a in assigned]
 
 
-def axial_display_orientation(direction: np.ndarray) -> DisplayOrientation:
+# plane -> (world axis sliced through, (world axis down the rows, sign), (world axis along the columns, sign)).
+# Radiological convention as the training images: patient right on the image's left; anterior up (axial);
+# superior up (coronal, sagittal); anterior on the left (sagittal).
+PLANES = {
+    "axial": (LPS_SUPERIOR, (LPS_POSTERIOR, +1), (LPS_LEFT, +1)),
+    "coronal": (LPS_POSTERIOR, (LPS_SUPERIOR, -1), (LPS_LEFT, +1)),
+    "sagittal": (LPS_LEFT, (LPS_SUPERIOR, -1), (LPS_POSTERIOR, +1)),
+}
+
+
+def display_orientation(direction: np.ndarray, plane: str = "axial") -> DisplayOrientation:
     """`direction`: the 3x3 ITK direction (columns = LPS directions of index axes i, j, k)."""
+    if plane not in PLANES:
+        raise InputError(f"unknown slice plane {plane!r}; use one of {', '.join(PLANES)}")
     matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     world_of_index = dominant_axes(matrix)
     index_of_world = {world: index for index, world in enumerate(world_of_index)}
     to_numpy = lambda index_axis: 2 - index_axis  # noqa: E731  numpy order is (k, j, i)
-    col_index = index_of_world[LPS_LEFT]
-    row_index = index_of_world[LPS_POSTERIOR]
+    slice_world, (row_world, row_sign), (col_world, col_sign) = PLANES[plane]
+    row_index, col_index = index_of_world[row_world], index_of_world[col_world]
     return DisplayOrientation(
-        slice_axis=to_numpy(index_of_world[LPS_SUPERIOR]), row_axis=to_numpy(row_index), col_axis=to_numpy(col_index),
-        # Columns must run towards patient left (+L) and rows towards posterior (+P).
-        flip_cols=bool(matrix[LPS_LEFT, col_index] < 0), flip_rows=bool(matrix[LPS_POSTERIOR, row_index] < 0))
+        slice_axis=to_numpy(index_of_world[slice_world]), row_axis=to_numpy(row_index), col_axis=to_numpy(col_index),
+        # Flip an axis when its index direction runs against the wanted display direction.
+        flip_rows=bool(matrix[row_world, row_index] * row_sign < 0),
+        flip_cols=bool(matrix[col_world, col_index] * col_sign < 0))
+
+
+def axial_display_orientation(direction: np.ndarray) -> DisplayOrientation:
+    return display_orientation(direction, "axial")
