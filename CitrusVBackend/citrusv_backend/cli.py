@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
         task.set_defaults(handler=cmd_volume_task)
 
-    evaluate = sub.add_parser("eval", help="Dice, 95% Hausdorff distance and volume error per segment")
+    evaluate = sub.add_parser("eval", help="Dice, 95%% Hausdorff distance and volume error per segment")
     evaluate.add_argument("prediction", help="predicted labelmap (e.g. CASE_seg.nii.gz or .seg.nrrd)")
     evaluate.add_argument("truth", help="ground-truth labelmap on the same grid")
     evaluate.add_argument("--pair", action="append", help="PRED:TRUTH label values to compare (repeatable)")

@@ -25,7 +25,7 @@ def citrusv(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_only_built_commands_and_version():
     help_text = citrusv("--help")
     assert help_text.returncode == 0
-    for command in ("infer", "make-tiny-checkpoint", "demo"):
+    for command in ("infer", "segment", "detect", "report", "eval", "make-tiny-checkpoint", "demo"):
         assert command in help_text.stdout
     version = citrusv("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"citrusv {__version__}"
@@ -85,19 +85,44 @@ def test_make_tiny_checkpoint_command(work_dir: Path):
 
 @pytest.mark.model
 def test_demo_runs_the_main_job_and_says_where_results_are(tiny_checkpoint, work_dir: Path):
+    run = citrusv("demo", "--model", str(tiny_checkpoint), "--out", str(work_dir / "demo"), "--slice-range", "15:19")
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stderr and "results in" in run.stderr and "left lung" in run.stderr
+    for name in ("CTChest4_seg.nii.gz", "CTChest4_seg.seg.nrrd", "CTChest4_labels.json", "CTChest4_findings.json",
+                 "CTChest4_findings.tsv", "CTChest4_report.md", "CTChest4_preview.png"):
+        assert (work_dir / "demo" / name).is_file(), name
+
+
+@pytest.mark.model
+def test_segment_then_eval_against_itself_and_the_ground_truth(tiny_checkpoint, chest_ct_path, chest_ct_segmentation_path,
+                                                               work_dir: Path):
     import SimpleITK as sitk
 
-    run = citrusv("demo", "--model", str(tiny_checkpoint), "--out", str(work_dir / "demo"))
+    run = citrusv("segment", str(chest_ct_path), "--model", str(tiny_checkpoint), "--prompt",
+                  "segment the right lung and the left lung", "--out", str(work_dir / "seg"), "--mode", "per-slice",
+                  "--slice-range", "16:18", "--window", "lung")
     assert run.returncode == 0, run.stderr
-    assert "RANDOM WEIGHTS" in run.stderr and "results in" in run.stderr
-    labelmap = sitk.ReadImage(str(work_dir / "demo" / "CTChest4_seg.nrrd"))
-    from citrusv_backend.demo import sample_ct_path
+    assert "[per-slice: right lung (1/2)]" in run.stderr and "segment 2 'left lung'" in run.stderr
+    prediction = work_dir / "seg" / "CTChest4_seg.nii.gz"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    assert labels.shape == (34, 128, 128) and not labels[:16].any() and not labels[18:].any()
+    same = citrusv("eval", str(prediction), str(prediction))
+    assert same.returncode == 0, same.stderr
+    rows = json.loads(same.stdout)
+    assert {row["name"] for row in rows} <= {"right lung", "left lung"}
+    assert all(row["dice"] == 1.0 for row in rows)
+    truth = citrusv("eval", str(prediction), str(chest_ct_segmentation_path), "--pair", "1:5", "--pair", "2:6")
+    assert truth.returncode == 0, truth.stderr
+    pairs = json.loads(truth.stdout)
+    assert [row["name"] for row in pairs] == ["right lung", "left lung"]  # names from the ground truth's segments
+    assert all(0.0 <= row["dice"] <= 1.0 for row in pairs)
 
-    ct = sitk.ReadImage(str(sample_ct_path()))
-    assert labelmap.GetSize() == ct.GetSize()
-    # NRRD stores geometry as decimal text, so a re-read can differ in the 16th digit.
-    for getter in ("GetOrigin", "GetSpacing", "GetDirection"):
-        assert np.allclose(getattr(labelmap, getter)(), getattr(ct, getter)(), rtol=1e-12, atol=1e-12)
-    voxels = sitk.GetArrayFromImage(labelmap)
-    summary = json.loads((work_dir / "demo" / "CTChest4_result.json").read_text())
-    assert voxels.sum() == summary["masks"][0]["pixels"] and np.all(voxels[summary["slice_index"] + 1:] == 0)
+
+@pytest.mark.model
+def test_segment_rejects_bad_volumes_before_loading_the_model(tiny_checkpoint, work_dir: Path):
+    broken = work_dir / "broken.nii.gz"
+    broken.write_bytes(b"garbage")
+    run = citrusv("segment", str(broken), "--model", str(tiny_checkpoint), "--prompt", "segment the liver",
+                  "--out", str(work_dir / "x"))
+    assert run.returncode == 2 and "not a readable volume" in run.stderr and "loading model" not in run.stderr
+    assert not (work_dir / "x").exists()
