@@ -66,11 +66,17 @@ def test_segment_finds_a_key_slice_and_propagates_within_the_range(lung_result, 
     assert result.findings[0]["finding"] == "left lung" and result.findings[0]["volume_ml"] == measured["volume_ml"]
 
 
-def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
+def lung_frames(pipeline, chest, first: int, count: int):
+    """Chest CT slices as SAM2 frames, and a rectangular key mask in SAM2's square frame."""
     source = SliceSource(chest, "axial", CT_PRESETS["lung"])
-    frames = SliceFrames(source.rgb, 10, 8, pipeline._budget("segment", VolumeOptions()), 1024)
+    frames = SliceFrames(source.rgb, first, count, pipeline._budget("segment", VolumeOptions()), 1024)
     key = np.zeros((1024, 1024), bool)
     key[300:700, 200:500] = True
+    return source, frames, key
+
+
+def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
+    source, frames, key = lung_frames(pipeline, chest, 10, 8)
     predictor = pipeline.video_predictor()
     visited = []
     results = propagate(predictor, frames, source.height, source.width, {3: key}, stop_after_empty=100,
@@ -82,10 +88,7 @@ def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
 
 def test_propagation_stops_where_the_target_ends(pipeline, chest):
     """With SAM2 reporting "no object" everywhere, tracking stops after `stop_after_empty` empty slices."""
-    source = SliceSource(chest, "axial", CT_PRESETS["lung"])
-    frames = SliceFrames(source.rgb, 0, 20, pipeline._budget("segment", VolumeOptions()), 1024)
-    key = np.zeros((1024, 1024), bool)
-    key[300:700, 200:500] = True
+    source, frames, key = lung_frames(pipeline, chest, 0, 20)
     predictor = pipeline.video_predictor()
     bias = predictor.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
     saved = bias.detach().clone()
