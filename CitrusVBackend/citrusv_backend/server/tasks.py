@@ -1,0 +1,194 @@
+"""What the worker runs for each kind of request, and how results become JSON.
+
+Volume results carry each segment's mask as a compressed crop of the labelmap (its bounding box offset and
+shape in (k, j, i), the uint8 voxels of that box holding the segment's label or 0), so a client rebuilds the
+labelmap with `labels[k0:k0+dk, j0:j0+dj, i0:i0+di][crop > 0] = label` on the volume it uploaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..inference.engine import CitrusVEngine, InferenceResult
+from ..volume.io import Volume
+from ..volume.outputs import report_markdown, segment_color
+from ..volume.orientation import display_orientation
+from ..volume.pipeline import JobCancelled, SliceSource, VolumeOptions, VolumePipeline, VolumeResult
+from ..volume.targets import parse_targets
+from ..volume.windowing import parse_window
+from . import rle
+from .codec import compress_crop, mask_payload
+from .jobs import Job
+from .schemas import ImageRequest, JobRequest
+
+# Text that would break the prompt's structure: image placeholders make the image features and tokens
+# disagree; a [SEG] in the question would be taken for an answer's [SEG] and give a phantom mask.
+IMAGE_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+PROMPT_FORBIDDEN = IMAGE_TOKENS + ("[SEG]",)
+
+
+def check_text(text: str | None, what: str, forbidden: tuple[str, ...]) -> None:
+    for token in forbidden:
+        if text and token in text:
+            raise InputError(f"the {what} contains the special token {token}, which only the model may write; remove it")
+
+
+def check_prompt_and_answer(prompt: str | None, answer: str | None) -> None:
+    check_text(prompt, "prompt", PROMPT_FORBIDDEN)
+    check_text(answer, "answer", IMAGE_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+def validate_volume_job(request: JobRequest, volume: Volume, max_new_tokens: int) -> None:
+    """The checks that are cheap enough to answer at submission (the pipeline repeats them when it runs)."""
+    options = request.options.to_volume_options()
+    if options.max_new_tokens > max_new_tokens:
+        raise InputError(f"max_new_tokens {options.max_new_tokens} is more than this server allows ({max_new_tokens})")
+    check_prompt_and_answer(request.prompt, options.answer)
+    if request.task != "report" and not request.prompt.strip():
+        raise InputError("the prompt is empty; say what to find, e.g. 'segment the liver'")
+    if request.task == "segment":
+        parse_targets(request.prompt)
+    if options.window not in (None, "", "auto"):
+        parse_window(options.window, request.prompt, volume.modality)
+    depth = volume.shape[display_orientation(volume.geometry.direction, options.plane).slice_axis]
+    options.validate(depth)
+    if request.options.slice is not None and request.options.slice >= depth:
+        raise InputError(f"slice {request.options.slice} is outside the volume's 0:{depth} along the {options.plane} axis")
+
+
+def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request: JobRequest) -> Callable[[Job], bytes]:
+    options = request.options.to_volume_options()
+
+    def run(job: Job) -> bytes:
+        if request.task == "ask":
+            payload = ask_payload(engine, volume, request, options, job)
+        else:
+            pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
+            result = pipeline.run(volume, request.prompt, task=request.task, options=options)
+            payload = volume_result_payload(result, volume)
+        job.progress("done", 1.0, "result ready")
+        return to_json_bytes(payload | {"job_id": job.id, "volume_id": volume_id})
+
+    return run
+
+
+def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, options: VolumeOptions, job: Job) -> dict:
+    """A question about the volume, asked of one slice: options.slice, else the middle of the slice range."""
+    source = SliceSource(volume, options.plane, parse_window(options.window, request.prompt, volume.modality,
+                                                             volume.voxels))
+    first, last = options.validate(source.depth)
+    index = request.options.slice if request.options.slice is not None else (first + last - 1) // 2
+    if not 0 <= index < source.depth:
+        raise InputError(f"slice {index} is outside the volume's 0:{source.depth} along the {options.plane} axis")
+    if job.should_cancel():
+        raise JobCancelled("cancelled by the user")
+    job.progress("ask", 0.0, f"reading slice {index}")
+    answer = engine.run(source.rgb(index), request.prompt, task="ask", min_pixels=options.min_pixels,
+                        max_pixels=options.max_pixels, max_new_tokens=options.max_new_tokens)
+    return {"task": "ask", "prompt": request.prompt, "case": volume.name, "random_weights": answer.random_weights,
+            "labelmap": labelmap_info(volume), "segments": [], "findings": [], "boxes": [],
+            "report": None, "answer": {"text": answer.text, "slice": index, "plane": options.plane},
+            "problems": answer.problems, "timings": answer.timings,
+            "settings": {"plane": options.plane, "window": source.window.__dict__, "slice": index}}
+
+
+def labelmap_info(volume: Volume) -> dict:
+    return {"shape": list(volume.shape), "dtype": "uint8", "ijk_to_ras": volume.geometry.ijk_to_ras().tolist()}
+
+
+def labelmap_crop(labels: np.ndarray, label: int) -> dict | None:
+    """The bounding box of `label` in the labelmap, as offset + shape + compressed uint8 voxels."""
+    inside = labels == label
+    if not inside.any():
+        return None
+    bounds = []
+    for axis in range(3):
+        present = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append((int(present[0]), int(present[-1]) + 1))
+    box = tuple(slice(low, high) for low, high in bounds)
+    crop = inside[box].astype(np.uint8) * np.uint8(label)
+    return {"offset": [low for low, _ in bounds], "shape": list(crop.shape), "dtype": "uint8",
+            "encoding": "zlib+base64", "data": compress_crop(crop)}
+
+
+def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
+    segments = [segment.describe() | {"color": list(segment_color(segment.label)),
+                                      "mask": labelmap_crop(result.labels, segment.label)}
+                for segment in result.segments]
+    report = None
+    if result.task == "report" or result.report_findings or result.report_impression:
+        report = {"findings": result.report_findings, "impression": result.report_impression}
+    return {"task": result.task, "prompt": result.prompt, "case": result.case, "random_weights": result.random_weights,
+            "labelmap": labelmap_info(volume), "segments": segments, "findings": result.findings,
+            "boxes": result.boxes, "report": report, "report_markdown": report_markdown(result), "answer": None,
+            "problems": result.problems, "timings": result.timings, "settings": result.settings}
+
+
+# ---------------------------------------------------------------------------------------------- 2D
+
+def run_image(engine: CitrusVEngine, image, prompt: str, task: str, answer: str | None, min_pixels: int | None,
+              max_pixels: int | None, max_new_tokens: int, mask_upsampling: str = "bilinear") -> InferenceResult:
+    check_prompt_and_answer(prompt, answer)
+    return engine.run(image, prompt, task=task, answer=answer, min_pixels=min_pixels, max_pixels=max_pixels,
+                      max_new_tokens=max_new_tokens, mask_upsampling=mask_upsampling)
+
+
+def image_runner(engine: CitrusVEngine, image, request: ImageRequest) -> Callable[[Job], dict]:
+    def run(job: Job) -> dict:
+        result = run_image(engine, image, request.prompt, request.task, request.answer, request.min_pixels,
+                           request.max_pixels, request.max_new_tokens, request.mask_upsampling)
+        return image_result_payload(result, request.mask_format)
+    return run
+
+
+def reference_binary_mask(low_res_logits: np.ndarray) -> np.ndarray:
+    """The reference server's mask: sigmoid(low-res logits) > 0.5 on SAM2's 256x256 frame."""
+    return (torch.sigmoid(torch.from_numpy(np.asarray(low_res_logits)).float()) > 0.5).numpy()
+
+
+def image_result_payload(result: InferenceResult, mask_format: str) -> dict:
+    """`citrusv infer`'s JSON, each mask with its pixels (RLE or PNG) and the reference's 256x256 RLE."""
+    payload = result.to_json_dict()
+    for entry, mask in zip(payload["masks"], result.masks):
+        entry["mask"] = mask_payload(mask.mask, mask_format)
+        entry["low_res_rle"] = rle.encode(reference_binary_mask(mask.low_res_logits))
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+def to_json_bytes(payload) -> bytes:
+    """Strict JSON (no NaN/Infinity: not every client parses them); non-finite numbers become null."""
+    try:
+        return json.dumps(payload, default=_plain, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        return json.dumps(_finite(payload), default=_plain, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
