@@ -106,7 +106,9 @@ def setup(extras: str = "test", force: bool = False) -> None:
     constraints = VENV_DIR / "citrusv-constraints.txt"
     constraints.write_text(f"torch=={installed_torch_version()}\n")
     target = f"{BACKEND_DIR}[{extras}]" if extras else str(BACKEND_DIR)
-    pip("-c", str(constraints), "-e", target)
+    # Editable for a source checkout; a copy for Slicer's installer, whose bundled source moves on upgrades.
+    editable = ["-e"] if os.environ.get("CITRUSV_EDITABLE", "1") != "0" else []
+    pip("-c", str(constraints), *editable, target)
     env = dict(os.environ, SAM2_BUILD_CUDA="0")
     pip("--no-build-isolation", "--no-deps", f"sam2=={SAM2_VERSION}", env=env)
     stamp.write_text(fingerprint)
@@ -122,13 +124,14 @@ def run_in_venv(command: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("setup", help="create or update the environment").add_argument(
-        "--force", action="store_true", help="reinstall even if nothing changed")
+    setup_parser = sub.add_parser("setup", help="create or update the environment")
+    setup_parser.add_argument("--force", action="store_true", help="reinstall even if nothing changed")
+    setup_parser.add_argument("--extras", default="test", help="package extras to install ('' for the service only)")
     sub.add_parser("run", help="set up, then segment a target in the sample CT", add_help=False)
     sub.add_parser("test", help="set up, then run the whole test suite", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.action == "setup":
-        setup(force=args.force)
+        setup(extras=args.extras, force=args.force)
         return 0
     setup()
     python = str(venv_python())

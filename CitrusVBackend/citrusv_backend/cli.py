@@ -1,8 +1,8 @@
 """The `citrusv` command line.
 
 Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `eval`
-(Dice, HD95, volume error against a ground truth), `make-tiny-checkpoint` (a random tiny model in the
-release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
+(Dice, HD95, volume error against a ground truth), `serve` (the backend HTTP service), `make-tiny-checkpoint`
+(a random tiny model in the release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
 anything unexpected keeps its traceback and exits with 1.
 """
 from __future__ import annotations
@@ -219,6 +219,24 @@ def _segment_names(path: Path) -> dict:
     return {}
 
 
+# ---------------------------------------------------------------------------------------------- serve
+
+def cmd_serve(args) -> int:
+    """The backend service; stdout carries only its JSON ready line, logs are JSON lines on stderr."""
+    from .server.launch import ServeSettings, serve
+
+    def load():
+        from transformers.utils import logging as transformers_logging
+
+        from .inference.engine import CitrusVEngine
+
+        transformers_logging.set_verbosity_error()
+        return CitrusVEngine.load(resolve_model_argument(args.model), device=args.device, dtype=args.dtype,
+                                  attention=args.attention)
+
+    return serve(ServeSettings.from_args(args), load_engine=load)
+
+
 # ---------------------------------------------------------------------------------------------- tiny
 
 def cmd_make_tiny_checkpoint(args) -> int:
@@ -292,6 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("truth", help="ground-truth labelmap on the same grid")
     evaluate.add_argument("--pair", action="append", help="PRED:TRUTH label values to compare (repeatable)")
     evaluate.set_defaults(handler=cmd_eval)
+
+    serve = sub.add_parser("serve", help="the backend HTTP service for the Slicer module and OpenAI-compatible clients")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default loopback; any other needs --token-file or $CITRUSV_TOKEN)")
+    serve.add_argument("--port", type=int, default=0, help="TCP port; 0 (default) picks a free one (see the ready line)")
+    serve.add_argument("--token-file", default=None,
+                       help="file holding the bearer token (else $CITRUSV_TOKEN, else a random one written to a 0600 file)")
+    serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted (MiB)")
+    serve.add_argument("--max-voxels", type=int, default=1024**3, help="largest volume accepted (voxels)")
+    serve.add_argument("--volume-budget-mb", type=float, default=4096,
+                       help="memory for uploaded volumes; the least recently used are evicted beyond it (MiB)")
+    serve.add_argument("--volume-ttl", type=float, default=3600, help="evict a volume unused for this long (s)")
+    serve.add_argument("--result-ttl", type=float, default=3600, help="keep a finished job's result this long (s)")
+    serve.add_argument("--request-timeout", type=float, default=600,
+                       help="longest wait for a synchronous 2D or chat request (s)")
+    serve.add_argument("--read-timeout", type=float, default=60,
+                       help="drop a request whose body stalls this long (s)")
+    serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--served-model-name", default="CitrusV_8B",
+                       help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
+    serve.set_defaults(handler=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
     tiny.add_argument("directory")

@@ -10,8 +10,6 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..volume.io import Volume
 from .errors import ApiError
 from .logs import log_event
@@ -50,11 +48,14 @@ class VolumeStore:
     def used_bytes(self) -> int:
         return sum(v.nbytes for v in self._volumes.values())
 
-    def add(self, volume: Volume) -> StoredVolume:
-        nbytes = int(volume.voxels.nbytes)
+    def check_fits(self, nbytes: int) -> None:
         if nbytes > self.budget_bytes:
             raise ApiError(413, f"the volume needs {nbytes / 2**20:,.1f} MiB, more than the server's volume memory "
                                 f"budget of {self.budget_bytes / 2**20:,.1f} MiB (--volume-budget-mb); crop it first")
+
+    def add(self, volume: Volume) -> StoredVolume:
+        nbytes = int(volume.voxels.nbytes)
+        self.check_fits(nbytes)
         now = self.clock()
         stored = StoredVolume(uuid.uuid4().hex, volume, nbytes, now, now)
         with self._lock:
@@ -106,7 +107,3 @@ class VolumeStore:
         if reason is not None:
             return ApiError(404, f"volume {volume_id} was evicted ({reason}); upload it again", type="volume_evicted")
         return ApiError(404, f"no volume {volume_id!r}; upload it with POST /v1/volumes", type="volume_not_found")
-
-
-def voxel_count(shape) -> int:
-    return int(np.prod([int(n) for n in shape], dtype=np.int64))

@@ -3,26 +3,28 @@ result as `citrusv infer`'s JSON, with each mask's pixels as COCO RLE (or PNG) a
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ..codec import b64decode, decode_image, strip_data_uri
 from ..errors import ApiError
 from ..jobs import Job
 from ..schemas import ImageRequest
-from ..tasks import check_prompt_and_answer, image_runner
+from ..tasks import check_prompt_and_answer, image_runner, to_json_bytes
 from . import Service, run_now
 
 router = APIRouter(tags=["images"])
 
 
 @router.post("/v1/images/infer")
-async def infer_image(body: ImageRequest, state: Service) -> dict:
+async def infer_image(body: ImageRequest, state: Service) -> Response:
     if body.max_new_tokens > state.config.max_new_tokens:
         raise ApiError(400, f"max_new_tokens {body.max_new_tokens} is more than this server allows "
                             f"({state.config.max_new_tokens})")
     check_prompt_and_answer(body.prompt, body.answer)
     image = await run_in_threadpool(_image_from, body.image)
-    return await run_now(state, Job(task=f"image:{body.task}", runner=image_runner(state.engine, image, body), kept=False))
+    result = await run_now(state, Job(task=f"image:{body.task}", runner=image_runner(state.engine, image, body), kept=False))
+    return Response(to_json_bytes(result), media_type="application/json")
 
 
 def _image_from(text: str):

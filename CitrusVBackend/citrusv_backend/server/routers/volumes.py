@@ -36,7 +36,7 @@ async def upload_volume(request: Request, state: Service) -> dict:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if kind == "application/json":
-            volume = await _from_json(request, state.config.max_voxels)
+            volume = await _from_json(request, state)
         elif kind == "multipart/form-data":
             volume = await _from_file(request, state)
         else:
@@ -60,7 +60,7 @@ def delete_volume(volume_id: str, state: Service) -> dict:
     return {"volume_id": volume_id, "deleted": True}
 
 
-async def _from_json(request: Request, max_voxels: int) -> Volume:
+async def _from_json(request: Request, state) -> Volume:
     body = await request.body()
     try:
         upload = VolumeUpload.model_validate_json(body)
@@ -68,9 +68,10 @@ async def _from_json(request: Request, max_voxels: int) -> Volume:
         raise RequestValidationError(error.errors(include_input=False)) from None
     del body
     count = int(np.prod(upload.shape, dtype=np.int64))
-    if count > max_voxels:
-        raise ApiError(413, f"the volume has {count:,} voxels, more than the {max_voxels:,} this server accepts "
-                            f"(--max-voxels); crop or resample it first")
+    if count > state.config.max_voxels:
+        raise ApiError(413, f"the volume has {count:,} voxels, more than the {state.config.max_voxels:,} this server "
+                            f"accepts (--max-voxels); crop or resample it first")
+    state.volumes.check_fits(count * np.dtype(upload.dtype).itemsize)  # before decoding, not after
     return await run_in_threadpool(_decode_upload, upload)
 
 

@@ -1,0 +1,176 @@
+"""`citrusv serve`: token, socket, model, then uvicorn — and one JSON "ready" line on stdout when it is up.
+
+Order matters: the host and token are checked first (a refused configuration fails at once), the port is
+bound (reserved, so a taken port fails before a 17 GB model load) but listens only after the model has
+loaded, so a launcher that sees the ready line — or can connect at all — finds the service ready.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import uvicorn
+
+from ..errors import CitrusVError
+from .app import MiB, ServiceConfig, ServiceState, create_app
+from .logs import configure_logging, log_event
+
+log = logging.getLogger("citrusv.server")
+
+TOKEN_ENV = "CITRUSV_TOKEN"
+_TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    token_file: Path | None = None
+    config: ServiceConfig = field(default_factory=ServiceConfig)
+
+    @classmethod
+    def from_args(cls, args) -> "ServeSettings":
+        config = ServiceConfig(served_model_name=args.served_model_name,
+                               max_upload_bytes=int(args.max_upload_mb * MiB), max_voxels=args.max_voxels,
+                               volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
+                               result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
+                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens)
+        return cls(host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
+                   config=config)
+
+
+@dataclass
+class Token:
+    value: str
+    source: str              # "file", "env" or "generated"
+    file: Path | None        # where a launcher can read it (None for "env")
+
+    def __repr__(self) -> str:  # never print the value, not even by accident
+        return f"Token(source={self.source!r}, file={self.file!r})"
+
+
+def resolve_token(token_file: Path | None, environ=os.environ) -> Token:
+    """--token-file, else $CITRUSV_TOKEN, else a new random token in a 0600 file of a private folder."""
+    if token_file is not None:
+        try:
+            value = token_file.read_text().strip()
+        except OSError as error:
+            raise CitrusVError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+        if token_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("the token file can be read by other users; chmod 600 it",
+                        extra={"fields": {"token_file": str(token_file)}})
+        return Token(_checked(value, f"the token in {token_file}"), "file", token_file)
+    if environ.get(TOKEN_ENV):
+        return Token(_checked(environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"), "env", None)
+    return Token(secrets.token_urlsafe(32), "generated", None)
+
+
+def _checked(value: str, what: str) -> str:
+    if not value or not _TOKEN_CHARS.match(value):
+        raise CitrusVError(f"{what} must be printable ASCII without spaces (it is sent as 'Authorization: Bearer ...')")
+    if len(value) < 16:
+        log.warning("the token is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)")
+    return value
+
+
+def write_private_token_file(value: str) -> Path:
+    """A new folder only this user can enter (mkdtemp: 0700) with the token in a 0600 file."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or None
+    directory = Path(tempfile.mkdtemp(prefix="citrusv-serve-", dir=base if base and os.path.isdir(base) else None))
+    path = directory / "token"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value + "\n")
+    return path
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise CitrusVError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise CitrusVError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port, or 0 for any "
+                           f"free port") from None
+    return sock
+
+
+def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=None) -> int:
+    stdout = stdout or sys.stdout
+    configure_logging()
+    token = resolve_token(settings.token_file)
+    sock = bind_socket(settings.host, settings.port)
+    address, port = sock.getsockname()[:2]
+    if not is_loopback(address) and token.source == "generated":
+        sock.close()
+        raise CitrusVError(f"refusing to listen on {settings.host} ({address}), which is reachable from other machines, "
+                           f"with a generated token: pass --token-file FILE or set ${TOKEN_ENV} (and use a firewall)")
+    if token.source == "generated":
+        token.file = write_private_token_file(token.value)
+    try:
+        log_event(log, "loading model")
+        engine = load_engine()
+        state = ServiceState(engine, settings.config, token.value)
+        app = create_app(state)
+        sock.listen(2048)
+        ready = ready_line(settings, state, address, port, token)
+        server = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
+                                           timeout_keep_alive=5, timeout_graceful_shutdown=5),
+                             on_ready=lambda: _announce(ready, stdout))
+        server.run(sockets=[sock])
+        return 0 if server.started else 1
+    finally:
+        sock.close()
+        if token.source == "generated" and token.file is not None:
+            shutil.rmtree(token.file.parent, ignore_errors=True)
+
+
+def ready_line(settings: ServeSettings, state: ServiceState, address: str, port: int, token: Token) -> dict:
+    loaded = state.engine.loaded
+    host = f"[{address}]" if ":" in address else address
+    return {"event": "ready", "host": address, "port": port, "url": f"http://{host}:{port}",
+            "token_source": token.source, "token_file": str(token.file) if token.file else None,
+            "model": state.model_name, "checkpoint": str(loaded.checkpoint_dir), "device": str(loaded.device),
+            "dtype": str(loaded.dtype).split(".")[-1], "random_weights": loaded.random_weights, "pid": os.getpid()}
+
+
+def _announce(ready: dict, stdout) -> None:
+    print(json.dumps(ready), file=stdout, flush=True)
+    log_event(log, "ready", **{k: v for k, v in ready.items() if k != "event"})
+
+
+class ReadyServer(uvicorn.Server):
+    """uvicorn's server, calling `on_ready` once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.on_ready()

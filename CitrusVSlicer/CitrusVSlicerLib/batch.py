@@ -1,0 +1,70 @@
+"""The panel's Batch section: `citrusv batch` in the backend environment, followed line by line.
+
+The same command as on the command line (one pipeline, one set of outputs, resumable); the panel only starts
+it, shows its progress and stops it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .process import StreamingProcess
+
+# The batch command's progress lines carry "done/total" counts, e.g. "[batch] 3/10 done, 1 failed ...".
+_COUNTS = re.compile(r"(\d+)\s*/\s*(\d+)")
+_FAILED = re.compile(r"(\d+)\s+failed")
+
+
+@dataclass
+class BatchProgress:
+    done: int = 0
+    failed: int = 0
+    total: int = 0
+    last_line: str = ""
+
+    def summary(self) -> str:
+        if not self.total:
+            return self.last_line
+        return f"{self.done}/{self.total} cases done, {self.failed} failed — {self.last_line[:120]}"
+
+
+def batch_command(python: str, input_folder: str, output_folder: str, task: str, prompt: str, model: str,
+                  device: str, options: dict) -> list[str]:
+    command = [python, "-m", "citrusv_backend.cli", "batch", input_folder, "--out", output_folder, "--task", task,
+               "--model", model, "--device", device]
+    if prompt.strip():
+        command += ["--prompt", prompt]
+    for key, flag in (("mode", "--mode"), ("window", "--window"), ("axis", "--axis"), ("max_pixels", "--max-pixels")):
+        if options.get(key) not in (None, ""):
+            command += [flag, str(options[key])]
+    if options.get("slice_range"):
+        command += ["--slice-range", "{}:{}".format(*options["slice_range"])]
+    return command
+
+
+class BatchRun(StreamingProcess):
+    def __init__(self, python: str, input_folder: str, output_folder: str, task: str, prompt: str, model: str,
+                 device: str, options: dict):
+        if not input_folder or not Path(input_folder).is_dir():
+            raise ValueError(f"input folder {input_folder!r} does not exist")
+        if not output_folder:
+            raise ValueError("choose an output folder")
+        if Path(output_folder).resolve() == Path(input_folder).resolve():
+            raise ValueError("the output folder must differ from the input folder (inputs are never written)")
+        super().__init__(batch_command(python, input_folder, output_folder, task, prompt, model, device, options),
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.progress = BatchProgress()
+
+    def on_line(self, line: str) -> None:
+        text = line.strip()
+        if not text:
+            return
+        self.progress.last_line = text
+        counts = _COUNTS.search(text)
+        if counts and ("case" in text.lower() or "batch" in text.lower()):
+            self.progress.done, self.progress.total = int(counts.group(1)), int(counts.group(2))
+        failed = _FAILED.search(text)
+        if failed:
+            self.progress.failed = int(failed.group(1))

@@ -1,0 +1,66 @@
+"""The real `citrusv serve` process on 127.0.0.1 with the tiny checkpoint, once per session.
+
+`server`: default limits, a generated token (read from the file named by the ready line).
+`limits_server`: tiny limits (1.5 MiB of volumes, 4 s TTL, 4 MiB uploads, 16 tokens, 2 s body stall) and a
+token from --token-file, for eviction, size limits and fuzzing.
+"""
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from citrusv_backend.server.process import start_server
+
+
+def _environment() -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "CITRUSV_TOKEN"}
+    return env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, session_dir):
+    log_path = session_dir / "server.log"
+    process = start_server(tiny_checkpoint, "--device", "cpu", env=_environment(), log_path=log_path, timeout=300)
+    yield process
+    process.stop()
+    assert process.token not in log_path.read_text(errors="replace"), "the token appeared in the server log"
+
+
+@pytest.fixture(scope="session")
+def limits_server(tiny_checkpoint, session_dir):
+    token_file = session_dir / "limits-token"
+    token_file.write_text("limits-server-token-0123456789abcdef\n")
+    token_file.chmod(0o600)
+    log_path = session_dir / "limits-server.log"
+    process = start_server(tiny_checkpoint, "--device", "cpu", "--token-file", str(token_file),
+                           "--volume-budget-mb", "1.5", "--volume-ttl", "4", "--max-upload-mb", "4",
+                           "--max-voxels", "2000000", "--max-new-tokens", "16", "--read-timeout", "2",
+                           env=_environment(), log_path=log_path, timeout=300)
+    yield process
+    process.stop()
+    assert process.token not in log_path.read_text(errors="replace"), "the token appeared in the server log"
+
+
+def _client(process, timeout: float = 120.0) -> httpx.Client:
+    return httpx.Client(base_url=process.url, headers=process.headers, timeout=timeout)
+
+
+@pytest.fixture
+def client(server):
+    with _client(server) as http:
+        yield http
+
+
+@pytest.fixture
+def limits_client(limits_server):
+    with _client(limits_server) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def chest(chest_ct_path):
+    from citrusv_backend.volume.io import read_volume
+
+    return read_volume(chest_ct_path)

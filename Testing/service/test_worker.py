@@ -1,0 +1,105 @@
+"""The job queue and the worker in-process, with stand-in runners: order, exactly-once, cancel, failures
+(including GPU out-of-memory) that fail one job and leave the worker running."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from citrusv_backend.errors import InputError
+from citrusv_backend.server.jobs import GpuWorker, Job, JobQueue
+from citrusv_backend.volume.pipeline import JobCancelled
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture
+def worker():
+    freed = []
+    queue = JobQueue(max_queued=1000, result_ttl_s=60)
+    running = GpuWorker(queue, free_memory=lambda: freed.append(time.monotonic()))
+    running.freed = freed
+    running.start()
+    yield running
+    running.stop()
+
+
+def _done(job: Job, timeout: float = 10) -> Job:
+    deadline = time.monotonic() + timeout
+    while job.status not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return job
+
+
+def test_jobs_from_many_threads_run_once_each_in_submission_order(worker):
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def runner_for(n):
+        def run(job):
+            with lock:
+                ran.append(n)
+            return n
+        return run
+
+    jobs: list[Job] = []
+    def submit_many(start):
+        for n in range(start, start + 50):
+            job = Job(task="t", runner=runner_for(n))
+            with lock:
+                jobs.append(job)
+                worker.jobs.submit(job)
+
+    threads = [threading.Thread(target=submit_many, args=(k * 50,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for job in jobs:
+        assert _done(job).status == "done" and job.result == job.future.result()
+    assert sorted(ran) == list(range(400)) and ran == [job.result for job in jobs]
+
+
+def test_out_of_memory_fails_one_job_frees_memory_and_the_next_runs(worker):
+    def oom(job):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    failed = _done(worker.jobs.submit(Job(task="t", runner=oom)))
+    assert failed.status == "failed" and failed.error["type"] == "out_of_memory"
+    assert "ran out of memory" in failed.error["message"] and worker.freed
+    assert _done(worker.jobs.submit(Job(task="t", runner=lambda job: "fine"))).result == "fine"
+
+
+@pytest.mark.parametrize("error, kind", [(InputError("slice range 9:2"), "invalid_input"),
+                                         (ZeroDivisionError("bug"), "internal_error")])
+def test_errors_fail_the_job_with_a_type(worker, error, kind):
+    def broken(job):
+        raise error
+
+    job = _done(worker.jobs.submit(Job(task="t", runner=broken)))
+    assert job.status == "failed" and job.error["type"] == kind and "Traceback" not in job.error["message"]
+    assert worker.alive
+
+
+def test_cancel_queued_at_once_and_running_at_the_next_check(worker):
+    started = threading.Event()
+
+    def slow(job):
+        started.set()
+        for _ in range(500):
+            if job.should_cancel():
+                raise JobCancelled("cancelled by the user")
+            time.sleep(0.01)
+        return "finished"
+
+    running = worker.jobs.submit(Job(task="t", runner=slow))
+    queued = worker.jobs.submit(Job(task="t", runner=lambda job: pytest.fail("a cancelled job ran")))
+    started.wait(5)
+    assert worker.jobs.cancel(queued).status == "cancelled"
+    asked = time.monotonic()
+    worker.jobs.cancel(running)
+    assert _done(running).status == "cancelled" and time.monotonic() - asked < 1
+    assert _done(worker.jobs.submit(Job(task="t", runner=lambda job: 1))).result == 1
