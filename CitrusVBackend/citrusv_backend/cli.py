@@ -237,6 +237,15 @@ def cmd_serve(args) -> int:
     return serve(ServeSettings.from_args(args), load_engine=load)
 
 
+# ---------------------------------------------------------------------------------------------- batch
+
+def cmd_batch(args) -> int:
+    """A folder of volumes, resumable; exit 0 all done, 1 some case failed (see citrusv_backend.batch.runner)."""
+    from .batch.runner import run_batch
+
+    return run_batch(args)
+
+
 # ---------------------------------------------------------------------------------------------- tiny
 
 def cmd_make_tiny_checkpoint(args) -> int:
@@ -332,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
     serve.set_defaults(handler=cmd_serve)
+
+    batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "
+                                          "--engine ray for a cluster")
+    add_model_options(batch)
+    from .batch.options import add_batch_options
+
+    add_batch_options(batch)
+    batch.set_defaults(handler=cmd_batch)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
     tiny.add_argument("directory")
