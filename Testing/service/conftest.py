@@ -1,7 +1,7 @@
 """The real `citrusv serve` process on 127.0.0.1 with the tiny checkpoint, once per session.
 
 `server`: default limits, a generated token (read from the file named by the ready line).
-`limits_server`: tiny limits (1.5 MiB of volumes, 4 s TTL, 4 MiB uploads, 16 tokens, 2 s body stall) and a
+`limits_server`: tiny limits (3 MiB of volumes: one chest CT, 4 s TTL, 4 MiB uploads, 16 tokens, 2 s body stall) and a
 token from --token-file, for eviction, size limits and fuzzing.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def limits_server(tiny_checkpoint, session_dir):
     token_file.chmod(0o600)
     log_path = session_dir / "limits-server.log"
     process = start_server(tiny_checkpoint, "--device", "cpu", "--token-file", str(token_file),
-                           "--volume-budget-mb", "1.5", "--volume-ttl", "4", "--max-upload-mb", "4",
+                           "--volume-budget-mb", "3", "--volume-ttl", "4", "--max-upload-mb", "4",
                            "--max-voxels", "2000000", "--max-new-tokens", "16", "--read-timeout", "2",
                            env=_environment(), log_path=log_path, timeout=300)
     yield process

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.service
 
 
 def test_evicted_volumes_say_so(limits_client, chest):
-    first = upload(limits_client, chest)          # 1.06 MiB of a 1.5 MiB budget
+    first = upload(limits_client, chest)          # 2.1 MiB of a 3 MiB budget
     second = upload(limits_client, chest)         # pushes the first one out (least recently used)
     response = limits_client.post("/v1/jobs", json={"volume_id": first, "task": "segment", "prompt": "segment the lung"})
     assert response.status_code == 404
@@ -26,8 +26,8 @@ def test_evicted_volumes_say_so(limits_client, chest):
 
 
 def test_a_volume_beyond_the_budget_or_the_upload_limit_is_413(limits_client, chest):
-    payload = volume_payload(chest, compression="none")  # 1.5 MB of base64 per 1.1 MB: fits the 4 MiB upload limit
-    payload["shape"] = [68, 128, 128]
+    payload = volume_payload(chest)
+    payload["shape"] = [68, 128, 128]             # 4.25 MiB: refused before the voxels are even decoded
     response = limits_client.post("/v1/volumes", json=payload)
     assert response.status_code == 413 and "budget" in response.json()["error"]["message"]
 

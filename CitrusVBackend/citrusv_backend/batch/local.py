@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -29,9 +30,17 @@ log = logging.getLogger(__name__)
 READER_RETRIES = 2  # a reader process that dies twice on the same case fails that case
 
 
-def _ignore_interrupts() -> None:
-    """Workers leave Ctrl-C to the main process, which decides when to stop."""
+def _worker_setup(parent: int) -> None:
+    """Workers leave Ctrl-C to the main process, which decides when to stop, and end when it is gone
+    (even killed by SIGKILL, when nothing else would tell them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 class Prefetcher:
@@ -57,7 +66,7 @@ class Prefetcher:
 
     def _new_pool(self):
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_interrupts)
+                                   initializer=_worker_setup, initargs=(os.getpid(),))
 
     def start(self):
         """Submit the first reads now, so they overlap the model loading."""
@@ -165,34 +174,43 @@ class LocalEngine:
     def _run_in_process(self, prefetcher: Prefetcher, sink) -> None:
         from ..volume.pipeline import JobCancelled
 
-        sink.say(f"loading model {self.model['model']} on {self.devices[0]} ...")
-        processor = load_processor(self.model, self.devices[0], self.task, self.options)
-        sink.model_loaded(processor.engine.loaded)
-        prefetcher.waited_s = 0.0  # waiting during the model load is not the model waiting
+        processor = None  # loaded when the first case needs it: a rerun of a finished folder loads nothing
         for loaded in prefetcher:
             if sink.stop_requested():
                 break
-            staging = sink.staging_dir(loaded.task.case)
-            started = time.perf_counter()
-            try:
-                outcome = processor.process(loaded, staging, progress=sink.stage_reporter(loaded.task.case),
-                                            should_cancel=sink.cancel_now)
-            except JobCancelled:
-                sink.cancelled(loaded.task.case)
-                break
-            self.stats["model_busy_s"] += time.perf_counter() - started if outcome.status == "done" else 0.0
+            outcome = skip_or_fail_without_model(loaded)
+            if outcome is None:
+                if processor is None:
+                    processor = self._load_in_process(sink)
+                    prefetcher.waited_s = 0.0  # waiting during the model load is not the model waiting
+                started = time.perf_counter()
+                try:
+                    outcome = processor.process(loaded, sink.staging_dir(loaded.task.case),
+                                                progress=sink.stage_reporter(loaded.task.case),
+                                                should_cancel=sink.cancel_now)
+                except JobCancelled:
+                    sink.cancelled(loaded.task.case)
+                    break
+                self.stats["model_busy_s"] += time.perf_counter() - started
             sink.finished(outcome)
         self.stats["model_wait_s"] = prefetcher.waited_s
+
+    def _load_in_process(self, sink) -> CaseProcessor:
+        sink.say(f"loading model {self.model['model']} on {self.devices[0]} ...")
+        processor = load_processor(self.model, self.devices[0], self.task, self.options)
+        sink.model_loaded(processor.engine.loaded)
+        return processor
 
     # ------------------------------------------------------------------------------------------ a process per device
 
     def _run_device_processes(self, prefetcher: Prefetcher, sink) -> None:
-        self.load_errors = []
+        self.load_errors, self.ready = [], False
         context = multiprocessing.get_context("spawn")
         inbox, outbox, cancel = context.Queue(maxsize=len(self.devices)), context.Queue(), context.Event()
-        processes = [context.Process(target=device_worker, daemon=True, name=f"citrusv-model-{device}",
-                                     args=(self.model, device, self.task, self.options, inbox, outbox, cancel))
-                     for device in self.devices]
+        processes = [context.Process(target=device_worker, daemon=True, name=f"model-{number}-{device}",
+                                     args=(self.model, device, self.task, self.options, inbox, outbox, cancel,
+                                           os.getpid()))
+                     for number, device in enumerate(self.devices)]
         for process in processes:
             process.start()
         collector = threading.Thread(target=self._collect, args=(outbox, processes, sink, cancel), daemon=True)
@@ -247,6 +265,9 @@ class LocalEngine:
                 sink.finished(payload)
             elif kind == "loaded":
                 sink.say(f"  model process {name}: {payload}")
+                if not self.ready:
+                    self.ready = True
+                    sink.model_loaded()
             elif kind == "load_failed":
                 self.load_errors.append(payload)
                 sink.say(f"model process {name} could not load the model: {payload}")
@@ -273,11 +294,11 @@ def _put_until_collector_ends(inbox, item, collector) -> None:
             continue
 
 
-def device_worker(model: dict, device: str, task: str, options, inbox, outbox, cancel) -> None:
+def device_worker(model: dict, device: str, task: str, options, inbox, outbox, cancel, parent: int) -> None:
     """A model process: load once, then run cases from `inbox` until a None arrives."""
     from ..volume.pipeline import JobCancelled
 
-    _ignore_interrupts()
+    _worker_setup(parent)
     name = multiprocessing.current_process().name
     try:
         try:
@@ -285,7 +306,8 @@ def device_worker(model: dict, device: str, task: str, options, inbox, outbox, c
         except Exception as error:
             outbox.put(("load_failed", name, describe_failure(error)[1]))
             return
-        outbox.put(("loaded", name, f"{processor.engine.loaded.describe()}"))
+        info = processor.engine.loaded.describe()
+        outbox.put(("loaded", name, f"loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']})"))
         while True:
             idle = time.perf_counter()
             item = inbox.get()

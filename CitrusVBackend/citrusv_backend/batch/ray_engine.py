@@ -150,6 +150,7 @@ class RayEngine:
                 raise CitrusVError(f"a Ray model actor could not start: {_root_cause(error)}") from None
             actor.available = True
             sink.say(f"  {actor.name} ready")
+        sink.model_loaded()
 
     def close(self) -> None:
         for actor in self.actors:

@@ -105,6 +105,7 @@ class BatchProgress:
     def restart_clock(self) -> None:
         """Throughput counts from when the model is ready, not from start-up."""
         self.started = time.monotonic()
+        self.processed = 0
 
     @property
     def left(self) -> int:

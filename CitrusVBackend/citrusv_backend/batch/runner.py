@@ -199,11 +199,15 @@ class BatchRun:
     def cancel_now(self) -> bool:
         return self.signals.now.is_set()
 
-    def model_loaded(self, loaded) -> None:
-        info = loaded.describe()
-        self.checkpoint = loaded.checkpoint_dir
-        say(f"  loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']}, {info['attention']} attention)")
-        self.progress.restart_clock()
+    def model_loaded(self, loaded=None) -> None:
+        """The model is ready (`loaded` when it is in this process): the throughput clock starts now."""
+        if loaded is not None:
+            info = loaded.describe()
+            self.checkpoint = loaded.checkpoint_dir
+            say(f"  loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']}, "
+                f"{info['attention']} attention)")
+        with self.lock:
+            self.progress.restart_clock()
 
     def stage_reporter(self, case: str):
         def report(stage: str, fraction: float, message: str) -> None:
@@ -348,6 +352,7 @@ def run_batch(args) -> int:
         finally:
             run.signals.restore()
             engine.close()
+            shutil.rmtree(out_dir / STAGING, ignore_errors=True)
             run.write_reports()
         if run.random_weights:
             say(random_weights_banner(run.checkpoint or Path(model_name)))
@@ -374,5 +379,6 @@ def final_report(run: BatchRun, engine, out_dir: Path, seconds: float) -> int:
         for entry in entries:
             if entry["status"] == "failed":
                 say(f"  {entry['case']} ({entry['input']}): {entry['error']}")
-        return 1
-    return 0
+    if count["not run"]:
+        say(f"{count['not run']} case(s) were not run (the engine stopped early, see above); rerun the same command")
+    return 1 if count["failed"] or count["not run"] else 0

@@ -179,19 +179,25 @@ class CitrusVEngine:
     # ------------------------------------------------------------------------------------------ mask side
 
     @torch.inference_mode()
+    def encode_sam2(self, sam2_pixel_values: torch.Tensor):
+        return self.model.grounding_encoder.encode_images(sam2_pixel_values.to(self.model.device, self.model.dtype))
+
+    @torch.inference_mode()
     def masks_for(self, inputs: ModelInputs, sequence: torch.Tensor, hidden: torch.Tensor,
-                  upsampling: str, timings: dict) -> list[SegmentationMask]:
+                  upsampling: str, timings: dict, features=None, row: int = 0) -> list[SegmentationMask]:
+        """Masks of every [SEG] in `sequence`; `features`/`row`: SAM2 features already computed for a batch."""
         positions = (sequence[: hidden.size(0)] == self.processor.seg_token_idx).nonzero().flatten()
         if positions.numel() == 0:
             return []
-        started = time.perf_counter()
         grounding = self.model.grounding_encoder
         seg_hidden = hidden[positions]
         embeddings = self.model.project_seg(seg_hidden)
-        features = grounding.encode_images(inputs.sam2_pixel_values.to(self.model.device, self.model.dtype))
-        timings["sam2_image_encoder_s"] = time.perf_counter() - started
+        if features is None:
+            started = time.perf_counter()
+            features = self.encode_sam2(inputs.sam2_pixel_values)
+            timings["sam2_image_encoder_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        prediction = grounding.decode_masks(features.select(torch.zeros_like(positions)), embeddings)
+        prediction = grounding.decode_masks(features.select(torch.full_like(positions, row)), embeddings)
         masks = upsample_mask(prediction.low_res_logits, inputs.original_size, upsampling)
         timings["mask_decoder_s"] = time.perf_counter() - started
         return [SegmentationMask(
@@ -223,20 +229,69 @@ class CitrusVEngine:
         step = time.perf_counter()
         sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty)
         timings["forced_prefill_s" if answer is not None else "generate_s"] = time.perf_counter() - step
-        generated = sequence[inputs.prompt_length:].tolist()
-        text = self.processor.decode([t for t in generated if t not in self.stop_ids])
-
         masks = self.masks_for(inputs, sequence, hidden, mask_upsampling, timings)
-        result = InferenceResult(
-            task=task, prompt=prompt, text=text, forced_answer=answer is not None,
-            input_ids=inputs.input_ids[0, : inputs.prompt_length].tolist(), generated_ids=generated,
-            original_size=inputs.original_size, resized_size=inputs.resized_size,
-            image_grid_thw=inputs.image_grid_thw[0].tolist(), masks=masks,
-            random_weights=self.loaded.random_weights, mask_upsampling=mask_upsampling)
-        self._parse_text(result)
+        result = self._result(task, prompt, answer, inputs, sequence, masks, mask_upsampling)
         timings["total_s"] = time.perf_counter() - started
         result.timings = {k: round(v, 4) for k, v in timings.items()}
         return result
+
+    def _result(self, task, prompt, answer, inputs: ModelInputs, sequence: torch.Tensor, masks,
+                mask_upsampling: str) -> InferenceResult:
+        generated = sequence[inputs.prompt_length:].tolist()
+        result = InferenceResult(
+            task=task, prompt=prompt, text=self.processor.decode([t for t in generated if t not in self.stop_ids]),
+            forced_answer=answer is not None, input_ids=inputs.input_ids[0, : inputs.prompt_length].tolist(),
+            generated_ids=generated, original_size=inputs.original_size, resized_size=inputs.resized_size,
+            image_grid_thw=inputs.image_grid_thw[0].tolist(), masks=masks,
+            random_weights=self.loaded.random_weights, mask_upsampling=mask_upsampling)
+        self._parse_text(result)
+        return result
+
+    @torch.inference_mode()
+    def segment_batch(self, images: list, prompt: str, answer: str = FORCED_SEGMENT_ANSWER,
+                      min_pixels: int | None = None, max_pixels: int | None = None,
+                      mask_upsampling: str = "bilinear") -> list[InferenceResult]:
+        """Forced-answer segmentation of several images: one prefill and one SAM2 encoding per group.
+
+        A volume's slices share one size and so one sequence length, so they batch without padding (the
+        outputs equal one-by-one runs up to float rounding). Images of other sizes form their own groups."""
+        if mask_upsampling not in MASK_UPSAMPLING:
+            raise InputError(f"unknown mask upsampling {mask_upsampling!r}; use one of {', '.join(MASK_UPSAMPLING)}")
+        default = TASK_PIXEL_BUDGETS["segment"]
+        budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
+        prepared = [self.processor(load_image(image), prompt, budget, answer=answer) for image in images]
+        groups: dict[tuple, list[int]] = {}
+        for index, inputs in enumerate(prepared):
+            groups.setdefault((tuple(inputs.input_ids.shape), tuple(inputs.image_grid_thw[0].tolist())), []).append(index)
+        results: list[InferenceResult | None] = [None] * len(images)
+        for members in groups.values():
+            batch = [prepared[i] for i in members]
+            started = time.perf_counter()
+            hidden = self._forced_hidden_batch(batch)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            features = self.encode_sam2(torch.cat([inputs.sam2_pixel_values for inputs in batch]))
+            encoder = time.perf_counter() - started
+            for row, (index, inputs) in enumerate(zip(members, batch)):
+                timings = {"batch_size": len(batch), "forced_prefill_s": prefill / len(batch),
+                           "sam2_image_encoder_s": encoder / len(batch)}
+                sequence = inputs.input_ids[0].to(hidden.device)
+                masks = self.masks_for(inputs, sequence, hidden[row], mask_upsampling, timings, features, row)
+                results[index] = self._result("segment", prompt, answer, inputs, sequence, masks, mask_upsampling)
+                results[index].timings = {k: round(v, 4) for k, v in timings.items()}
+        return results
+
+    def _forced_hidden_batch(self, batch: list[ModelInputs]) -> torch.Tensor:
+        """[B, L, H] final-norm states of same-length sequences in one forward."""
+        device = self.model.device
+        kwargs = {"input_ids": torch.cat([b.input_ids for b in batch]).to(device),
+                  "attention_mask": torch.cat([b.attention_mask for b in batch]).to(device),
+                  "mm_token_type_ids": torch.cat([b.mm_token_type_ids for b in batch]).to(device),
+                  "image_grid_thw": torch.cat([b.image_grid_thw for b in batch]).to(device),
+                  "pixel_values": torch.cat([b.pixel_values for b in batch]).to(device, self.model.dtype)}
+        with record_final_hidden_states(self.model.final_norm) as recorded:
+            self.model.mllm(**kwargs, use_cache=False, logits_to_keep=1)
+        return recorded[-1]
 
     def _parse_text(self, result: InferenceResult) -> None:
         """Boxes for detection, structured findings for reports; both in original-image pixels."""

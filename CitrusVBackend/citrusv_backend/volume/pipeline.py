@@ -61,6 +61,7 @@ class VolumeOptions:
     report_slices: int = 3                 # slices read by the report task
     detect_slices: int = 16                # slices read by the detect task
     max_new_tokens: int = 1024
+    batch_size: int = 4                    # slices per forced-answer prefill / SAM2 encoding
 
     def validate(self, depth: int) -> tuple[int, int]:
         if self.mode not in MODES:
@@ -70,8 +71,8 @@ class VolumeOptions:
         first, last = self.slice_range or (0, depth)
         if not (0 <= first < last <= depth):
             raise InputError(f"slice range {first}:{last} is outside the volume's 0:{depth} along the {self.plane} axis")
-        if self.key_candidates < 1 or self.stop_after_empty < 1:
-            raise InputError("key_candidates and stop_after_empty must be at least 1")
+        if self.key_candidates < 1 or self.stop_after_empty < 1 or self.batch_size < 1:
+            raise InputError("key_candidates, stop_after_empty and batch_size must be at least 1")
         return first, last
 
 
@@ -161,10 +162,19 @@ class VolumePipeline:
         return PixelBudget(options.min_pixels or default.min_pixels, options.max_pixels or default.max_pixels)
 
     def _segment_slice(self, source: SliceSource, index: int, target: Target, options: VolumeOptions) -> InferenceResult:
-        self._check_cancel()
+        return self._segment_slices(source, [index], target, options)[0]
+
+    def _segment_slices(self, source: SliceSource, indices: list[int], target: Target,
+                        options: VolumeOptions) -> list[InferenceResult]:
+        """Forced-answer segmentation of slices, `batch_size` at a time (cancel is checked between batches)."""
         budget = self._budget("segment", options)
-        return self.engine.run(source.rgb(index), target.query, task="segment", answer=options.answer,
-                               min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+        results = []
+        for start in range(0, len(indices), options.batch_size):
+            self._check_cancel()
+            chunk = indices[start:start + options.batch_size]
+            results += self.engine.segment_batch([source.rgb(i) for i in chunk], target.query, answer=options.answer,
+                                                 min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+        return results
 
     # ------------------------------------------------------------------------------------------ entry
 
@@ -246,21 +256,18 @@ class VolumePipeline:
         candidates = [c for c in candidates if first <= c < last]
         scored: dict[int, tuple[float, InferenceResult]] = {}
 
-        def score(index: int) -> None:
-            if index in scored or not first <= index < last:
-                return
-            result = self._segment_slice(source, index, target, options)
-            scored[index] = (slice_score(result), result)
-            self.progress(f"key slice: {stage}", min(len(scored) / (len(candidates) + 6), 0.99),
-                          f"slice {index}: score {scored[index][0]:.3f}")
+        def score(indices: list[int]) -> None:
+            fresh = [i for i in dict.fromkeys(indices) if i not in scored and first <= i < last]
+            for index, result in zip(fresh, self._segment_slices(source, fresh, target, options)):
+                scored[index] = (slice_score(result), result)
+                self.progress(f"key slice: {stage}", min(len(scored) / (len(candidates) + 6), 0.99),
+                              f"slice {index}: score {scored[index][0]:.3f}")
 
-        for index in candidates:
-            score(index)
+        score(candidates)
         step = max(1, count // (2 * options.key_candidates))
         while step >= 1:
             best = max(scored, key=lambda i: scored[i][0])
-            score(best - step)
-            score(best + step)
+            score([best - step, best + step])
             step //= 2
         best = max(scored, key=lambda i: scored[i][0])
         best_score, best_result = scored[best]
@@ -312,13 +319,15 @@ class VolumePipeline:
         first, last = slice_range
         mask = np.zeros(source.volume.shape, bool)
         kept = []
-        for done, index in enumerate(range(first, last), start=1):
-            result = self._segment_slice(source, index, target, options)
-            score = slice_score(result)
-            if score > 0 and result.masks[0].mask.any():
-                source.orientation.put_slice(mask, index, result.masks[0].mask)
-                kept.append((index, score))
-            self.progress(f"per-slice: {stage}", done / (last - first), f"slice {index}")
+        indices = list(range(first, last))
+        for start in range(0, len(indices), options.batch_size):
+            chunk = indices[start:start + options.batch_size]
+            for index, result in zip(chunk, self._segment_slices(source, chunk, target, options)):
+                score = slice_score(result)
+                if score > 0 and result.masks[0].mask.any():
+                    source.orientation.put_slice(mask, index, result.masks[0].mask)
+                    kept.append((index, score))
+            self.progress(f"per-slice: {stage}", (start + len(chunk)) / len(indices), f"slice {chunk[-1]}")
         return mask, kept
 
     def _measure(self, segment: Segment, source: SliceSource) -> None:
