@@ -246,6 +246,34 @@ def cmd_batch(args) -> int:
     return run_batch(args)
 
 
+# ---------------------------------------------------------------------------------------------- bench
+
+def cmd_bench(args) -> int:
+    from .benchmark import BenchSettings, format_table, run_benchmarks, write_report
+
+    settings = BenchSettings.full() if args.full else BenchSettings()
+    settings.repeats = args.repeats or settings.repeats
+    if args.full_size_random:
+        import torch
+
+        from .inference.engine import CitrusVEngine
+        from .model.loader import choose_device
+        from .model.random_model import build_full_size_random
+
+        device = choose_device(args.device)
+        if device.type != "cuda":
+            raise CitrusVError("--full-size-random needs a CUDA GPU (about 17 GB of bf16 weights)")
+        say("building the 8B architecture with random bf16 weights ...")
+        engine = CitrusVEngine(build_full_size_random(device, torch.bfloat16, args.attention))
+    else:
+        engine = load_engine(args)
+    report = run_benchmarks(engine, settings, say=say)
+    path = write_report(report, Path(args.out))
+    print(format_table(report))
+    say(f"results written to {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- tiny
 
 def cmd_make_tiny_checkpoint(args) -> int:
@@ -366,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
                       max_voxels=1024**3)
-    demo.set_defaults(handler=cmd_demo)
+
+    bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
+    add_model_options(bench)
+    bench.add_argument("--full-size-random", action="store_true",
+                       help="the exact 8B architecture with random bf16 weights, built in memory (needs a GPU)")
+    bench.add_argument("--full", action="store_true",
+                       help="full measurement: 512x512x200 synthetic CT, 64 decoded tokens, 5 repeats (default: quick)")
+    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--out", default="bench/results", help="folder for the results JSON")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -84,7 +84,7 @@ def _tweak(data, value):
     if isinstance(value, bool) or value is None:
         return data.draw(st.booleans() | st.none())
     if isinstance(value, int):
-        return data.draw(st.integers(-3, 2 * value + 3) | st.integers(-3, 300_000))
+        return data.draw(st.integers(-3, max(3, 2 * value + 3)) | st.integers(-3, 300_000))
     if isinstance(value, float):
         return data.draw(st.floats(allow_nan=False))
     if isinstance(value, str):

@@ -13,6 +13,7 @@ actor to whichever actor is free first, up to MAX_ATTEMPTS times per case.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections import deque
@@ -132,10 +133,10 @@ class RayEngine:
             raise CitrusVError("the Ray cluster has no room for a model actor; check --ray-actors and the resources")
         device = "cpu" if not gpus else "auto"
         model = dict(self.model, device=device)
-        options = dict(num_cpus=self.cpus_per_actor, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
-                       name=None)
-        self.actors = [_Actor(CaseActor.options(**options).remote(model, self.task, self.options, self.max_voxels), n)
-                       for n in range(count)]
+        options = dict(num_cpus=self.cpus_per_actor, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0)
+        # Named, so an operator (or a test) can find them: `ray list actors`, ray.get_actor(name, namespace).
+        self.actors = [_Actor(CaseActor.options(name=f"citrusv-batch-{os.getpid()}-{n}", **options).remote(
+            model, self.task, self.options, self.max_voxels), n) for n in range(count)]
         self.describe = (f"ray ({ray.get_runtime_context().gcs_address}), {count} model actor{'s' if count > 1 else ''} "
                          f"({gpus:g} GPU, {self.cpus_per_actor:g} CPU each), inputs "
                          f"{'shipped through the object store' if self.ship_inputs else 'read from shared storage'}")

@@ -61,7 +61,17 @@ def delete_volume(volume_id: str, state: Service) -> dict:
 
 
 async def _from_json(request: Request, state) -> Volume:
-    body = await request.body()
+    body = bytearray()  # not request.body(): that would keep a second reference alive until the response
+    async for chunk in request.stream():
+        body += chunk
+    holder = [body]
+    del body
+    # Parsing and inflating a large upload takes a while: off the event loop, so other requests go on.
+    return await run_in_threadpool(_decode_upload, holder, state)
+
+
+def _decode_upload(holder: list, state) -> Volume:
+    body = holder.pop()  # the only reference: freed as soon as it is parsed
     try:
         upload = VolumeUpload.model_validate_json(body)
     except ValidationError as error:
@@ -72,10 +82,6 @@ async def _from_json(request: Request, state) -> Volume:
         raise ApiError(413, f"the volume has {count:,} voxels, more than the {state.config.max_voxels:,} this server "
                             f"accepts (--max-voxels); crop or resample it first")
     state.volumes.check_fits(count * np.dtype(upload.dtype).itemsize)  # before decoding, not after
-    return await run_in_threadpool(_decode_upload, upload)
-
-
-def _decode_upload(upload: VolumeUpload) -> Volume:
     voxels = voxels_from_bytes(b64decode(upload.voxels, "voxels"), upload.compression, upload.dtype, upload.shape)
     return Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
                                   modality=upload.modality)
