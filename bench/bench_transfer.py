@@ -130,7 +130,8 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="checkpoint folder (a tiny one is enough: the model barely runs)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=12, help="slices segmented for the result (per-slice mode)")
+    parser.add_argument("--slices", type=int, default=40,
+                        help="slices segmented for the result (per-slice mode): an organ's extent")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
 
@@ -201,13 +202,18 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"transfer-{socket.gethostname()}-{time.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'path':16s} {'data MB':>8s} {'wire MB':>8s} {'encode s':>9s} {'http s':>7s} {'decode s':>9s} "
-          f"{'MB/s':>7s} {'socket s':>9s} {'http/socket':>12s}")
+    print(f"{'path':14s} {'data MB':>8s} {'wire MB':>8s} {'encode s':>9s} {'http s':>7s} {'decode s':>9s} "
+          f"{'total s':>8s} {'data MB/s':>10s} {'socket s':>9s} {'http/socket':>12s} {'total/socket':>13s}")
     for name, row in rows.items():
         data = row.get("volume_mb", row.get("labelmap_mb"))
-        print(f"{name:16s} {data:8.1f} {row['wire_mb']:8.2f} {row.get('client_encode_s', 0):9.3f} {row['http_s']:7.3f} "
-              f"{row.get('client_decode_s', 0):9.3f} {row.get('volume_mb_per_s', row.get('labelmap_mb_per_s')):7.0f} "
-              f"{row['socket_copy_s']:9.4f} {row['ratio_http_to_socket']:12.1f}")
+        print(f"{name:14s} {data:8.1f} {row['wire_mb']:8.2f} {row.get('client_encode_s', 0):9.3f} {row['http_s']:7.3f} "
+              f"{row.get('client_decode_s', 0):9.3f} {row['round_trip_s']:8.3f} "
+              f"{row.get('volume_mb_per_s', row.get('labelmap_mb_per_s')):10.0f} {row['socket_copy_s']:9.4f} "
+              f"{row['ratio_http_to_socket']:12.1f} {row['ratio_round_trip_to_socket']:13.1f}")
+    result = rows["result"]
+    print(f"result: {result['segmented_voxels']:,} segmented voxels, crops {result['crop_mb']:.1f} MB -> "
+          f"{result['wire_mb']:.2f} MB on the wire; the whole uncompressed labelmap through a bare socket would take "
+          f"{result['full_labelmap_socket_copy_s']:.3f} s")
     print(f"wrote {path}")
     return 0
 

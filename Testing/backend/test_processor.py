@@ -100,3 +100,15 @@ def test_budget_is_per_task():
     assert TASK_PIXEL_BUDGETS["segment"] == PixelBudget(3136, 65535)
     assert TASK_PIXEL_BUDGETS["detect"] == PixelBudget(200704, 1003520)
     assert TASK_PIXEL_BUDGETS["report"] == PixelBudget(200704, 1003520)
+
+
+@pytest.mark.parametrize("prompt, answer, token", [
+    ("Segment <|image_pad|> the liver", None, "<|image_pad|>"),
+    ("Is there a [SEG] here?", None, r"\[SEG\]"),
+    ("Segment the liver", "Sure <|vision_start|>", "<|vision_start|>"),
+])
+def test_special_tokens_in_user_text_are_refused(tiny_engine, prompt, answer, token):
+    """Image placeholders would desynchronise image features and tokens; a [SEG] in a question would
+    produce a phantom mask."""
+    with pytest.raises(InputError, match=f"special token {token}"):
+        tiny_engine.processor(Image.new("RGB", (64, 64)), prompt, SEG_BUDGET, answer=answer)

@@ -57,7 +57,8 @@ def test_good_cases_get_outputs_bad_ones_errors_and_the_input_is_untouched(local
     assert file_states(batch_inputs) == inputs_before, "the input folder was written"
 
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert {row["case"]: row["status"] for row in rows} == {c: "done" for c in GOOD_CASES} | {c: "failed" for c in BAD_CASES}
+    expected = {c: "done" for c in GOOD_CASES} | {c: "failed" for c in BAD_CASES}
+    assert {row["case"]: row["status"] for row in rows} == expected
     chest = next(row for row in rows if row["case"] == "chest")
     assert float(chest["volume_ml"]) == pytest.approx(entries["chest"]["segments"][0]["volume_ml"], abs=0.01)
     assert float(chest["long_axis_mm"]) > 0 and float(chest["seconds"]) > 0
@@ -75,7 +76,8 @@ def test_labelmaps_are_those_of_the_volume_pipeline(local_reference, batch_input
 
     out = local_reference[0]
     volume = read_volume(batch_inputs / "chest.nrrd")
-    result = VolumePipeline(tiny_engine).run(volume, PROMPT, "segment", VolumeOptions(mode="per-slice", slice_range=(15, 18)))
+    options = VolumeOptions(mode="per-slice", slice_range=(15, 18))
+    result = VolumePipeline(tiny_engine).run(volume, PROMPT, "segment", options)
     assert np.array_equal(labelmap_voxels(out / "chest" / "chest_seg.nii.gz"), result.labels)
 
 
@@ -124,20 +126,27 @@ def test_changed_prompt_redoes_only_the_affected_cases(local_reference, batch_in
     assert "2 unchanged, kept" in run.stderr
 
 
-def test_first_ctrl_c_stops_after_the_current_case(batch_inputs: Path, tiny_checkpoint, work_dir):
+@pytest.mark.parametrize("signal_number, exit_code, message, done_cases", [
+    (signal.SIGINT, 130, "stopping after the current case", 2),  # Ctrl-C: the case under way is finished first
+    (signal.SIGTERM, 143, "stopping now: the current case is cancelled", 1),  # a scheduler's stop: cancelled
+])
+def test_a_signal_stops_the_batch_cleanly(batch_inputs: Path, tiny_checkpoint, work_dir, signal_number, exit_code,
+                                          message, done_cases):
     out = work_dir / "out"
-    process = start_batch(*batch_args(batch_inputs, out, tiny_checkpoint, "--workers", "1"), log=work_dir / "log")
+    # 12 slices per case: three model batches, so the cancellation is seen in the middle of the second case.
+    args = batch_args(batch_inputs, out, tiny_checkpoint, "--workers", "1", "--slice-range", "10:22")
+    process = start_batch(*args, log=work_dir / "log")
     try:
         wait_for_done_case(out, process)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130
+        process.send_signal(signal_number)
+        assert process.wait(timeout=120) == exit_code
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
     log = (work_dir / "log").read_text()
-    assert "stopping after the current case" in log and "rerun the same command" in log
-    entries = manifest_entries(out)
-    assert case_folders(out) == {c for c, e in entries.items() if e["status"] == "done"}
+    assert message in log and "rerun the same command" in log
+    done = {c for c, e in manifest_entries(out).items() if e["status"] == "done"}
+    assert len(done) == done_cases and case_folders(out) == done
     assert not (out / ".staging").exists()
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert "not run" in {row["status"] for row in rows}

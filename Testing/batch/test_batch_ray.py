@@ -73,7 +73,8 @@ def test_a_killed_actor_has_its_cases_retried_on_another(ray_address, chest_ct_p
     process = start_batch(*args, log=work_dir / "log")
     try:
         wait_for_done_case(out, process)
-        victim = next(n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"].startswith("citrusv-batch-"))
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        victim = next(n for n in actors if n["name"].startswith("citrusv-batch-"))
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
         assert process.wait(timeout=300) == 0, (work_dir / "log").read_text()
     finally:
@@ -87,3 +88,9 @@ def test_a_killed_actor_has_its_cases_retried_on_another(ray_address, chest_ct_p
     first = labelmap_voxels(out / "ct0" / "ct0_seg.nii.gz")
     for case in entries:  # the same CT six times: the retried cases too
         assert np.array_equal(labelmap_voxels(out / case / f"{case}_seg.nii.gz"), first)
+
+
+def test_an_unreachable_ray_head_is_a_usage_error_at_once(batch_inputs: Path, tiny_checkpoint, work_dir):
+    run = run_batch(*batch_args(batch_inputs, work_dir / "out", tiny_checkpoint, "--engine", "ray",
+                                "--ray-address", "127.0.0.1:1"))
+    assert run.returncode == 2 and "cannot reach the Ray head at 127.0.0.1:1" in run.stderr

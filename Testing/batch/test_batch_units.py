@@ -136,7 +136,9 @@ def test_usage_errors_exit_2_and_write_nothing_into_the_input(tmp_path: Path, ca
     assert main(["batch", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--prompt", "x"]) == 2
     assert main(["batch", str(inputs), "--out", str(tmp_path / "out")]) == 2
     assert "no prompt for 1 case" in capsys.readouterr().err
-    assert main(["batch", str(tmp_path / "empty_dir_is_file_less"), "--out", str(tmp_path / "out2"), "--prompt", "x"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["batch", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), "--prompt", "x"]) == 2
+    assert "no volumes in" in capsys.readouterr().err
     assert main(["batch", str(inputs), "--out", str(tmp_path / "out3"), "--prompt", "x", "--ray-actors", "2"]) == 2
     assert sorted(p.as_posix() for p in inputs.rglob("*")) == before
     with pytest.raises(SystemExit) as usage:

@@ -104,26 +104,39 @@ def check_nifti_complete(path: Path) -> None:
     """SimpleITK reads a truncated NIfTI (an incomplete copy) without an error, filling the rest with zeros."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return
-    import gzip
-    import zlib
-
     import nibabel
     import numpy as np
 
     header = nibabel.load(str(path)).header
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    if path.name.lower().endswith(".gz"):
-        actual = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(HASH_CHUNK):
-                    actual += len(chunk)
-        except (EOFError, OSError, zlib.error):
-            raise InputError(f"{path.name}: the compressed data is truncated or damaged (an incomplete copy?)") from None
-    else:
-        actual = path.stat().st_size
+    voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    expected, actual = int(header.get_data_offset()) + voxel_bytes, _uncompressed_size(path)
     if actual < expected:
         raise InputError(f"{path.name}: truncated, {actual:,} of {expected:,} bytes (an incomplete copy?)")
+
+
+def _uncompressed_size(path: Path) -> int:
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    import gzip
+    import zlib
+
+    size = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(HASH_CHUNK):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{path.name}: the compressed data is truncated or damaged (an incomplete copy?)") from None
+    return size
+
+
+def outcome_without_model(loaded: LoadedCase) -> CaseOutcome | None:
+    """The outcome of a case that needs no model: unchanged (skipped) or unreadable (failed); else None."""
+    if not (loaded.skipped or loaded.error):
+        return None
+    return CaseOutcome(loaded.task.case, "skipped" if loaded.skipped else "failed", loaded.digest, loaded.nbytes,
+                       timings={"read_s": loaded.read_s}, error=loaded.error, error_type=loaded.error_type,
+                       worker=worker_name("reader"))
 
 
 def summarise_segments(result) -> list[dict]:
@@ -155,14 +168,11 @@ class CaseProcessor:
         """Run and write into `out_dir`; JobCancelled propagates (the caller discards `out_dir`)."""
         from ..volume.pipeline import JobCancelled
 
+        outcome = outcome_without_model(loaded)
+        if outcome is not None:
+            return outcome
         outcome = CaseOutcome(loaded.task.case, "failed", loaded.digest, loaded.nbytes, worker=worker_name(self.device),
                               timings={"read_s": loaded.read_s})
-        if loaded.skipped:
-            outcome.status = "skipped"
-            return outcome
-        if loaded.error:
-            outcome.error_type, outcome.error = loaded.error_type, loaded.error
-            return outcome
         self.pipeline.progress = progress or (lambda stage, fraction, message: None)
         self.pipeline.should_cancel = should_cancel or (lambda: False)
         try:

@@ -23,7 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from ..errors import CitrusVError
-from .casework import CaseOutcome, CaseProcessor, CaseTask, LoadedCase, describe_failure, load_case, worker_name
+from .casework import (CaseOutcome, CaseProcessor, CaseTask, LoadedCase, describe_failure, load_case,
+                       outcome_without_model)
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +136,6 @@ def load_processor(model: dict, device: str, task: str, options) -> CaseProcesso
     return CaseProcessor(engine, task, options, extra={"model": engine.loaded.describe(), "version": __version__})
 
 
-def skip_or_fail_without_model(loaded: LoadedCase) -> CaseOutcome | None:
-    """Cases that need no model: unchanged (skipped) or unreadable (failed)."""
-    if not (loaded.skipped or loaded.error):
-        return None
-    return CaseOutcome(loaded.task.case, "skipped" if loaded.skipped else "failed", loaded.digest, loaded.nbytes,
-                       timings={"read_s": loaded.read_s}, error=loaded.error, error_type=loaded.error_type,
-                       worker=worker_name("reader"))
-
-
 class LocalEngine:
     name = "local"
 
@@ -152,8 +144,8 @@ class LocalEngine:
         self.workers, self.max_voxels = workers, max_voxels
         self.devices = device_list(model["device"])
         self.stats = {"model_wait_s": 0.0, "model_busy_s": 0.0}
-        self.describe = f"local, {len(self.devices)} model{'s' if len(self.devices) > 1 else ''} " \
-                        f"({', '.join(self.devices)}), {workers} I/O worker{'s' if workers != 1 else ''}"
+        models = f"{len(self.devices)} model{'s' if len(self.devices) > 1 else ''} ({', '.join(self.devices)})"
+        self.describe = f"local, {models}, {workers} I/O worker{'s' if workers != 1 else ''}"
 
     def start(self) -> None:
         pass
@@ -178,7 +170,7 @@ class LocalEngine:
         for loaded in prefetcher:
             if sink.stop_requested():
                 break
-            outcome = skip_or_fail_without_model(loaded)
+            outcome = outcome_without_model(loaded)
             if outcome is None:
                 if processor is None:
                     processor = self._load_in_process(sink)
@@ -219,7 +211,7 @@ class LocalEngine:
             for loaded in prefetcher:
                 if sink.stop_requested() or not collector.is_alive():
                     break
-                outcome = skip_or_fail_without_model(loaded)
+                outcome = outcome_without_model(loaded)
                 if outcome is not None:
                     sink.finished(outcome)
                     continue

@@ -71,7 +71,8 @@ class Manifest:
                     entry = json.loads(line)
                     entries[entry["case"]] = entry
                 except (ValueError, KeyError, TypeError):
-                    log.warning("%s line %d is not a complete entry (a run killed mid-write?); ignored", self.path, number)
+                    log.warning("%s line %d is not a complete entry (a run killed mid-write?); ignored",
+                                self.path, number)
         return entries
 
     def repair_tail(self) -> None:

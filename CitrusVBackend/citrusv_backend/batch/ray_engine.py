@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections import deque
@@ -25,7 +26,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from ..errors import CitrusVError
-from .casework import CaseOutcome, CaseTask, describe_failure, load_case, read_case_files, worker_name
+from .casework import CaseOutcome, CaseTask, load_case, read_case_files, worker_name
 from .local import load_processor
 from .manifest import sha256_of_input
 
@@ -121,10 +122,7 @@ class RayEngine:
 
     def start(self) -> None:
         if not ray.is_initialized():
-            local = {} if self.address else {"include_dashboard": False}
-            ray.init(address=self.address or None, namespace=NAMESPACE, log_to_driver=self.verbose,
-                     configure_logging=self.verbose, **local)
-            self.started_ray = True
+            self._join_or_start_ray()
         resources = ray.cluster_resources()
         gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (
             1.0 if resources.get("GPU", 0) >= 1 and self.model["device"] != "cpu" else 0.0)
@@ -137,9 +135,19 @@ class RayEngine:
         # Named, so an operator (or a test) can find them: `ray list actors`, ray.get_actor(name, namespace).
         self.actors = [_Actor(CaseActor.options(name=f"citrusv-batch-{os.getpid()}-{n}", **options).remote(
             model, self.task, self.options, self.max_voxels), n) for n in range(count)]
-        self.describe = (f"ray ({ray.get_runtime_context().gcs_address}), {count} model actor{'s' if count > 1 else ''} "
-                         f"({gpus:g} GPU, {self.cpus_per_actor:g} CPU each), inputs "
-                         f"{'shipped through the object store' if self.ship_inputs else 'read from shared storage'}")
+        inputs = "shipped through the object store" if self.ship_inputs else "read from shared storage"
+        actors = f"{count} model actor{'s' if count > 1 else ''} ({gpus:g} GPU, {self.cpus_per_actor:g} CPU each)"
+        self.describe = f"ray ({ray.get_runtime_context().gcs_address}), {actors}, inputs {inputs}"
+
+    def _join_or_start_ray(self) -> None:
+        check_head_reachable(self.address)
+        local = {} if self.address else {"include_dashboard": False}
+        try:
+            ray.init(address=self.address or None, namespace=NAMESPACE, log_to_driver=self.verbose,
+                     configure_logging=self.verbose, **local)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise CitrusVError(f"could not join or start Ray ({self.address or 'local'}): {error}") from None
+        self.started_ray = True
 
     def wait_for_actors(self, sink) -> None:
         """Every actor loads the model; one that cannot (wrong path on a node, no memory) stops the batch."""
@@ -259,6 +267,18 @@ class RayEngine:
     def _fail_all(waiting: deque, sink, reason: str) -> None:
         while waiting:
             sink.finished(CaseOutcome(waiting.popleft().case, "failed", error_type="WorkerDied", error=reason))
+
+
+def check_head_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Ray retries an unreachable HOST:PORT for minutes; a plain TCP connect says at once that it is wrong."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise CitrusVError(f"cannot reach the Ray head at {address} ({error}); start it with `ray start --head` "
+                           f"there, or check --ray-address") from None
 
 
 def _root_cause(error: BaseException) -> str:

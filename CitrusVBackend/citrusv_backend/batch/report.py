@@ -45,34 +45,45 @@ def write_summary(out_dir: Path, entries: list[dict]) -> Path:
     return write_text(out_dir / SUMMARY_NAME, buffer.getvalue())
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;background:#111;color:#ddd;margin:1.5em}
-.case{display:inline-block;vertical-align:top;width:400px;margin:0 1em 1.5em 0;background:#1c1c1c;padding:.6em;border-radius:6px}
-.case img{width:100%;border-radius:4px}.done{color:#7c7}.failed{color:#f66}.notrun{color:#aa8}
-table{border-collapse:collapse;font-size:.85em;width:100%}td,th{padding:2px 6px;text-align:left;border-bottom:1px solid #333}
-.error{color:#f99;font-size:.85em;white-space:pre-wrap}.warning{color:#f55;font-weight:bold}h2{font-size:1em;margin:.2em 0}"""
+_STYLE = "\n".join([
+    "body{font-family:system-ui,sans-serif;background:#111;color:#ddd;margin:1.5em}",
+    ".case{display:inline-block;vertical-align:top;width:400px;margin:0 1em 1.5em 0;background:#1c1c1c;"
+    "padding:.6em;border-radius:6px}",
+    ".case img{width:100%;border-radius:4px} .done{color:#7c7} .failed{color:#f66} .notrun{color:#aa8}",
+    "table{border-collapse:collapse;font-size:.85em;width:100%}",
+    "td,th{padding:2px 6px;text-align:left;border-bottom:1px solid #333}",
+    ".error{color:#f99;font-size:.85em;white-space:pre-wrap} .warning{color:#f55;font-weight:bold}",
+    "h2{font-size:1em;margin:.2em 0}"])
+SEGMENT_HEADER = "<tr><th>segment</th><th>mL</th><th>long mm</th><th>short mm</th><th>side</th></tr>"
+
+
+def _segment_row(segment: dict) -> str:
+    cells = [f"{segment.get('label')} {segment.get('name')}", _number(segment.get("volume_ml")),
+             _number(segment.get("long_axis_mm")), _number(segment.get("short_axis_mm")),
+             segment.get("laterality") or ""]
+    return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
 
 
 def _case_card(entry: dict) -> str:
-    case, status = html.escape(entry["case"]), entry.get("status", "not run")
+    """A case's preview with its summary figures (or its error)."""
+    case, status = html.escape(entry["case"]), html.escape(entry.get("status", "not run"))
+    seconds = _number(entry.get("timings", {}).get("total_s"), 1)
+    parts = [f'<div class="case" id="{case}"><h2>{case} <span class="{status.replace(" ", "")}">{status}</span></h2>',
+             f'<div>{html.escape(entry.get("input", ""))}{f" · {seconds} s" if seconds else ""}</div>']
     preview = (entry.get("outputs") or {}).get("preview")
-    parts = [f'<div class="case" id="{case}"><h2>{case} <span class="{status.replace(" ", "")}">{html.escape(status)}</span></h2>',
-             f'<div>{html.escape(entry.get("input", ""))} · {_number(entry.get("timings", {}).get("total_s"), 1)} s</div>']
     if preview and status == "done":
-        link = html.escape(preview, quote=True)
+        link = html.escape(preview)
         parts.append(f'<a href="{link}"><img src="{link}" alt="preview of {case}" loading="lazy"></a>')
     if entry.get("segments"):
-        parts.append("<table><tr><th>segment</th><th>mL</th><th>long mm</th><th>short mm</th><th>side</th></tr>")
-        parts += [f"<tr><td>{s.get('label')} {html.escape(str(s.get('name')))}</td><td>{_number(s.get('volume_ml'))}</td>"
-                  f"<td>{_number(s.get('long_axis_mm'))}</td><td>{_number(s.get('short_axis_mm'))}</td>"
-                  f"<td>{html.escape(s.get('laterality') or '')}</td></tr>" for s in entry["segments"]]
-        parts.append("</table>")
+        parts += ["<table>", SEGMENT_HEADER] + [_segment_row(s) for s in entry["segments"]] + ["</table>"]
     if entry.get("error"):
         parts.append(f'<div class="error">{html.escape(entry["error"])}</div>')
     return "\n".join(parts) + "</div>"
 
 
 def write_index(out_dir: Path, entries: list[dict], title: str) -> Path:
-    counts = {status: sum(e.get("status", "not run") == status for e in entries) for status in ("done", "failed", "not run")}
+    counts = {status: sum(e.get("status", "not run") == status for e in entries)
+              for status in ("done", "failed", "not run")}
     random = any(e.get("random_weights") for e in entries)
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p>{counts['done']} done, {counts['failed']} failed, {counts['not run']} not run · "
@@ -137,5 +148,6 @@ class BatchProgress:
         if status != "skipped":
             self.processed += 1
         took = f" in {seconds:.1f} s" if seconds is not None else ""
-        self.current = f"{case} {status.upper() if status == 'failed' else status}{took}" + (f": {error}" if error else "")
+        shown = status.upper() if status == "failed" else status
+        self.current = f"{case} {shown}{took}" + (f": {error}" if error else "")
         self.emit()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import DependencyError, InputError
+from ..errors import CitrusVError, DependencyError, InputError
 from .casework import CaseOutcome, CaseTask
 from .discovery import CaseInput, case_folder, discover_cases
 from .manifest import Manifest, model_identity, settings_key
@@ -85,6 +85,10 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.handle.close()
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def fsync_folder(folder: Path) -> None:
@@ -164,9 +168,10 @@ def plan_cases(args, source: Path, out_dir: Path, options: dict, model: dict, pr
 
 def is_kept(entry: dict | None, case: CaseInput, key: str, out_dir: Path) -> bool:
     """A done entry for the same input path and settings whose files are all still there (checksum: later)."""
-    if not entry or entry.get("status") != "done" or entry.get("settings_key") != key or entry.get("input") != case.relative:
+    if not entry or entry.get("status") != "done" or entry.get("settings_key") != key:
         return False
-    return all((out_dir / relative).is_file() for relative in (entry.get("outputs") or {}).values()) and bool(entry.get("outputs"))
+    outputs = (entry.get("outputs") or {}).values()
+    return entry.get("input") == case.relative and bool(outputs) and all((out_dir / p).is_file() for p in outputs)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -235,7 +240,7 @@ class BatchRun:
             if outcome.status == "done":
                 try:
                     outputs = self.commit(outcome)
-                except OSError as error:
+                except (OSError, CitrusVError) as error:
                     outcome.status, outcome.error_type = "failed", "OutputError"
                     outcome.error = f"could not write the results into {self.out_dir}: {error}"
             self.cancelled(outcome.case)  # whatever is left of the staging folder
@@ -279,8 +284,8 @@ class BatchRun:
             "options": self.options, "settings_key": self.plan.keys[task.case],
             "model": self.model | {"device": self.args.device, "dtype": self.args.dtype},
             "code_version": __version__, "engine": self.engine_name, "worker": outcome.worker,
-            "attempts": outcome.attempts, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), "timings": timings, "outputs": outputs, "segments": outcome.segments,
+            "attempts": outcome.attempts, "finished_at": utc_now(), "timings": timings, "outputs": outputs,
+            "segments": outcome.segments,
             "boxes": outcome.boxes, "random_weights": outcome.random_weights,
             "error": outcome.error, "error_type": outcome.error_type,
         }
@@ -294,7 +299,7 @@ class BatchRun:
     def write_reports(self) -> None:
         entries = self.summary_entries()
         write_summary(self.out_dir, entries)
-        write_index(self.out_dir, entries, f"CitrusV batch: {self.args.task} of {self.args.input_dir}")
+        write_index(self.out_dir, entries, f"CitrusV batch: {self.args.task} of {Path(self.args.input_dir).resolve()}")
 
 
 def make_engine(args, model: dict, options):
@@ -320,7 +325,8 @@ def validate_arguments(args) -> None:
         raise InputError("--ray-actors must be at least 1")
 
 
-def run_batch(args) -> int:
+def run_batch(args, figures: dict | None = None) -> int:
+    """The exit code; `figures`, when given, receives the run's numbers (counts, seconds, model wait) for benchmarks."""
     from ..cli import random_weights_banner, resolve_model_argument, volume_options
 
     validate_arguments(args)
@@ -356,7 +362,18 @@ def run_batch(args) -> int:
             run.write_reports()
         if run.random_weights:
             say(random_weights_banner(run.checkpoint or Path(model_name)))
+        if figures is not None:
+            figures.update(run_figures(run, engine, time.monotonic() - started))
         return final_report(run, engine, out_dir, time.monotonic() - started)
+
+
+def run_figures(run: BatchRun, engine, seconds: float) -> dict:
+    wait, busy = engine.stats["model_wait_s"], engine.stats["model_busy_s"]
+    since_ready = time.monotonic() - run.progress.started
+    return {"cases": len(run.plan.tasks), **run.progress.counts, "wall_s": round(seconds, 3),
+            "model_ready_s": round(since_ready, 3), "model_wait_s": round(wait, 3), "model_busy_s": round(busy, 3),
+            "model_wait_fraction": wait / (wait + busy) if busy else None,
+            "cases_per_hour": run.progress.processed / since_ready * 3600 if since_ready > 0 else None}
 
 
 def final_report(run: BatchRun, engine, out_dir: Path, seconds: float) -> int:
@@ -368,7 +385,8 @@ def final_report(run: BatchRun, engine, out_dir: Path, seconds: float) -> int:
         + f", {count['failed']} failed, {count['not run']} not run")
     wait, busy = engine.stats["model_wait_s"], engine.stats["model_busy_s"]
     if busy > 0:
-        say(f"  the model waited for input {100 * wait / (wait + busy):.1f}% of its time ({wait:.1f} s of {wait + busy:.1f} s)")
+        say(f"  the model waited for input {100 * wait / (wait + busy):.1f}% of its time "
+            f"({wait:.1f} s of {wait + busy:.1f} s)")
     say(f"  results:  {out_dir}/<case>/\n  manifest: {out_dir / 'manifest.jsonl'}\n"
         f"  summary:  {out_dir / 'summary.csv'}\n  overview: {out_dir / 'index.html'}")
     if run.signals.received:

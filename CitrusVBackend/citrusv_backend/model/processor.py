@@ -30,6 +30,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Text that would break the prompt's structure: image placeholders make the image features and tokens
+# disagree; a [SEG] in the question would be taken for an answer's [SEG] and give a phantom mask.
+IMAGE_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+PROMPT_FORBIDDEN = IMAGE_TOKENS + (SEG_TOKEN,)
+
+
+def check_prompt_and_answer(prompt: str | None, answer: str | None) -> None:
+    for text, what, forbidden in ((prompt, "prompt", PROMPT_FORBIDDEN), (answer, "answer", IMAGE_TOKENS)):
+        for token in forbidden:
+            if text and token in text:
+                raise InputError(f"the {what} contains the special token {token}, which only the model may write; "
+                                 f"remove it")
+
+
 @dataclass(frozen=True)
 class PixelBudget:
     """Bounds on the Qwen-resized image's pixel count (the reference's MIN_PIXELS / MAX_PIXELS)."""
@@ -163,6 +177,7 @@ class CitrusVProcessor:
     def __call__(self, image: Image.Image, query: str, budget: PixelBudget, answer: str | None = None) -> ModelInputs:
         if not isinstance(query, str) or not query.strip():
             raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
+        check_prompt_and_answer(query, answer)
         resized = resize_for_qwen(image, budget)
         processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
         grid = processed["image_grid_thw"]

@@ -137,7 +137,7 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         state = ServiceState(engine, settings.config, token.value)
         app = create_app(state)
         sock.listen(2048)
-        ready = ready_line(settings, state, address, port, token)
+        ready = ready_line(state, address, port, token)
         server = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
                                            timeout_keep_alive=5, timeout_graceful_shutdown=5),
                              on_ready=lambda: _announce(ready, stdout))
@@ -149,7 +149,7 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
             shutil.rmtree(token.file.parent, ignore_errors=True)
 
 
-def ready_line(settings: ServeSettings, state: ServiceState, address: str, port: int, token: Token) -> dict:
+def ready_line(state: ServiceState, address: str, port: int, token: Token) -> dict:
     loaded = state.engine.loaded
     host = f"[{address}]" if ":" in address else address
     return {"event": "ready", "host": address, "port": port, "url": f"http://{host}:{port}",

@@ -69,6 +69,7 @@ class JobOptions(Strict):
     stop_after_empty: Annotated[int, Field(ge=1, le=64)] = 2
     report_slices: Annotated[int, Field(ge=1, le=64)] = 3
     detect_slices: Annotated[int, Field(ge=1, le=512)] = 16
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 4
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -84,7 +85,7 @@ class JobOptions(Strict):
                              key_candidates=self.key_candidates, stop_after_empty=self.stop_after_empty,
                              fill_holes=self.fill_holes, largest_component=self.largest_component,
                              report_slices=self.report_slices, detect_slices=self.detect_slices,
-                             max_new_tokens=self.max_new_tokens)
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 class JobRequest(Strict):

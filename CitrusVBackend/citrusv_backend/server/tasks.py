@@ -26,21 +26,8 @@ from .codec import compress_crop, mask_payload
 from .jobs import Job
 from .schemas import ImageRequest, JobRequest
 
-# Text that would break the prompt's structure: image placeholders make the image features and tokens
-# disagree; a [SEG] in the question would be taken for an answer's [SEG] and give a phantom mask.
-IMAGE_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-PROMPT_FORBIDDEN = IMAGE_TOKENS + ("[SEG]",)
-
-
-def check_text(text: str | None, what: str, forbidden: tuple[str, ...]) -> None:
-    for token in forbidden:
-        if text and token in text:
-            raise InputError(f"the {what} contains the special token {token}, which only the model may write; remove it")
-
-
-def check_prompt_and_answer(prompt: str | None, answer: str | None) -> None:
-    check_text(prompt, "prompt", PROMPT_FORBIDDEN)
-    check_text(answer, "answer", IMAGE_TOKENS)
+# The model-side check, also run here so that a bad request is refused before it is queued.
+from ..model.processor import check_prompt_and_answer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- volumes
@@ -73,7 +60,7 @@ def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request
             pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
             payload = volume_result_payload(result, volume)
-        job.progress("done", 1.0, "result ready")
+        job.progress("packing the result", 0.99, "compressing the masks")
         return to_json_bytes(payload | {"job_id": job.id, "volume_id": volume_id})
 
     return run
@@ -135,7 +122,7 @@ def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
 
 def run_image(engine: CitrusVEngine, image, prompt: str, task: str, answer: str | None, min_pixels: int | None,
               max_pixels: int | None, max_new_tokens: int, mask_upsampling: str = "bilinear") -> InferenceResult:
-    check_prompt_and_answer(prompt, answer)
+    """One 2D task; the prompt and answer were checked (`check_prompt_and_answer`) when the request came in."""
     return engine.run(image, prompt, task=task, answer=answer, min_pixels=min_pixels, max_pixels=max_pixels,
                       max_new_tokens=max_new_tokens, mask_upsampling=mask_upsampling)
 
@@ -177,12 +164,12 @@ def _plain(value):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _finite(value):
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

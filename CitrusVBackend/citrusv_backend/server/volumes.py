@@ -45,7 +45,7 @@ class VolumeStore:
         self._lock = threading.Lock()
 
     @property
-    def used_bytes(self) -> int:
+    def used_bytes(self) -> int:  # call with the lock held
         return sum(v.nbytes for v in self._volumes.values())
 
     def check_fits(self, nbytes: int) -> None:
@@ -64,8 +64,8 @@ class VolumeStore:
                 oldest = next(iter(self._volumes))
                 self._evict(oldest, "to make room for newer uploads (memory budget)")
             self._volumes[stored.id] = stored
-        log_event(log, "volume stored", volume_id=stored.id, shape=list(volume.shape), bytes=nbytes,
-                  used_bytes=self.used_bytes)
+            used = self.used_bytes
+        log_event(log, "volume stored", volume_id=stored.id, shape=list(volume.shape), bytes=nbytes, used_bytes=used)
         return stored
 
     def get(self, volume_id: str) -> StoredVolume:

@@ -102,6 +102,7 @@ async def _from_file(request: Request, state) -> Volume:
         path = state.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
         try:
             await run_in_threadpool(_save, file, path)
+            _refuse_detached_data(path, suffix)
             volume = await run_in_threadpool(read_volume, path, state.config.max_voxels)
         finally:
             path.unlink(missing_ok=True)
@@ -111,6 +112,22 @@ async def _from_file(request: Request, state) -> Volume:
     if modality:
         volume.modality = modality
     return volume
+
+
+def _refuse_detached_data(path: Path, suffix: str) -> None:
+    """A NRRD or MHA header may name another file as its data ("data file: /etc/..."): the server would read its
+    own files as voxels. Only self-contained files are accepted."""
+    if suffix not in (".nrrd", ".mha"):
+        return
+    with open(path, "rb") as handle:
+        header = handle.read(1 << 16).split(b"\n\n", 1)[0].lower()
+    for line in header.splitlines():
+        key, _, value = line.partition(b":" if suffix == ".nrrd" else b"=")
+        key = key.strip()
+        if (suffix == ".nrrd" and key in (b"data file", b"datafile")) or \
+                (suffix == ".mha" and key == b"elementdatafile" and value.strip() != b"local"):
+            raise ApiError(400, f"the uploaded {suffix} header refers to a separate data file; upload a file that "
+                                f"holds its own voxels")
 
 
 def _save(file: UploadFile, path) -> None:

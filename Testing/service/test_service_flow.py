@@ -86,6 +86,10 @@ def test_a_nifti_file_upload_keeps_its_geometry(client, chest, chest_ct_path, tm
     assert wrong.status_code == 400 and "NIfTI" in wrong.json()["error"]["message"]
     broken = client.post("/v1/volumes", files={"file": ("broken.nrrd", b"NRRD0004\nnonsense", "application/octet-stream")})
     assert broken.status_code == 400 and "not a readable volume" in broken.json()["error"]["message"]
+    # A header naming another file as its data would make the server read its own files as voxels.
+    detached = (b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 1\nencoding: raw\ndata file: /etc/hostname\n\n")
+    sneaky = client.post("/v1/volumes", files={"file": ("sneaky.nrrd", detached, "application/octet-stream")})
+    assert sneaky.status_code == 400 and "separate data file" in sneaky.json()["error"]["message"]
 
 
 def test_volume_delete_and_unknown_ids(client, chest):
