@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "run":
         return run_in_venv([python, "-m", "citrusv_backend.cli", "demo", *rest])
     os.chdir(REPO_DIR)
-    return run_in_venv([python, "-m", "pytest", "-c", "Testing/pytest.ini", "Testing", *rest])
+    # UTF-8 mode: a library that resets the C locale mid-run (ITK's DICOM reader does) must not turn the
+    # decoding of child processes' output into ASCII.
+    return run_in_venv([python, "-X", "utf8", "-m", "pytest", "-c", "Testing/pytest.ini", "Testing", *rest])
 
 
 if __name__ == "__main__":

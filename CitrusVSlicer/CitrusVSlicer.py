@@ -26,7 +26,7 @@ from slicer.util import VTKObservationMixin
 from CitrusVSlicerLib.batch import BatchRun
 from CitrusVSlicerLib.client import BackendError
 from CitrusVSlicerLib.installer import explain_failure
-from CitrusVSlicerLib.manager import LOCAL, REMOTE, BackendManager
+from CitrusVSlicerLib.manager import REMOTE, BackendManager
 from CitrusVSlicerLib.runner import ApplyRunner
 from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
 

@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=4, help="in-plane upsampling of the 128x128 chest CT")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     options = parser.parse_args()
+    load_at_start = os.getloadavg()  # other work on the machine skews the figures: recorded with them
     model = resolve_model_argument(options.model)
     with tempfile.TemporaryDirectory(prefix="citrusv-bench-batch-") as scratch:
         inputs = make_inputs(Path(scratch) / "in", options.cases, options.scale)
@@ -75,7 +76,7 @@ def main() -> int:
                 Path(scratch) / "in", Path(scratch) / f"out-{workers}", model, workers)
     record = {"benchmark": "batch", "host": platform.node(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "citrusv": __version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-              "load_average_at_start": os.getloadavg(), "model": model, "device": "cpu",
+              "load_average_at_start": load_at_start, "model": model, "device": "cpu",
               "case": "per-slice segmentation of 3 slices", "inputs": inputs, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"batch-{platform.node()}-{time.strftime('%Y%m%d')}.json"

@@ -1,6 +1,7 @@
 """The `citrusv` command line.
 
-Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `eval`
+Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `batch`
+(a folder of volumes, locally or on Ray), `serve` (the HTTP service), `bench` (performance figures), `eval`
 (Dice, HD95, volume error against a ground truth), `serve` (the backend HTTP service), `make-tiny-checkpoint`
 (a random tiny model in the release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
 anything unexpected keeps its traceback and exits with 1.
@@ -150,7 +151,7 @@ def volume_options(args):
                          slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
                          fill_holes=not getattr(args, "no_fill_holes", False),
                          largest_component=getattr(args, "largest_component", False),
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4))
 
 
 def cmd_volume_task(args) -> int:
@@ -299,6 +300,23 @@ def cmd_demo(args) -> int:
     return cmd_volume_task(args)
 
 
+def add_volume_options(parser, segment_options: bool = True) -> None:
+    """The options of the volume pipeline, shared by segment / detect / report and batch."""
+    if segment_options:
+        parser.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
+                            help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
+                                 "hybrid: propagation re-anchored by Citrus-V where it loses the target")
+        parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
+        parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
+    parser.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
+    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
+    parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
+    parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citrusv", description="Citrus-V medical segmentation, detection and reports.")
     parser.add_argument("--version", action="version", version=f"citrusv {__version__}")
@@ -328,18 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--prompt", required=name != "report", default=None,
                           help="e.g. 'segment the liver and the spleen'" if name == "segment" else "what to look for")
         task.add_argument("--out", required=True, help="output folder")
-        if name == "segment":
-            task.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
-                              help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
-                                   "hybrid: propagation re-anchored by Citrus-V where it loses the target")
-            task.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
-            task.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-        task.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
-        task.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-        task.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
-        task.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
-        task.add_argument("--max-new-tokens", type=int, default=1024)
-        task.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
+        add_volume_options(task, segment_options=name == "segment")
         task.set_defaults(handler=cmd_volume_task)
 
     evaluate = sub.add_parser("eval", help="Dice, 95%% Hausdorff distance and volume error per segment")
@@ -393,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
     demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
-                      max_voxels=1024**3)
+                      max_voxels=1024**3, batch_size=4)
 
     bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
     add_model_options(bench)

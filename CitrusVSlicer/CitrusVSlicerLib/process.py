@@ -50,7 +50,7 @@ class StreamingProcess:
         options = {"start_new_session": True} if os.name != "nt" else {
             "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, text=True, bufsize=1, env=self.env, cwd=self.cwd,
+                                         stdin=subprocess.DEVNULL, encoding="utf-8", bufsize=1, env=self.env, cwd=self.cwd,
                                          errors="replace", **options)
         self._reader = threading.Thread(target=self._read, name="citrusv-process-reader", daemon=True)
         self._reader.start()

@@ -17,7 +17,7 @@ PROMPT = "Please help segment the left lung in this scan."
 
 
 def citrusv(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "citrusv_backend.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "citrusv_backend.cli", *args], capture_output=True, encoding="utf-8",
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 

@@ -176,3 +176,16 @@ def test_dicom_series_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no DICOM series"):
         read_volume(empty)
+
+
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path):
+    path, _ = nifti_case(tmp_path, np.eye(4), shape=(32, 32, 16), name="full.nii")
+    truncated = tmp_path / "cut.nii"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(truncated)
+    gz, _ = nifti_case(tmp_path, np.eye(4), shape=(32, 32, 16), name="full.nii.gz")
+    cut_gz = tmp_path / "cut.nii.gz"
+    cut_gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated|damaged|not a readable"):
+        read_volume(cut_gz)

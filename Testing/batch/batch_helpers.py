@@ -21,7 +21,7 @@ BAD_CASES = {"corrupt": "corrupt.nii.gz", "flat2d": "flat2d.nii.gz", "notes": "n
 
 def run_batch(*args: str, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "citrusv_backend.cli", "batch", *args], capture_output=True,
-                          text=True, timeout=600, env=batch_env(), **popen)
+                          encoding="utf-8", timeout=600, env=batch_env(), **popen)
 
 
 def start_batch(*args: str, log: Path) -> subprocess.Popen:

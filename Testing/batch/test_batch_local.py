@@ -127,8 +127,10 @@ def test_changed_prompt_redoes_only_the_affected_cases(local_reference, batch_in
 
 
 @pytest.mark.parametrize("signal_number, exit_code, message, done_cases", [
-    (signal.SIGINT, 130, "stopping after the current case", 2),  # Ctrl-C: the case under way is finished first
-    (signal.SIGTERM, 143, "stopping now: the current case is cancelled", 1),  # a scheduler's stop: cancelled
+    # Ctrl-C: the case under way (if any: the signal may fall between two cases) is finished first.
+    (signal.SIGINT, 130, "stopping after the current case", {1, 2}),
+    # A scheduler's stop: the case under way is cancelled at the model's next batch, nothing of it kept.
+    (signal.SIGTERM, 143, "stopping now: the current case is cancelled", {1}),
 ])
 def test_a_signal_stops_the_batch_cleanly(batch_inputs: Path, tiny_checkpoint, work_dir, signal_number, exit_code,
                                           message, done_cases):
@@ -146,7 +148,7 @@ def test_a_signal_stops_the_batch_cleanly(batch_inputs: Path, tiny_checkpoint, w
     log = (work_dir / "log").read_text()
     assert message in log and "rerun the same command" in log
     done = {c for c, e in manifest_entries(out).items() if e["status"] == "done"}
-    assert len(done) == done_cases and case_folders(out) == done
+    assert len(done) in done_cases and case_folders(out) == done
     assert not (out / ".staging").exists()
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert "not run" in {row["status"] for row in rows}

@@ -76,7 +76,7 @@ def test_a_token_file_or_the_environment_give_the_token(tmp_path):
 def test_listening_beyond_loopback_needs_an_explicit_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CITRUSV_TOKEN"}
     run = subprocess.run([sys.executable, "-m", "citrusv_backend.cli", "serve", "--host", "0.0.0.0", "--port", "0",
-                          "--model", str(tmp_path / "no-model-needed")], capture_output=True, text=True, timeout=120,
+                          "--model", str(tmp_path / "no-model-needed")], capture_output=True, encoding="utf-8", timeout=120,
                          env=env)
     assert run.returncode == 2 and "refusing to listen on 0.0.0.0" in run.stderr and run.stdout == ""
     assert "loading model" not in run.stderr

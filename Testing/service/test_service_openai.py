@@ -53,7 +53,7 @@ def test_segmentation_masks_decode_to_the_citrusv_infer_mask(api, ct_slice_rgb, 
     Image.fromarray(ct_slice_rgb).save(image_path)
     run = subprocess.run([sys.executable, "-m", "citrusv_backend.cli", "infer", "--model", str(tiny_checkpoint),
                           "--device", "cpu", "--image", str(image_path), "--prompt", PROMPT, "--task", "segment",
-                          "--answer", ANSWER, "--out", str(tmp_path / "infer")], capture_output=True, text=True,
+                          "--answer", ANSWER, "--out", str(tmp_path / "infer")], capture_output=True, encoding="utf-8",
                          timeout=300)
     assert run.returncode == 0, run.stderr
     logits = np.load(tmp_path / "infer.npz")["low_res_logits"]

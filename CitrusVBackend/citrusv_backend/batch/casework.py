@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CitrusVError, InputError
-from .manifest import HASH_CHUNK, sha256_of_input
+from ..errors import CitrusVError
+from .manifest import sha256_of_input
 
 log = logging.getLogger(__name__)
 
@@ -91,43 +91,12 @@ def load_case(task: CaseTask, max_voxels: int) -> LoadedCase:
             loaded.skipped = True
             return loaded
         loaded.volume = read_volume(task.path, max_voxels=max_voxels)
-        check_nifti_complete(Path(task.path))
         loaded.volume.name = task.case
     except Exception as error:  # a bad input is a failed case, never a failed batch
         loaded.error_type, loaded.error = describe_failure(error)
     finally:
         loaded.read_s = round(time.perf_counter() - started, 3)
     return loaded
-
-
-def check_nifti_complete(path: Path) -> None:
-    """SimpleITK reads a truncated NIfTI (an incomplete copy) without an error, filling the rest with zeros."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return
-    import nibabel
-    import numpy as np
-
-    header = nibabel.load(str(path)).header
-    voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    expected, actual = int(header.get_data_offset()) + voxel_bytes, _uncompressed_size(path)
-    if actual < expected:
-        raise InputError(f"{path.name}: truncated, {actual:,} of {expected:,} bytes (an incomplete copy?)")
-
-
-def _uncompressed_size(path: Path) -> int:
-    if not path.name.lower().endswith(".gz"):
-        return path.stat().st_size
-    import gzip
-    import zlib
-
-    size = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(HASH_CHUNK):
-                size += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        raise InputError(f"{path.name}: the compressed data is truncated or damaged (an incomplete copy?)") from None
-    return size
 
 
 def outcome_without_model(loaded: LoadedCase) -> CaseOutcome | None:

@@ -35,13 +35,6 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--ray-ship-inputs", action="store_true",
                      help="send inputs through Ray's object store instead of reading them from shared storage")
 
-    volume = parser.add_argument_group("volume options (as for `citrusv segment`)")
-    volume.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
-    volume.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
-    volume.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-    volume.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
-    volume.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-    volume.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
-    volume.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
-    volume.add_argument("--max-new-tokens", type=int, default=1024)
-    volume.add_argument("--max-voxels", type=int, default=1024**3, help="a larger volume is a failed case")
+    from ..cli import add_volume_options
+
+    add_volume_options(parser.add_argument_group("volume options (as for `citrusv segment`)"))

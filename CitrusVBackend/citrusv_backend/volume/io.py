@@ -109,6 +109,38 @@ def _dicom_tag(reader, tag: str) -> str:
         return ""
 
 
+def check_nifti_complete(path: Path) -> None:
+    """SimpleITK reads a truncated NIfTI (an incomplete copy) without an error, filling the rest with zeros."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+    except Exception as error:  # nibabel raises several types for damaged headers
+        raise InputError(f"{path.name}: not a readable NIfTI header ({error})") from None
+    voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    expected, actual = int(header.get_data_offset()) + voxel_bytes, _uncompressed_size(path)
+    if actual < expected:
+        raise InputError(f"{path.name}: truncated, {actual:,} of {expected:,} bytes (an incomplete copy?)")
+
+
+def _uncompressed_size(path: Path, chunk: int = 4 * 1024 * 1024) -> int:
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    import gzip
+    import zlib
+
+    size = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while block := stream.read(chunk):
+                size += len(block)
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{path.name}: the compressed data is truncated or damaged (an incomplete copy?)") from None
+    return size
+
+
 def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """A 3D scalar volume; anything else (2D, 4D, RGB, unreadable) is a clear InputError."""
     import SimpleITK as sitk
@@ -121,6 +153,8 @@ def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volum
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise InputError(f"{path.name}: not a readable volume (NIfTI, NRRD, MHA/MHD or a DICOM folder): {reason}") from None
+    if path.is_file():
+        check_nifti_complete(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name}: {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
                          f"image); a scalar CT, MR or PET volume is needed")
