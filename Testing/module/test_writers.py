@@ -162,7 +162,7 @@ def test_write_result_is_one_step_and_survives_mrb(mrml_scene, tmp_path):
     expected = result.segments[0].full_mask((10, 12, 14))
     path = tmp_path / "scene.mrb"
     assert mrml_scene.WriteToMRB(str(path))
-    from conftest import make_scene
+    from mrml_setup import make_scene
 
     import zipfile
 
