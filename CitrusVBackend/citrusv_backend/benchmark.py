@@ -143,9 +143,12 @@ def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] =
 
     say("prefill and decoding ...")
     limits = gpu_limits(device)
-    text_params = sum(p.numel() for p in loaded.model.mllm.model.language_model.parameters()) + \
+    language_model = loaded.model.mllm.model.language_model
+    text_params = sum(p.numel() for p in language_model.parameters()) + \
         sum(p.numel() for p in loaded.model.mllm.lm_head.parameters())
-    weight_bytes = text_params * torch.finfo(loaded.dtype).bits // 8
+    # A decoding step reads every weight once, except the input embedding table (one row per token).
+    read_params = text_params - language_model.embed_tokens.weight.numel()
+    weight_bytes = read_params * torch.finfo(loaded.dtype).bits // 8
     prefill = run(lambda: engine.language_pass(inputs, forced=True, max_new_tokens=1))
     figures.append(Figure("prefill one slice (time to first token)", "s", prefill,
                           limit=(2 * text_params * prompt_tokens / (limits[1] * 1e12)) if limits else None,
