@@ -193,8 +193,10 @@ def place_in_study(scene, volume_node, nodes: list) -> None:
     parent = hierarchy.GetItemParent(volume_item)
     for node in nodes:
         item = hierarchy.GetItemByDataNode(node)
-        if item and parent:
+        if item:
             hierarchy.SetItemParent(item, parent)
+        else:  # without Slicer's Qt plugins nothing creates the item for a new node
+            hierarchy.CreateItem(parent, node)
 
 
 def write_result(scene, volume_node, result: SceneResult, segmentation_node=None, table_node=None,

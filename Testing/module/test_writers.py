@@ -188,3 +188,22 @@ def test_write_result_is_one_step_and_survives_mrb(mrml_scene, tmp_path):
     bounds = [0.0] * 6
     roi.GetRASBounds(bounds)
     assert np.allclose(bounds, [1, 4, 2, 5, 3, 6])
+
+
+def test_results_are_placed_in_the_volumes_study(mrml_scene):
+    import slicer
+
+    from CitrusVSlicerLib.results import SceneResult, SegmentMask
+    from CitrusVSlicerLib.writers import write_result
+
+    volume = add_volume(mrml_scene, np.zeros((4, 5, 6), np.int16), np.eye(4))
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml_scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
+    study = hierarchy.CreateStudyItem(patient, "CT chest")
+    hierarchy.CreateItem(study, volume)
+    result = SceneResult(task="segment", prompt="segment the liver", findings=[{"finding": "liver"}],
+                         segments=[SegmentMask(1, "liver", (1, 0, 0), (0, 0, 0), np.ones((1, 2, 2), bool))],
+                         boxes=[{"label": "liver", "ras_min": [0, 0, 0], "ras_max": [1, 1, 1], "slices": [0, 0]}])
+    written = write_result(mrml_scene, volume, result)
+    for node in (written["segmentation"], written["table"], written["report"], written["rois"][0]):
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study, node.GetName()
