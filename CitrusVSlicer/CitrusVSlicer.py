@@ -130,14 +130,15 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.promptLineEdit.returnPressed.connect(self.onApply)
         self.ui.cancelButton.clicked.connect(self.onCancel)
-        self.ui.examplesComboBox.activated.connect(self.onExampleChosen)
+        # Explicit signatures: Qt5's QComboBox has activated/currentIndexChanged overloads (int and QString).
+        self.ui.examplesComboBox.connect("activated(int)", self.onExampleChosen)
         self.ui.installBackendButton.clicked.connect(self.onInstall)
         self.ui.startBackendButton.clicked.connect(self.onStartBackend)
         self.ui.stopBackendButton.clicked.connect(self.onStopBackend)
         self.ui.restartBackendButton.clicked.connect(self.onRestartBackend)
         self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self.ui.modelBrowseButton.clicked.connect(self.onBrowseModel)
-        self.ui.backendModeComboBox.currentIndexChanged.connect(self.updateGui)
+        self.ui.backendModeComboBox.connect("currentIndexChanged(int)", lambda index: self.updateGui())
         self.ui.batchInputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchInputLineEdit))
         self.ui.batchOutputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchOutputLineEdit))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
@@ -536,8 +537,8 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
             return
         phantom = np.full((24, 64, 64), -1000, np.int16)
         phantom[8:16, 20:44, 16:40] = 60
-        volumeNode = slicer.util.addVolumeFromArray(phantom, ijkToRAS=[[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 4, -50], [0, 0, 0, 1]],
-                                                    name="CitrusVPhantom")
+        ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 4, -50], [0, 0, 0, 1]])
+        volumeNode = slicer.util.addVolumeFromArray(phantom, ijkToRAS=ijkToRAS, name="CitrusVPhantom")
         logic.backend.start_local("tiny", "cpu")
         try:
             self.assertTrue(logic.backend.process.wait_ready(300), "the backend did not start")
