@@ -170,7 +170,7 @@ def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] =
 
     say("propagation ...")
     pipeline = VolumePipeline(engine)
-    predictor = pipeline.video_predictor()
+    predictor = engine.video_predictor()
     size = loaded.model.grounding_encoder.image_size
     count = min(settings.propagation_slices, volume.shape[0])
     frames = SliceFrames(source.rgb, 0, count, budget, size)
@@ -211,8 +211,7 @@ def _decode_figure(engine, inputs, batch: int, settings: BenchSettings, run, lim
     from transformers import GenerationConfig
 
     model = engine.model.mllm
-    kwargs = inputs.qwen_kwargs(engine.model.device)
-    kwargs["pixel_values"] = kwargs["pixel_values"].to(engine.model.dtype)
+    kwargs = inputs.qwen_kwargs(engine.model.device, engine.model.dtype)
     if batch > 1:
         kwargs = {k: torch.cat([v] * batch) for k, v in kwargs.items()}
 

@@ -68,15 +68,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", help="auto (flash_attention_2 if installed on CUDA, else sdpa)")
 
 
-def load_engine(args):
+def open_engine(model: str, device: str | None, dtype: str | None, attention: str | None):
+    """The model of a command. transformers' own logging is silenced for the command: it warns about the
+    `citrus_v` folder while nothing is wrong, and our progress lines say what happens."""
     from transformers.utils import logging as transformers_logging
 
     from .inference.engine import CitrusVEngine
 
     transformers_logging.set_verbosity_error()
+    return CitrusVEngine.load(model, device=device, dtype=dtype, attention=attention)
+
+
+def load_engine(args):
     model = resolve_model_argument(args.model)
     say(f"loading model {model} ...")
-    engine = CitrusVEngine.load(model, device=args.device, dtype=args.dtype, attention=args.attention)
+    engine = open_engine(model, args.device, args.dtype, args.attention)
     info = engine.loaded.describe()
     say(f"  loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']}, {info['attention']} attention)")
     return engine
@@ -157,8 +163,7 @@ def volume_options(args):
 def cmd_volume_task(args) -> int:
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
-    from .volume.pipeline import SliceSource, VolumePipeline
-    from .volume.windowing import parse_window
+    from .volume.pipeline import VolumePipeline
 
     volume = read_volume(args.volume, max_voxels=args.max_voxels)  # a bad file fails before the model loads
     options = volume_options(args)
@@ -167,9 +172,7 @@ def cmd_volume_task(args) -> int:
     engine = load_engine(args)
     pipeline = VolumePipeline(engine, progress=ProgressPrinter())
     result = pipeline.run(volume, args.prompt or "", task=args.command, options=options)
-    window = parse_window(options.window, args.prompt or "", volume.modality, volume.voxels)
-    source = SliceSource(volume, options.plane, window)
-    files = write_outputs(result, volume, source, Path(args.out),
+    files = write_outputs(result, Path(args.out),
                           extra={"model": engine.loaded.describe(), "version": __version__, "input": str(args.volume)})
     if result.random_weights:
         say(random_weights_banner(engine.loaded.checkpoint_dir))
@@ -227,13 +230,7 @@ def cmd_serve(args) -> int:
     from .server.launch import ServeSettings, serve
 
     def load():
-        from transformers.utils import logging as transformers_logging
-
-        from .inference.engine import CitrusVEngine
-
-        transformers_logging.set_verbosity_error()
-        return CitrusVEngine.load(resolve_model_argument(args.model), device=args.device, dtype=args.dtype,
-                                  attention=args.attention)
+        return open_engine(resolve_model_argument(args.model), args.device, args.dtype, args.attention)
 
     return serve(ServeSettings.from_args(args), load_engine=load)
 

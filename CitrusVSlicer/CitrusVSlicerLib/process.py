@@ -21,6 +21,16 @@ from pathlib import Path
 READY_EVENT = "ready"
 
 
+def drain_queue(items: queue.Queue) -> list:
+    """Everything queued so far, without waiting (the panel's timer calls this on the main thread)."""
+    out = []
+    while True:
+        try:
+            out.append(items.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class StreamingProcess:
     """A child process whose stdout+stderr lines are collected by a thread, with a tree-wide stop."""
 
@@ -68,12 +78,7 @@ class StreamingProcess:
 
     def drain(self) -> list[str]:
         """New output lines since the last call (call from the main thread's timer)."""
-        out = []
-        while True:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                return out
+        return drain_queue(self._queue)
 
     def wait(self, timeout: float | None = None) -> int | None:
         if self._process is None:
@@ -129,6 +134,7 @@ class BackendProcess(StreamingProcess):
         super().__init__(backend_command(python, model, device), env=env)
         self.ready_info: dict | None = None
         self._ready = threading.Event()
+        self._stopped_by_us = False
 
     def on_line(self, line: str) -> None:
         if line.startswith("{") and '"ready"' in line:
@@ -153,8 +159,6 @@ class BackendProcess(StreamingProcess):
         if self.is_running():
             return "running" if self._ready.is_set() else "starting"
         return "exited" if self.returncode == 0 or self._stopped_by_us else "crashed"
-
-    _stopped_by_us = False
 
     def start(self) -> None:
         self._ready.clear()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .client import BackendClient, BackendError
+from .process import drain_queue
 from .results import SceneResult
 
 POLL_SECONDS = 0.3
@@ -58,12 +59,7 @@ class ApplyRunner:
             self._cancel.set()
 
     def events(self) -> list[Event]:
-        out = []
-        while True:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                return out
+        return drain_queue(self._events)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

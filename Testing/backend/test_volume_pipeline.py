@@ -77,7 +77,7 @@ def lung_frames(pipeline, chest, first: int, count: int):
 
 def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
     source, frames, key = lung_frames(pipeline, chest, 10, 8)
-    predictor = pipeline.video_predictor()
+    predictor = pipeline.engine.video_predictor()
     visited = []
     results = propagate(predictor, frames, source.height, source.width, {3: key}, stop_after_empty=100,
                         on_slice=lambda done, total: visited.append(done))
@@ -89,7 +89,7 @@ def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
 def test_propagation_stops_where_the_target_ends(pipeline, chest):
     """With SAM2 reporting "no object" everywhere, tracking stops after `stop_after_empty` empty slices."""
     source, frames, key = lung_frames(pipeline, chest, 0, 20)
-    predictor = pipeline.video_predictor()
+    predictor = pipeline.engine.video_predictor()
     bias = predictor.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
     saved = bias.detach().clone()
     try:
@@ -142,8 +142,7 @@ def test_outputs_are_readable_with_the_right_geometry(lung_result, chest, chest_
     import slicerio
 
     result, _ = lung_result
-    source = SliceSource(chest, "axial", CT_PRESETS["lung"])
-    files = write_outputs(result, chest, source, tmp_path / "out")
+    files = write_outputs(result, tmp_path / "out")
     assert not list((tmp_path / "out").glob(".*partial*")), "no temporary files left behind"
     reference = sitk.ReadImage(str(chest_ct_path))
     labelmap = sitk.ReadImage(str(files["labelmap"]))
@@ -170,7 +169,7 @@ def test_outputs_are_readable_with_the_right_geometry(lung_result, chest, chest_
 def test_segmentation_file_loads_in_slicer_core(lung_result, chest, tmp_path):
     slicer = pytest.importorskip("slicer")
     result, _ = lung_result
-    files = write_outputs(result, chest, SliceSource(chest, "axial", CT_PRESETS["lung"]), tmp_path / "out")
+    files = write_outputs(result, tmp_path / "out")
     scene = slicer.vtkMRMLScene()
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())

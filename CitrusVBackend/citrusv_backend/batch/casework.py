@@ -156,17 +156,13 @@ class CaseProcessor:
 
     def _run(self, loaded: LoadedCase, out_dir: Path, outcome: CaseOutcome) -> None:
         from ..volume.outputs import write_outputs
-        from ..volume.pipeline import SliceSource
-        from ..volume.windowing import parse_window
 
         started = time.perf_counter()
         volume, prompt = loaded.volume, loaded.task.prompt
         result = self.pipeline.run(volume, prompt, task=self.task, options=self.options)
         outcome.timings["pipeline_s"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
-        # The same window and slices as the pipeline used, for the preview (as `citrusv segment` does).
-        window = parse_window(self.options.window, prompt, volume.modality, volume.voxels)
-        files = write_outputs(result, volume, SliceSource(volume, self.options.plane, window), out_dir,
+        files = write_outputs(result, out_dir,
                               extra=self.extra | {"input": loaded.task.relative})
         outcome.timings["write_s"] = round(time.perf_counter() - started, 3)
         outcome.files = {kind: path.name for kind, path in files.items()}

@@ -126,13 +126,10 @@ def device_list(device: str) -> list[str]:
 
 
 def load_processor(model: dict, device: str, task: str, options) -> CaseProcessor:
-    from transformers.utils import logging as transformers_logging
-
     from .. import __version__
-    from ..inference.engine import CitrusVEngine
+    from ..cli import open_engine
 
-    transformers_logging.set_verbosity_error()
-    engine = CitrusVEngine.load(model["model"], device=device, dtype=model["dtype"], attention=model["attention"])
+    engine = open_engine(model["model"], device, model["dtype"], model["attention"])
     return CaseProcessor(engine, task, options, extra={"model": engine.loaded.describe(), "version": __version__})
 
 

@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..serialization import json_default
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -88,20 +90,8 @@ class Manifest:
             os.fsync(handle.fileno())
 
     def append(self, entry: dict) -> None:
-        line = json.dumps(entry, sort_keys=False, default=_json_default) + "\n"
+        line = json.dumps(entry, sort_keys=False, default=json_default) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,10 @@ class CaseActor:
         self.processor = load_processor(model, model["device"], task, options)
         self.reader = ThreadPoolExecutor(1)
         self.reads: dict = {}
+        # Ray does not order calls across concurrency groups: `run` may come before its `prefetch`. A case
+        # `run` had to read itself is remembered so the late `prefetch` does not read it a second time.
+        self.read_by_run: set = set()
+        self.lock = threading.Lock()
 
     @ray.method(concurrency_group="io")
     def describe(self) -> str:
@@ -55,12 +60,19 @@ class CaseActor:
     @ray.method(concurrency_group="io")
     def prefetch(self, task: CaseTask, shipped: list) -> None:
         """Start reading a case now; `run` picks it up (shipped: [ObjectRef of the input's files] or [])."""
-        self.reads[task.case] = self.reader.submit(self._load, task, shipped)
+        with self.lock:
+            if task.case in self.read_by_run:
+                self.read_by_run.discard(task.case)
+                return
+            self.reads[task.case] = self.reader.submit(self._load, task, shipped)
 
     @ray.method(concurrency_group="model")
     def run(self, task: CaseTask, shipped: list) -> CaseOutcome:
         started = time.perf_counter()
-        pending = self.reads.pop(task.case, None)
+        with self.lock:
+            pending = self.reads.pop(task.case, None)
+            if pending is None:
+                self.read_by_run.add(task.case)
         with tempfile.TemporaryDirectory(prefix="citrusv-case-") as scratch:
             loaded, scratch_input = pending.result() if pending else self._load(task, shipped)
             waited = time.perf_counter() - started
@@ -99,7 +111,6 @@ class _Actor:
         self.handle, self.number = handle, number
         self.in_flight = 0
         self.available = False   # False while starting or restarting
-        self.dead = False
         self.name = f"actor {number}"
 
 
@@ -260,7 +271,6 @@ class RayEngine:
             actor.available = True
             sink.say(f"  {actor.name} is back")
         except RayError as error:
-            actor.dead = True
             sink.say(f"{actor.name} is gone for good: {_root_cause(error)[:200]}")
 
     @staticmethod

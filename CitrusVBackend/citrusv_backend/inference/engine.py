@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..model.loader import LoadedModel, load_citrusv
 from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
 from .images import load_image
-from .parsing import ParsedReport, parse_boxes, parse_report, scale_boxes
+from .parsing import parse_boxes, scale_boxes
+from .reports import ParsedReport, parse_report
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class CitrusVEngine:
         self.processor = loaded.processor
         tokenizer = self.processor.tokenizer
         self.stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        self._video_predictor = None
 
     @classmethod
     def load(cls, model, device: str | None = None, dtype: str | None = None, attention: str | None = None):
@@ -150,8 +152,7 @@ class CitrusVEngine:
                       repetition_penalty: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(full token sequence [T], last-layer hidden states [T', H] aligned with it, T' >= T - 1)."""
         mllm = self.model.mllm
-        kwargs = inputs.qwen_kwargs(self.model.device)
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        kwargs = inputs.qwen_kwargs(self.model.device, self.model.dtype)
         with record_final_hidden_states(self.model.final_norm) as recorded:
             if forced:
                 mllm(**kwargs, use_cache=False, logits_to_keep=1)
@@ -163,20 +164,19 @@ class CitrusVEngine:
         hidden = torch.cat(recorded, dim=1)[0]
         if sequence[-1].item() == self.processor.seg_token_idx and hidden.size(0) < sequence.size(0):
             # Generation stopped right after a [SEG] (token budget): its state was never computed.
-            hidden = self._teacher_forced_hidden(inputs, sequence)
+            hidden = self._forced_hidden_batch([inputs.with_sequence(sequence, self.processor.image_token_id)])[0]
         return sequence, hidden
 
-    def _teacher_forced_hidden(self, inputs: ModelInputs, sequence: torch.Tensor) -> torch.Tensor:
-        kwargs = inputs.qwen_kwargs(self.model.device)
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
-        kwargs["input_ids"] = sequence[None]
-        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
-        kwargs["mm_token_type_ids"] = (kwargs["input_ids"] == self.processor.image_token_id).to(torch.int32)
-        with record_final_hidden_states(self.model.final_norm) as recorded:
-            self.model.mllm(**kwargs, use_cache=False, logits_to_keep=1)
-        return recorded[-1][0]
-
     # ------------------------------------------------------------------------------------------ mask side
+
+    def video_predictor(self):
+        """SAM2's video predictor over this model's SAM2 tensors, built once (every volume job reuses it)."""
+        if self._video_predictor is None:
+            from ..model.sam2_support import build_sam2_video_predictor, resolve_sam2_config
+
+            config_path = resolve_sam2_config(self.loaded.config.sam2_config_name, self.loaded.checkpoint_dir)
+            self._video_predictor = build_sam2_video_predictor(config_path, self.model.grounding_encoder.sam2_model)
+        return self._video_predictor
 
     @torch.inference_mode()
     def encode_sam2(self, sam2_pixel_values: torch.Tensor):
@@ -283,12 +283,8 @@ class CitrusVEngine:
 
     def _forced_hidden_batch(self, batch: list[ModelInputs]) -> torch.Tensor:
         """[B, L, H] final-norm states of same-length sequences in one forward."""
-        device = self.model.device
-        kwargs = {"input_ids": torch.cat([b.input_ids for b in batch]).to(device),
-                  "attention_mask": torch.cat([b.attention_mask for b in batch]).to(device),
-                  "mm_token_type_ids": torch.cat([b.mm_token_type_ids for b in batch]).to(device),
-                  "image_grid_thw": torch.cat([b.image_grid_thw for b in batch]).to(device),
-                  "pixel_values": torch.cat([b.pixel_values for b in batch]).to(device, self.model.dtype)}
+        each = [b.qwen_kwargs(self.model.device, self.model.dtype) for b in batch]
+        kwargs = {key: torch.cat([k[key] for k in each]) for key in each[0]}
         with record_final_hidden_states(self.model.final_norm) as recorded:
             self.model.mllm(**kwargs, use_cache=False, logits_to_keep=1)
         return recorded[-1]

@@ -27,7 +27,9 @@ RELEASED_MODEL_ID = "jdh-algo/Citrus-V-8B-v1.0"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names in configs (torch_dtype) and on the command line.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 # (pattern, replacement) applied in order; all other keys are taken as they are.
 _KEY_RENAMES = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .checkpoint import build_model, checkpoint_files, load_weights, resolve_checkpoint_dir
+from .checkpoint import DTYPES, build_model, checkpoint_files, load_weights, resolve_checkpoint_dir
 from .config import CitrusVConfig
 from .modeling import CitrusVModel
 from .processor import CitrusVProcessor
@@ -37,13 +37,11 @@ def choose_device(requested: str | None = None) -> torch.device:
 
 def choose_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
     """bf16 on CUDA, fp32 on CPU (the reference's SAM2 path only runs in fp32 there)."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
     if requested in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if requested not in names:
+    if requested not in DTYPES:
         raise InputError(f"unknown dtype {requested!r}; use auto, float32 or bfloat16")
-    return names[requested]
+    return DTYPES[requested]
 
 
 def choose_attention(device: torch.device, requested: str | None = None) -> str:

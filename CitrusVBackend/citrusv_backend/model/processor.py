@@ -12,7 +12,7 @@ query; every piece is tokenised on its own and concatenated, as ms-swift's templ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +120,17 @@ class ModelInputs:
     resized_size: tuple[int, int]    # (height, width) after smart_resize: the frame of box coordinates
     prompt_length: int               # tokens before the answer (the forced answer starts here)
 
-    def qwen_kwargs(self, device: torch.device) -> dict:
+    def qwen_kwargs(self, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+        """The Qwen2.5-VL forward/generate arguments; `dtype` is the model's, for the image patches."""
         return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
                 "mm_token_type_ids": self.mm_token_type_ids.to(device), "image_grid_thw": self.image_grid_thw.to(device),
-                "pixel_values": self.pixel_values.to(device)}
+                "pixel_values": self.pixel_values.to(device, dtype)}
+
+    def with_sequence(self, input_ids: torch.Tensor, image_token_id: int) -> "ModelInputs":
+        """The same image with another token sequence [L] (e.g. prompt + generated answer)."""
+        ids = input_ids.reshape(1, -1).cpu()
+        return replace(self, input_ids=ids, attention_mask=torch.ones_like(ids),
+                       mm_token_type_ids=(ids == image_token_id).to(torch.int32))
 
 
 class CitrusVProcessor:

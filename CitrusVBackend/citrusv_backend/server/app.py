@@ -30,7 +30,7 @@ class ServiceConfig:
     max_upload_bytes: int = 1024 * MiB        # a volume upload (POST /v1/volumes)
     max_request_bytes: int = 256 * MiB        # any other request body (images, chat, jobs)
     max_voxels: int = DEFAULT_MAX_VOXELS
-    volume_budget_bytes: int = 8192 * MiB     # all stored volumes together
+    volume_budget_bytes: int = 4096 * MiB     # all stored volumes together (as `citrusv serve` defaults)
     volume_ttl_s: float = 3600.0              # a volume unused this long is evicted
     result_ttl_s: float = 3600.0              # a finished job is kept this long
     max_queued_jobs: int = 256

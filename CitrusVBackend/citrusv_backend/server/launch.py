@@ -150,12 +150,12 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
 
 
 def ready_line(state: ServiceState, address: str, port: int, token: Token) -> dict:
-    loaded = state.engine.loaded
+    described = state.engine.loaded.describe()
     host = f"[{address}]" if ":" in address else address
     return {"event": "ready", "host": address, "port": port, "url": f"http://{host}:{port}",
             "token_source": token.source, "token_file": str(token.file) if token.file else None,
-            "model": state.model_name, "checkpoint": str(loaded.checkpoint_dir), "device": str(loaded.device),
-            "dtype": str(loaded.dtype).split(".")[-1], "random_weights": loaded.random_weights, "pid": os.getpid()}
+            "model": state.model_name, **{key: described[key] for key in ("checkpoint", "device", "dtype", "random_weights")},
+            "pid": os.getpid()}
 
 
 def _announce(ready: dict, stdout) -> None:

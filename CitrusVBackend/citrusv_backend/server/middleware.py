@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, request_id_of
 from .logs import log_event
 
 log = logging.getLogger("citrusv.server")
@@ -90,7 +90,7 @@ class BearerAuth:
         message = ("a bearer token is required: send 'Authorization: Bearer <token>' (the token is in the file "
                    "named by the server's ready line, or the one it was started with)" if problem == "missing"
                    else "the bearer token is wrong")
-        response = error_response(401, "unauthorized", message, scope["state"].get("request_id"),
+        response = error_response(401, "unauthorized", message, request_id_of(scope),
                                   headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
@@ -109,8 +109,7 @@ class BodyLimit:
         limit = self.limit_for(scope.get("path", ""))
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            response = error_response(413, "too_large", _too_large(int(declared), limit),
-                                      scope.get("state", {}).get("request_id"))
+            response = error_response(413, "too_large", _too_large(int(declared), limit), request_id_of(scope))
             return await response(scope, receive, send)
         received = 0
         body_done = False

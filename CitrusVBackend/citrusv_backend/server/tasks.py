@@ -15,6 +15,8 @@ import torch
 
 from ..errors import InputError
 from ..inference.engine import CitrusVEngine, InferenceResult
+from ..model.processor import check_prompt_and_answer
+from ..serialization import json_default
 from ..volume.io import Volume
 from ..volume.outputs import report_markdown, segment_color
 from ..volume.orientation import display_orientation
@@ -26,8 +28,6 @@ from .codec import compress_crop, mask_payload
 from .jobs import Job
 from .schemas import ImageRequest, JobRequest
 
-# The model-side check, also run here so that a bad request is refused before it is queued.
-from ..model.processor import check_prompt_and_answer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- volumes
@@ -90,24 +90,23 @@ def labelmap_info(volume: Volume) -> dict:
     return {"shape": list(volume.shape), "dtype": "uint8", "ijk_to_ras": volume.geometry.ijk_to_ras().tolist()}
 
 
-def labelmap_crop(labels: np.ndarray, label: int) -> dict | None:
-    """The bounding box of `label` in the labelmap, as offset + shape + compressed uint8 voxels."""
-    inside = labels == label
-    if not inside.any():
-        return None
-    bounds = []
-    for axis in range(3):
-        present = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
-        bounds.append((int(present[0]), int(present[-1]) + 1))
-    box = tuple(slice(low, high) for low, high in bounds)
-    crop = inside[box].astype(np.uint8) * np.uint8(label)
-    return {"offset": [low for low, _ in bounds], "shape": list(crop.shape), "dtype": "uint8",
-            "encoding": "zlib+base64", "data": compress_crop(crop)}
+def labelmap_crops(labels: np.ndarray) -> dict[int, dict]:
+    """Each label's bounding box in the labelmap as offset + shape + compressed uint8 voxels (one pass)."""
+    from scipy import ndimage
+
+    crops = {}
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        crop = (labels[box] == index).astype(np.uint8) * np.uint8(index)
+        crops[index] = {"offset": [s.start for s in box], "shape": list(crop.shape), "dtype": "uint8",
+                        "encoding": "zlib+base64", "data": compress_crop(crop)}
+    return crops
 
 
 def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
-    segments = [segment.describe() | {"color": list(segment_color(segment.label)),
-                                      "mask": labelmap_crop(result.labels, segment.label)}
+    crops = labelmap_crops(result.labels)
+    segments = [segment.describe() | {"color": list(segment_color(segment.label)), "mask": crops.get(segment.label)}
                 for segment in result.segments]
     report = None
     if result.task == "report" or result.report_findings or result.report_impression:
@@ -120,17 +119,11 @@ def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 2D
 
-def run_image(engine: CitrusVEngine, image, prompt: str, task: str, answer: str | None, min_pixels: int | None,
-              max_pixels: int | None, max_new_tokens: int, mask_upsampling: str = "bilinear") -> InferenceResult:
-    """One 2D task; the prompt and answer were checked (`check_prompt_and_answer`) when the request came in."""
-    return engine.run(image, prompt, task=task, answer=answer, min_pixels=min_pixels, max_pixels=max_pixels,
-                      max_new_tokens=max_new_tokens, mask_upsampling=mask_upsampling)
-
-
 def image_runner(engine: CitrusVEngine, image, request: ImageRequest) -> Callable[[Job], dict]:
     def run(job: Job) -> dict:
-        result = run_image(engine, image, request.prompt, request.task, request.answer, request.min_pixels,
-                           request.max_pixels, request.max_new_tokens, request.mask_upsampling)
+        result = engine.run(image, request.prompt, task=request.task, answer=request.answer,
+                            min_pixels=request.min_pixels, max_pixels=request.max_pixels,
+                            max_new_tokens=request.max_new_tokens, mask_upsampling=request.mask_upsampling)
         return image_result_payload(result, request.mask_format)
     return run
 
@@ -154,17 +147,9 @@ def image_result_payload(result: InferenceResult, mask_format: str) -> dict:
 def to_json_bytes(payload) -> bytes:
     """Strict JSON (no NaN/Infinity: not every client parses them); non-finite numbers become null."""
     try:
-        return json.dumps(payload, default=_plain, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(payload, default=json_default, allow_nan=False, separators=(",", ":")).encode()
     except ValueError:
-        return json.dumps(_finite(payload), default=_plain, allow_nan=False, separators=(",", ":")).encode()
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        return json.dumps(_finite(payload), default=json_default, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _finite(value):

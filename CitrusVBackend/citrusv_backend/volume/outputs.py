@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..serialization import json_default
 from .io import Volume, write_labelmap
 from .pipeline import SliceSource, VolumeResult
 
@@ -177,9 +178,10 @@ def _overlay_tile(result: VolumeResult, source: SliceSource, index: int, tile: i
     return framed
 
 
-def write_outputs(result: VolumeResult, volume: Volume, source: SliceSource, out_dir: Path,
-                  extra: dict | None = None) -> dict[str, Path]:
-    """All files of one case in `out_dir`; returns them by kind."""
+def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None) -> dict[str, Path]:
+    """All files of one case in `out_dir` (geometry and previews from the slices the task saw); by kind."""
+    source = result.source
+    volume = source.volume
     out_dir.mkdir(parents=True, exist_ok=True)
     case = result.case
     files = {
@@ -197,19 +199,10 @@ def write_outputs(result: VolumeResult, volume: Volume, source: SliceSource, out
     write_text(files["labels"], json.dumps({"case": case, "random_weights": result.random_weights,
                                             "labels": label_table(result)}, indent=2) + "\n")
     write_segmentation_nrrd(result, volume, files["segmentation"])
-    write_text(files["findings_json"], json.dumps(result.describe() | (extra or {}), indent=2, default=_json_default) + "\n")
+    write_text(files["findings_json"], json.dumps(result.describe() | (extra or {}), indent=2, default=json_default) + "\n")
     write_text(files["findings_tsv"], findings_tsv(result.findings))
     write_text(files["report"], report_markdown(result))
     with atomic_path(files["preview"]) as temporary:
         render_preview(result, source).save(temporary, format="PNG")
     return files
 
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

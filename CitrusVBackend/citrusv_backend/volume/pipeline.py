@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import CitrusVError, InputError
 from ..inference.engine import FORCED_SEGMENT_ANSWER, CitrusVEngine, InferenceResult
-from ..inference.parsing import detect_location
+from ..inference.reports import detect_location
 from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
 from .orientation import PLANES, DisplayOrientation, display_orientation
@@ -109,6 +109,7 @@ class VolumeResult:
     timings: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     random_weights: bool = False
+    source: "SliceSource | None" = field(default=None, repr=False)   # the slices the task saw (previews)
 
     def describe(self) -> dict:
         return {"task": self.task, "prompt": self.prompt, "case": self.case, "random_weights": self.random_weights,
@@ -140,22 +141,12 @@ class VolumePipeline:
         self.engine = engine
         self.progress = progress or (lambda stage, fraction, message: None)
         self.should_cancel = should_cancel or (lambda: False)
-        self._video_predictor = None
 
     # ------------------------------------------------------------------------------------------ helpers
 
     def _check_cancel(self) -> None:
         if self.should_cancel():
             raise JobCancelled("cancelled by the user")
-
-    def video_predictor(self):
-        if self._video_predictor is None:
-            from ..model.sam2_support import build_sam2_video_predictor, resolve_sam2_config
-
-            loaded = self.engine.loaded
-            config_path = resolve_sam2_config(loaded.config.sam2_config_name, loaded.checkpoint_dir)
-            self._video_predictor = build_sam2_video_predictor(config_path, self.engine.model.grounding_encoder.sam2_model)
-        return self._video_predictor
 
     def _budget(self, task: str, options: VolumeOptions) -> PixelBudget:
         default = TASK_PIXEL_BUDGETS[task]
@@ -188,7 +179,7 @@ class VolumePipeline:
         source = SliceSource(volume, options.plane, window)
         slice_range = options.validate(source.depth)
         result = VolumeResult(task=task, prompt=prompt, case=volume.name, labels=np.zeros(volume.shape, np.uint8),
-                              random_weights=self.engine.loaded.random_weights,
+                              random_weights=self.engine.loaded.random_weights, source=source,
                               settings={"mode": options.mode, "plane": options.plane, "window": window.__dict__,
                                         "slice_range": list(slice_range), "modality": volume.modality})
         started = time.perf_counter()
@@ -285,7 +276,7 @@ class VolumePipeline:
         grounding = self.engine.model.grounding_encoder
         size = grounding.image_size
         frames = SliceFrames(source.rgb, first, last - first, self._budget("segment", options), size)
-        predictor = self.video_predictor()
+        predictor = self.engine.video_predictor()
         frame_anchors = {index - first: self._key_mask(result, size) for index, result in anchors.items()}
         progress = lambda done, total: self.progress(f"propagation: {stage}", min(done / max(total, 1), 0.99),  # noqa: E731
                                                      f"{done} slices")
@@ -464,12 +455,10 @@ def box_to_patient(group: dict, source: SliceSource) -> dict:
     # Box edges lie on pixel borders: pixel centres are at +0.5 in box coordinates.
     rows = np.array([box.y1 - 0.5, box.y2 - 0.5])
     cols = np.array([box.x1 - 0.5, box.x2 - 0.5])
-    corners = []
-    for slice_index in (group["first"] - 0.5, group["last"] + 0.5):
-        for r in rows:
-            for c in cols:
-                corners.append(source.orientation.display_to_index(slice_index, np.array([r]), np.array([c]), volume.shape)[0])
-    lps = volume.geometry.index_to_lps(np.array(corners))
+    grid_rows, grid_cols = np.meshgrid(rows, cols, indexing="ij")
+    corners = np.concatenate([source.orientation.display_to_index(slice_index, grid_rows, grid_cols, volume.shape)
+                              for slice_index in (group["first"] - 0.5, group["last"] + 0.5)])
+    lps = volume.geometry.index_to_lps(corners)
     low, high = lps.min(axis=0), lps.max(axis=0)
     ras_low, ras_high = low * [-1, -1, 1], high * [-1, -1, 1]
     centre = (low + high) / 2

@@ -23,9 +23,10 @@ def healthz(state: Service):
 @router.get("/v1/info")
 def info(state: Service) -> dict:
     loaded = state.engine.loaded
-    return {"model": state.model_name, "model_info": loaded.describe(), "checkpoint": str(loaded.checkpoint_dir),
-            "dtype": str(loaded.dtype).split(".")[-1], "device": str(loaded.device),
-            "random_weights": loaded.random_weights, "gpu": gpu_info(loaded.device), "versions": versions(),
+    described = loaded.describe()
+    return {"model": state.model_name, "model_info": described, "checkpoint": described["checkpoint"],
+            "dtype": described["dtype"], "device": described["device"],
+            "random_weights": described["random_weights"], "gpu": gpu_info(loaded.device), "versions": versions(),
             "limits": state.config.limits(), "volumes": state.volumes.stats(), "jobs": state.jobs.stats(),
             "uptime_s": round(time.time() - state.started_at, 1)}
 

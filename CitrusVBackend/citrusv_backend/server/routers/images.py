@@ -10,7 +10,8 @@ from ..codec import b64decode, decode_image, strip_data_uri
 from ..errors import ApiError
 from ..jobs import Job
 from ..schemas import ImageRequest
-from ..tasks import check_prompt_and_answer, image_runner, to_json_bytes
+from ...model.processor import check_prompt_and_answer
+from ..tasks import image_runner, to_json_bytes
 from . import Service, run_now
 
 router = APIRouter(tags=["images"])

@@ -30,7 +30,8 @@ from ..codec import b64decode, decode_image, strip_data_uri
 from ..errors import ApiError
 from ..jobs import Job
 from ..schemas import MAX_PROMPT_CHARS, Pixels
-from ..tasks import check_prompt_and_answer, reference_binary_mask, run_image, to_json_bytes
+from ...model.processor import check_prompt_and_answer
+from ..tasks import reference_binary_mask, to_json_bytes
 from . import Service, run_now
 
 router = APIRouter(tags=["openai"])
@@ -101,8 +102,8 @@ async def chat_completions(body: ChatRequest, state: Service) -> Response:
     image = await run_in_threadpool(lambda: decode_image(b64decode(image_text, "the image"), "the image"))
 
     def runner(_job):
-        return run_image(state.engine, image, prompt, extension.task, extension.answer, extension.min_pixels,
-                         extension.max_pixels, max_tokens)
+        return state.engine.run(image, prompt, task=extension.task, answer=extension.answer,
+                                min_pixels=extension.min_pixels, max_pixels=extension.max_pixels, max_new_tokens=max_tokens)
 
     result = await run_now(state, Job(task="chat", runner=runner, kept=False))
     return Response(to_json_bytes(completion(result, state, max_tokens)), media_type="application/json")
