@@ -28,6 +28,7 @@ SEG_TOKEN = "[SEG]"
 IMAGE_TAG = "<image>"  # ms-swift's mark, in the user's text, of where the image goes
 EXTRA_SPECIAL_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 IMAGE_FACTOR = 28
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # qwen_vl_utils' defaults (MIN_PIXELS, MAX_PIXELS)
 MAX_RATIO = 200
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,8 +77,8 @@ TASK_PIXEL_BUDGETS = {
 }
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
     """qwen_vl_utils.smart_resize: (height, width) rounded to multiples of `factor` within the pixel budget."""
     if min(height, width) <= 0:
         raise InputError(f"image of {width}x{height} pixels is empty")
