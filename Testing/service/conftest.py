@@ -68,15 +68,12 @@ def chest(chest_ct_path):
 
 # ---------------------------------------------------------------------------------------------- reference clients
 
-SCRIPTED_ANSWER = "Sure, it is [SEG]."
-
-
 @pytest.fixture(scope="session")
-def scripted_checkpoint(session_dir):
+def scripted_checkpoint(tiny_checkpoint, session_dir):
     """The tiny model with a bigram script: greedy decoding writes SCRIPTED_ANSWER (scripted_model.py)."""
-    from scripted_model import make_scripted_checkpoint
+    from scripted_model import SCRIPTED_ANSWER, make_scripted_checkpoint
 
-    return make_scripted_checkpoint(session_dir / "scripted-checkpoint", SCRIPTED_ANSWER)
+    return make_scripted_checkpoint(tiny_checkpoint, session_dir / "scripted-checkpoint", SCRIPTED_ANSWER)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ non-degenerate prompt). Each answer token must be distinct (the table has one su
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,13 +20,15 @@ from safetensors.torch import load_file, save_file
 LANGUAGE = "mllm.model.language_model."
 NEWLINE, IM_END = 198, 151645
 SCALE, GAIN = 10.0, 50.0
+SCRIPTED_ANSWER = "Sure, it is [SEG]."  # what the reference's segmentation answers look like (its paper's figure)
 
 
-def make_scripted_checkpoint(directory: Path, answer: str, seed: int = 0) -> Path:
-    from citrusv_backend.model.tiny import make_tiny_checkpoint, qwen25_tokenizer
+def make_scripted_checkpoint(tiny_checkpoint: Path, directory: Path, answer: str, seed: int = 0) -> Path:
+    """A copy of `tiny_checkpoint` (written by `make_tiny_checkpoint`) in `directory`, scripted to write `answer`."""
+    from transformers import AutoTokenizer
 
-    directory = make_tiny_checkpoint(directory, seed=seed)
-    tokens = qwen25_tokenizer().encode(answer, add_special_tokens=False)
+    shutil.copytree(tiny_checkpoint, directory)
+    tokens = AutoTokenizer.from_pretrained(str(directory)).encode(answer, add_special_tokens=False)
     chain = [NEWLINE, *tokens]               # each token's successor: the next one, the last one's <|im_end|>
     successors = [*tokens, IM_END]
     assert len(set(chain)) == len(chain), f"{answer!r}: every token must be distinct for a bigram script"

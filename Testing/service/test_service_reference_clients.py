@@ -20,10 +20,11 @@ import requests
 from PIL import Image
 
 from citrusv_backend.server.tasks import reference_binary_mask
-from conftest import SCRIPTED_ANSWER
 from reference_clients import (GRADIO_MAX_PIXELS, QWEN_MIN_PIXELS, STREAMLIT_MAX_PIXELS, gradio_models,
                                gradio_process_inference, last_report_box, report_canvas_size, streamlit_call,
                                streamlit_config, streamlit_segmentation, streamlit_stream)
+from scripted_model import SCRIPTED_ANSWER
+from service_helpers import png_base64
 
 pytestmark = [pytest.mark.service, pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")]
 
@@ -87,15 +88,24 @@ def frame_of(raw_response: dict) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- Gradio demo
 
+def same_mask_for_any_query(engine, image: Image.Image, max_pixels: int, queries: list[str]) -> np.ndarray:
+    """The scripted model's [SEG] state is its [SEG] embedding whatever the query, so one image has one mask: checked
+    in-process on the first and last query, then compared with what the client decodes for every query."""
+    first, last = (expected_mask(engine, image, query, max_pixels) for query in (queries[0], queries[-1]))
+    np.testing.assert_array_equal(first, last)
+    return first
+
+
 def test_gradio_demo_every_example_answered_and_its_masks_decode(gradio_server, scan, scripted_engine):
     url = f"{gradio_server.url}/v1"
     assert gradio_models(url) == ["CitrusV_8B"]  # the demo's connection test
+    expected = same_mask_for_any_query(scripted_engine, scan, GRADIO_MAX_PIXELS, GRADIO_QUERIES)
     for query in GRADIO_QUERIES:
         shown = gradio_process_inference(url, scan, query)
         assert shown["text"] == SCRIPTED_ANSWER, query
         assert shown["boxes"] == []  # no box in the answer: the Gradio copy gives an empty list
         assert len(shown["masks"]) == 1 and shown["masks"][0].shape == (384, 512)
-        np.testing.assert_array_equal(shown["masks"][0] > 0, expected_mask(scripted_engine, scan, query, GRADIO_MAX_PIXELS))
+        np.testing.assert_array_equal(shown["masks"][0] > 0, expected)
         assert shown["processed_size"] == frame_of(shown["raw_response"]) == (280, 196)
 
 
@@ -103,7 +113,7 @@ def test_gradio_demo_hint_image_tag_marks_the_image_position(gradio_server, scan
     """The demo says "include the <image> tag in the query": it becomes the image's position (its newline stays
     after the image), so the prompt is one token ("\\n") longer than without it — not the tag's three tokens."""
     client = openai.OpenAI(api_key="EMPTY", base_url=f"{gradio_server.url}/v1")
-    data_uri = "data:image/png;base64," + __import__("service_helpers").png_base64(np.asarray(scan))
+    data_uri = "data:image/png;base64," + png_base64(np.asarray(scan))
 
     def prompt_tokens(query: str) -> int:
         messages = [{"role": "user", "content": [{"type": "image", "image": data_uri}, {"type": "text", "text": query}]}]
@@ -152,19 +162,18 @@ def test_streamlit_demo_report_boxes_are_in_the_frame_it_draws_on(streamlit_serv
     chunks = list(client.chat.completions.create(
         model="CitrusV_8B", stream=True, max_tokens=8192, temperature=0, extra_body=extra,
         messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                                       + __import__("service_helpers").png_base64(np.asarray(scan))}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_base64(np.asarray(scan))}},
             {"type": "text", "text": STREAMLIT_REPORT}]}]))
     assert frame_of(chunks[-1].model_extra["raw_response"]) == report_canvas_size(scan) == (504, 392)
 
 
 def test_streamlit_demo_segmentation_tab(streamlit_server, scan, scripted_engine):
     cfg = streamlit_config(streamlit_server.ready["port"])
+    expected = same_mask_for_any_query(scripted_engine, scan, STREAMLIT_MAX_PIXELS, STREAMLIT_SEGMENTATION)
     for question in STREAMLIT_SEGMENTATION:
         shown = streamlit_segmentation(scan, question, cfg)
         assert shown["text"] == SCRIPTED_ANSWER and shown["boxes"] is None
-        np.testing.assert_array_equal(shown["masks"][0] > 0,
-                                      expected_mask(scripted_engine, scan, question, STREAMLIT_MAX_PIXELS))
+        np.testing.assert_array_equal(shown["masks"][0] > 0, expected)
         assert shown["processed_size"] == frame_of(shown["raw_response"]) == (504, 392)
         assert shown["raw_response"]["max_tokens"] == 4096  # the demo's 8192 clipped to the server's limit
     boxed = streamlit_segmentation(scan, STREAMLIT_SEGMENTATION[-1], cfg, extra={"citrusv": {"answer": JSON_BOX}})

@@ -46,12 +46,13 @@ def read_local_image(text: str, folders: tuple[str, ...], max_bytes: int) -> Ima
         raise InputError(f"the image path {text[:200]!r}: no such file") from None
     except OSError as error:
         raise InputError(f"the image path {text[:200]!r}: cannot read it ({error.strerror})") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise InputError(f"the image path {text[:200]!r} is not a regular file")
-        if info.st_size > max_bytes:
-            raise InputError(f"the image file {text[:200]!r} has {info.st_size:,} bytes, more than the {max_bytes:,} "
-                             f"a request may carry")
+        raise InputError(f"the image file {text[:200]!r} has {info.st_size:,} bytes, more than the {max_bytes:,} "
+                         f"a request may carry")
+    with os.fdopen(descriptor, "rb") as handle:
         data = handle.read(max_bytes + 1)
     return decode_image(data, f"the image {Path(text).name}")
