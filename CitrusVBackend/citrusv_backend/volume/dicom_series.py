@@ -37,6 +37,10 @@ IDENTITY_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBi
                      "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialSiteID",
                      "ClinicalTrialSubjectID", "ClinicalTrialTimePointID")
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+# Objects that sit beside a series but are no slice of it: SR, presentation states, key objects, PDFs, SEG,
+# RT structures, raw data. Left out with a warning; any other file without pixels is a damaged image.
+NON_VOLUME_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.104.",
+                      "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.3")
 ORIENTATION_TOLERANCE = 1e-4       # direction cosines
 MAX_LISTED = 5
 
@@ -128,7 +132,7 @@ def _listing(names: list[str]) -> str:
 
 
 def _read_headers(folder: Path) -> tuple[list[_Header], list[str], list[str]]:
-    """(image headers, unreadable files with the reason, files that are DICOM but no image)."""
+    """(image headers, unreadable files with the reason, DICOM objects that are no slice: SR, SEG, ...)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -143,9 +147,13 @@ def _read_headers(folder: Path) -> tuple[list[_Header], list[str], list[str]]:
         media_class = str(getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPClassUID", ""))
         if media_class == DICOMDIR_CLASS:
             continue
+        sop_class = _text(dataset, "SOPClassUID") or media_class
+        if sop_class.startswith(NON_VOLUME_CLASSES):
+            not_images.append(path.name)
+            continue
         problem = _pixel_data_problem(path, dataset)
         if problem == "no pixel data":
-            not_images.append(path.name)
+            broken.append(f"{path.name} (damaged: no pixel data)")
         elif problem:
             broken.append(f"{path.name} ({problem})")
         else:
@@ -238,7 +246,8 @@ def read_series_headers(folder: str | Path, on_problem: str = "refuse") -> tuple
         raise InputError(f"{folder.name}: an enhanced (multi-frame) DICOM image; only series of single-frame images "
                          f"are read here: convert it to NIfTI first (e.g. with dcm2niix or Slicer)")
     if not_images:
-        check.problem(f"{len(not_images)} DICOM file(s) without image data: {_listing(not_images)}")
+        check.warnings.append(f"left out {len(not_images)} DICOM object(s) that are no image slice (SR, SEG, "
+                              f"presentation state, ...): {_listing(not_images)}")
     unplaced = [h.path.name for h in headers if _floats(h.dataset, "ImagePositionPatient", 3) is None
                 or _layout_key(h.dataset)[0] is None or _layout_key(h.dataset)[3] is None]
     if unplaced:
