@@ -278,9 +278,12 @@ def test_a_non_dicom_input_gets_a_new_study_without_identity(chest_ct_path, ches
     assert "RESEARCH USE ONLY" in seg.ImageComments and "RANDOM" not in seg.SeriesDescription
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(files["labelmap"])))
     assert_seg_lies_on_labelmap(seg, images, labels, {1: 1})
-    for kind in ("dicom_seg", "dicom_sr"):
-        errors, _ = dciodvfy(files[kind])
-        assert errors == [], f"{kind}: {errors}"
+    for path in (files["dicom_seg"], files["dicom_sr"], images[0], images[-1]):
+        errors, _ = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+    back = read_volume(tmp_path / "out", on_bad_dicom="skip")  # the image series, its SEG and SR left out
+    assert np.array_equal(back.voxels, volume.voxels) and np.allclose(back.geometry.ijk_to_lps(),
+                                                                      volume.geometry.ijk_to_lps(), atol=1e-4)
 
 
 def test_dicom_output_of_a_non_dicom_pet_volume_is_refused_with_the_reason(chest_ct_path, tmp_path):

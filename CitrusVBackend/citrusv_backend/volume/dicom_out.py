@@ -156,7 +156,8 @@ def image_datasets(volume: Volume, series: DicomSeries) -> list:
         ds.StudyDescription = "CitrusV results (no patient identity)"
         ds.StudyDate = ds.ContentDate = now.strftime("%Y%m%d")
         ds.StudyTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.Manufacturer, ds.ImageType = MANUFACTURER, ["DERIVED", "SECONDARY"]
+        ds.Manufacturer, ds.ImageType = MANUFACTURER, ["DERIVED", "SECONDARY", "AXIAL" if ds.Modality == "CT" else "OTHER"]
+        ds.PatientPosition = ds.Laterality = None   # Type 2C: unknown for a file without a scanner header
         ds.ImageComments = NO_IDENTITY_NOTE
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16
