@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 from dicom_series_maker import NOT_TO_COPY, PATIENT, chest_ct_series, rotation, write_ct_series
 
 from citrusv_backend.errors import InputError
@@ -132,24 +131,6 @@ def test_copies_and_non_dicom_files_do_not_break_a_series(tmp_path):
     assert np.array_equal(volume.voxels, voxels)
     assert volume.dicom.warnings == ["left out copy-of-IM0004.dcm: a copy of IM0004.dcm"] or \
         volume.dicom.warnings == ["left out IM0004.dcm: a copy of copy-of-IM0004.dcm"]
-
-
-def test_a_series_written_by_simpleitk_reads_too(tmp_path):
-    image = sitk.Image([16, 16, 5], sitk.sitkInt16) - 1000
-    image.SetSpacing((0.8, 0.8, 2.5))
-    folder = tmp_path / "itk"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(5):
-        plane = image[:, :, z]
-        plane.SetMetaData("0008|0060", "CT")
-        plane.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z)))))
-        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7")
-        writer.SetFileName(str(folder / f"{z}.dcm"))
-        writer.Execute(plane)
-    volume = read_volume(folder)
-    assert volume.shape == (5, 16, 16) and volume.geometry.spacing[2] == pytest.approx(2.5)
 
 
 def test_a_client_reference_must_describe_the_uploaded_slices(chest_series, chest_ct_path):

@@ -92,21 +92,6 @@ class DicomSeries:
         spacing = (self.pixel_spacing[1], self.pixel_spacing[0], self.slice_spacing or self.slice_thickness or 1.0)
         return VoxelGeometry(spacing, self.instances[0].position, direction)
 
-    def check_matches(self, geometry, shape: tuple[int, int, int], what: str = "the volume") -> None:
-        """Refuse a series that does not describe exactly `shape` (k, j, i) voxels at `geometry`."""
-        if shape != (len(self.instances), self.rows, self.columns):
-            raise InputError(f"the DICOM series has {len(self.instances)} slices of {self.rows} x {self.columns}, "
-                             f"{what} {shape[0]} slices of {shape[1]} x {shape[2]}")
-        mine = self.geometry()
-        tolerance = position_tolerance(min(mine.spacing))
-        expected = geometry.index_to_lps(np.array([[k, 0, 0] for k in range(shape[0])]))
-        actual = np.array([instance.position for instance in self.instances])
-        worst = float(np.abs(expected - actual).max()) if len(actual) else 0.0
-        if not np.allclose(mine.direction, geometry.direction, atol=1e-3) or worst > tolerance or \
-                not np.allclose(mine.spacing[:2], geometry.spacing[:2], rtol=1e-3):
-            raise InputError(f"the DICOM series' slice positions or orientation differ from {what}'s geometry "
-                             f"(up to {worst:.3g} mm apart); describe the series exactly as it was loaded")
-
     def output_problem(self) -> str | None:
         """Why DICOM SEG/SR cannot reference this series, or None."""
         if not self.frame_of_reference_uid:
@@ -141,7 +126,7 @@ def _read_headers(folder: Path) -> tuple[list[_Header], list[str], list[str]]:
         try:
             dataset = pydicom.dcmread(path, defer_size="1 KB")  # pixels deferred: only their length is read
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            if _has_dicom_marker(path):
+            if has_dicom_marker(path):
                 broken.append(f"{path.name} ({type(error).__name__}: {str(error)[:80] or 'unreadable'})")
             continue  # a file that is not DICOM at all (notes, thumbnails) is not part of the series
         media_class = str(getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPClassUID", ""))
@@ -161,7 +146,8 @@ def _read_headers(folder: Path) -> tuple[list[_Header], list[str], list[str]]:
     return headers, broken, not_images
 
 
-def _has_dicom_marker(path: Path) -> bool:
+def has_dicom_marker(path: Path) -> bool:
+    """The 'DICM' marker after the 128-byte preamble: a DICOM file (Part 10)."""
     try:
         with open(path, "rb") as handle:
             handle.seek(128)
