@@ -488,8 +488,9 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         if exporter is not None and segmentationNode is not None:
             item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
         directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
+        # copyFiles: the database keeps its own copies, the temporary folder may go.
         return export_result(self.backend.client(), result.dicom if result else None, directory,
-                             lambda folder: DICOMUtils.importDicom(folder), exporter, item)
+                             lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item)
 
     def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False) -> dict:
         return write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
