@@ -154,4 +154,4 @@ def scene_result_from_payload(payload: dict, shape_kji: tuple[int, int, int]) ->
                        findings=payload.get("findings", []), boxes=payload.get("boxes", []),
                        report_findings=report.get("findings", "") or "", report_impression=report.get("impression", "") or "",
                        answer=answer or "", problems=payload.get("problems", []),
-                       random_weights=bool(payload.get("random_weights")))
+                       random_weights=bool(payload.get("random_weights")), experimental=payload.get("experimental") or "")

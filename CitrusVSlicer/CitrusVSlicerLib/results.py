@@ -43,12 +43,15 @@ class SceneResult:
     answer: str = ""                                          # free text (Ask)
     problems: list[str] = field(default_factory=list)
     random_weights: bool = False
+    experimental: str = ""                                    # why the backend calls the result experimental
 
     @property
     def report_text(self) -> str:
         parts = []
         if self.random_weights:
             parts.append("RANDOM WEIGHTS: produced by a random test model; the content is noise.")
+        if self.experimental:
+            parts.append(self.experimental)
         if self.answer:
             parts.append(self.answer)
         if self.report_findings:
