@@ -327,15 +327,19 @@ class VolumePipeline:
         generated = self.engine.run(source.rgb(index), target.query, task="segment", answer=None,
                                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
                                     max_new_tokens=options.max_new_tokens, mask_upsampling=options.mask_upsampling)
-        if SEG_TOKEN in generated.text and generated.masks:
-            self._answers[target.query] = generated.text
-            segment.answer, segment.answer_source = generated.text, "generated"
-            segment.answer_note = f"the model's own answer on slice {index}, forced on the other slices"
-            return generated
         segment.answer_source = "forced"
-        segment.answer_note = (f"the model's own answer on slice {index} had no {SEG_TOKEN} ({generated.text[:200]!r}); "
-                               f"{options.answer!r} was forced instead")
-        return forced_result
+        if not (SEG_TOKEN in generated.text and generated.masks):
+            segment.answer_note = (f"the model's own answer on slice {index} had no {SEG_TOKEN} "
+                                   f"({generated.text[:200]!r}); {options.answer!r} was forced instead")
+            return forced_result
+        if forced_result is not None and not options.presence_rule().present(Evidence.from_result(generated)):
+            segment.answer_note = (f"the model's own answer on key slice {index} ({generated.text[:200]!r}) gives a mask "
+                                   f"that does not show the target; {options.answer!r} was forced instead")
+            return forced_result
+        self._answers[target.query] = generated.text
+        segment.answer, segment.answer_source = generated.text, "generated"
+        segment.answer_note = f"the model's own answer on slice {index}, forced on the other slices"
+        return generated
 
     def find_key_slice(self, source, target, options, slice_range, stage):
         """Coarse-to-fine search for the slice where the target is found most confidently.
