@@ -94,6 +94,26 @@ def test_window_choices():
 
 
 @pytest.mark.model
+def test_the_slices_shown_to_the_model_have_the_training_gray_levels(tiny_engine, chest, chest_labels, monkeypatch):
+    shown = []
+    original = tiny_engine.segment_batch
+
+    def spy(images, prompt, **kwargs):
+        shown.extend(images)
+        return original(images, prompt, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "segment_batch", spy)
+    result = VolumePipeline(tiny_engine).run(chest, "segment the liver", "segment",
+                                             VolumeOptions(mode="per-slice", slice_range=(14, 17)))
+    orientation = result.source.orientation
+    gray = np.stack([image[:, :, 0] for image in shown])
+    labels = np.stack([orientation.slice(chest_labels, k) for k in range(14, 17)])
+    levels = tissue_gray(gray, labels)
+    for tissue, (low, high) in TRAINING_GRAY.items():
+        assert low <= levels[tissue] <= high, (tissue, levels)
+
+
+@pytest.mark.model
 def test_each_target_gets_its_own_window_only_when_asked(tiny_engine, chest, monkeypatch):
     """The default shows every target the same normalised slices; `clinical` gives each its own preset."""
     shown: list[tuple[str, float]] = []
