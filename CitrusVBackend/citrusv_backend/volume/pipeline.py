@@ -116,7 +116,7 @@ class Segment:
     laterality: str | None = None
     slices: list[int] = field(default_factory=list)
     answer: str = FORCED_SEGMENT_ANSWER     # the answer forced on the slices
-    answer_source: str = "forced"           # forced | generated | forced (see answer_note)
+    answer_source: str = "forced"           # forced or generated (answer_note says why)
     answer_note: str = ""
     key_evidence: dict | None = None        # mask-logit figures and the (reported) object score of the key slice
 
@@ -521,11 +521,6 @@ class VolumePipeline:
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-
-def slice_score(result: InferenceResult, rule: PresenceRule | None = None) -> float:
-    """Confidence that the slice shows the target under `rule` (default: the mask-logit rule); 0 when not."""
-    return (rule or PresenceRule()).score(Evidence.from_result(result))
-
 
 def spread(first: int, last: int, count: int) -> list[int]:
     """`count` slice indices spread evenly over [first, last), centred in their bins."""
