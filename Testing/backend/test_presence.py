@@ -17,7 +17,7 @@ from citrusv_backend.volume.pipeline import SliceSource, VolumeOptions, VolumePi
 from citrusv_backend.volume.presence import Evidence, PresenceRule, consistent_slices
 from citrusv_backend.volume.windowing import training_window
 
-RANGE = (15, 19)
+RANGE = (16, 19)
 PROMPT = "segment the left lung"
 
 
