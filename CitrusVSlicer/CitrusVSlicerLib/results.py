@@ -44,6 +44,7 @@ class SceneResult:
     problems: list[str] = field(default_factory=list)
     random_weights: bool = False
     experimental: str = ""                                    # why the backend calls the result experimental
+    dicom: dict | None = None                                 # the backend's DICOM SEG / SR (URLs, UIDs)
 
     @property
     def report_text(self) -> str:
