@@ -163,4 +163,5 @@ def scene_result_from_payload(payload: dict, shape_kji: tuple[int, int, int]) ->
                        findings=payload.get("findings", []), boxes=payload.get("boxes", []),
                        report_findings=report.get("findings", "") or "", report_impression=report.get("impression", "") or "",
                        answer=answer or "", problems=payload.get("problems", []),
-                       random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"))
+                       random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"),
+                       experimental=payload.get("experimental") or "")
