@@ -124,7 +124,7 @@ def seg_prone(tiny_checkpoint, chest):
     """A copy of the tiny model whose lm_head is nudged so that greedy decoding writes [SEG]."""
     engine = CitrusVEngine.load(tiny_checkpoint, device="cpu")
     source = SliceSource(chest, "axial", training_window(chest.voxels))
-    inputs = engine.processor(Image.fromarray(source.rgb(17)), "Please help segment the left lung in this scan.",
+    inputs = engine.processor(Image.fromarray(source.rgb(17)), "<image>\nPlease help segment the left lung in this scan.",
                               TASK_PIXEL_BUDGETS["segment"])
     with torch.no_grad(), record_final_hidden_states(engine.model.final_norm) as recorded:
         engine.model.mllm(**inputs.qwen_kwargs(torch.device("cpu")))
@@ -172,7 +172,7 @@ def test_nearest_mask_upsampling_reaches_the_volume_path(tiny_engine, chest):
     result = VolumePipeline(tiny_engine).run(chest, "segment the left lung", "segment", options)
     source = SliceSource(chest, "axial", training_window(chest.voxels))
     for index in (16, 17):
-        alone = tiny_engine.segment(source.rgb(index), "Please help segment the left lung in this scan.",
+        alone = tiny_engine.segment(source.rgb(index), "<image>\nPlease help segment the left lung in this scan.",
                                     mask_upsampling="nearest")
         assert np.array_equal(source.orientation.slice(result.segments[0].mask, index), alone.masks[0].mask)
     assert result.settings["mask_upsampling"] == "nearest"

@@ -86,7 +86,7 @@ def faint_masks(session_dir):
 
 def key_slice_evidence(engine, chest) -> Evidence:
     source = SliceSource(chest, "axial", training_window(chest.voxels))
-    result = engine.segment(source.rgb(17), "Please help segment the left lung in this scan.")
+    result = engine.segment(source.rgb(17), "<image>\nPlease help segment the left lung in this scan.")
     return Evidence.from_result(result)
 
 

@@ -123,7 +123,7 @@ def test_per_slice_mode_segments_every_slice_alone(pipeline, chest, tiny_engine)
     mask = result.segments[0].mask
     source = SliceSource(chest, "axial", training_window(chest.voxels, "CT"))
     rule = PresenceRule()
-    alone = {index: tiny_engine.run(source.rgb(index), "Please help segment the left lung in this scan.", task="segment",
+    alone = {index: tiny_engine.run(source.rgb(index), "<image>\nPlease help segment the left lung in this scan.", task="segment",
                                     answer="Sure, it is [SEG].") for index in range(16, 19)}
     kept = consistent_slices({i: rule.present(Evidence.from_result(r)) for i, r in alone.items()}, 16, 19, rule)
     assert kept, "the tiny model's clear masks count as present"
@@ -150,8 +150,8 @@ def test_several_targets_give_several_segments(pipeline, chest, tmp_path):
     result = pipeline.run(chest, "Please segment the liver and the spleen in this scan.", "segment",
                           VolumeOptions(mode="per-slice", slice_range=(5, 7)))
     assert [(s.label, s.name) for s in result.segments] == [(1, "liver"), (2, "spleen")]
-    assert [s.query for s in result.segments] == ["Please help segment the liver in this scan.",
-                                                  "Please help segment the spleen in this scan."]
+    assert [s.query for s in result.segments] == ["<image>\nPlease help segment the liver in this scan.",
+                                                  "<image>\nPlease help segment the spleen in this scan."]
     assert set(np.unique(result.labels)) <= {0, 1, 2}
 
 
@@ -279,7 +279,7 @@ def test_boxes_on_slices_become_a_3d_box_in_patient_space():
 
 @pytest.mark.parametrize("prompt, names", [
     ("segment the liver and the spleen", ["liver", "spleen"]),
-    ("Please help segment the left lung in this scan.", ["left lung"]),
+    ("<image>\nPlease help segment the left lung in this scan.", ["left lung"]),
     ("segment the lesion in the left lobe", ["lesion in the left lobe"]),
     ("Find the kidneys, the liver & the aorta.", ["kidneys", "liver", "aorta"]),
     ("What is the largest organ here?", ["What is the largest organ here"]),

@@ -135,4 +135,4 @@ def test_each_target_gets_its_own_window_only_when_asked(tiny_engine, chest, mon
     assert clinical.settings["windows"] == {"liver": CT_PRESETS["liver"].__dict__,
                                             "left lung": CT_PRESETS["lung"].__dict__}
     means = dict(shown)
-    assert means["Please help segment the liver in this scan."] != means["Please help segment the left lung in this scan."]
+    assert means["<image>\nPlease help segment the liver in this scan."] != means["<image>\nPlease help segment the left lung in this scan."]

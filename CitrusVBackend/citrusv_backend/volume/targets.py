@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..model.processor import IMAGE_TAG
 
-QUERY_TEMPLATE = "Please help segment the {target} in this scan."
+# The reference's queries (MeCoVQA-G rows read by eval/eval_segmentation.py, projects/inference.py) start with
+# "<image>\n": the image block, then a newline, then the question.
+QUERY_TEMPLATE = "<image>\nPlease help segment the {target} in this scan."
 # eval/eval_detection.py (bbox_format "json", the default), verbatim; `<image>` marks the image's position.
 DETECT_TEMPLATE = "<image>\nLocate the {target}, output its bbox coordinates using JSON format."
 
