@@ -15,3 +15,7 @@ class InputError(CitrusVError):
 
 class DependencyError(CitrusVError):
     """A required package is missing or unusable in this environment."""
+
+
+class TooLargeError(InputError):
+    """A volume or request beyond a configured size limit (the service answers 413)."""

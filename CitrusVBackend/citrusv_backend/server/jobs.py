@@ -32,9 +32,10 @@ REMEMBERED_EXPIRED = 10_000
 @dataclass
 class Job:
     task: str
-    runner: Callable[["Job"], Any]      # runs on the worker thread; its return value is the result
+    runner: Callable[["Job"], Any] | None  # runs on the worker thread; its return value is the result
     volume_id: str | None = None
     kept: bool = True                   # False: a synchronous request answers it directly, nothing is stored
+    release: Callable[[], None] | None = None  # called once when the job ends (lets its volume go)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     stage: str = "queued"
@@ -165,6 +166,11 @@ class JobQueue:
 
     def _finish(self, job: Job, status: str, result: Any = None, error: dict | None = None) -> None:
         job.status, job.finished, job.error = status, self.clock(), error
+        # A finished job keeps its result, never what it worked on: the runner's closure holds the volume.
+        job.runner = None
+        if job.release is not None:
+            job.release, release = None, job.release
+            release()
         job.result = result if job.kept else None
         job.stage = {DONE: "done", FAILED: "failed", CANCELLED: "cancelled"}[status]
         job.fraction = 1.0 if status == DONE else job.fraction
