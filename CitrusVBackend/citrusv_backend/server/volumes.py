@@ -154,15 +154,20 @@ class VolumeStore:
             reservation.nbytes = 0
 
     def _make_room(self, nbytes: int) -> None:  # call with the lock held
-        while self.used_bytes + nbytes > self.budget_bytes:
-            victim = next((i for i, v in self._volumes.items() if v.users == 0), None)
-            if victim is None:
-                held = self.used_bytes
-                raise ApiError(503, f"the volume memory budget ({self.budget_bytes / 2**20:,.1f} MiB, "
-                                    f"--volume-budget-mb) is held by volumes that queued or running jobs still use and "
-                                    f"by uploads in progress ({held / 2**20:,.1f} MiB); retry when they have finished",
-                               type="busy", headers={"Retry-After": "5"})
-            self._evict(victim, "to make room for newer uploads (memory budget)")
+        """Evict unused volumes, least recently used first, until `nbytes` more fit; refuse (evicting nothing)
+        when even all of them would not make room."""
+        excess = self.used_bytes + nbytes - self.budget_bytes
+        unused = [(i, v.nbytes) for i, v in self._volumes.items() if v.users == 0]
+        if excess > sum(size for _, size in unused):
+            raise ApiError(503, f"the volume memory budget ({self.budget_bytes / 2**20:,.1f} MiB, --volume-budget-mb) "
+                                f"is held by volumes that queued or running jobs still use and by uploads in progress "
+                                f"({self.used_bytes / 2**20:,.1f} MiB); retry when they have finished",
+                           type="busy", headers={"Retry-After": "5"})
+        for volume_id, size in unused:
+            if excess <= 0:
+                break
+            self._evict(volume_id, "to make room for newer uploads (memory budget)")
+            excess -= size
 
     def _expire(self, now: float) -> None:
         for volume_id in [i for i, v in self._volumes.items() if now - v.last_used > self.ttl_s]:
