@@ -370,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-timeout", type=float, default=60,
                        help="drop a request whose body stalls this long (s)")
     serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--header-timeout", type=float, default=10,
+                       help="drop a connection whose request headers take longer than this to arrive (s)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="the most open connections; one more is answered 503 and closed")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
     serve.set_defaults(handler=cmd_serve)

@@ -37,6 +37,9 @@ class ServiceConfig:
     request_timeout_s: float = 600.0          # a synchronous 2D / chat request waits at most this long
     read_timeout_s: float = 60.0              # a request body that stalls this long is dropped
     max_new_tokens: int = 4096
+    max_header_bytes: int = 64 * 1024         # a request's headers (431 beyond)
+    header_timeout_s: float = 10.0            # a request's headers must arrive within this (408)
+    max_connections: int = 256                # open connections; one more is answered 503 and closed
 
     def body_limit(self, path: str) -> int:
         return self.max_upload_bytes if path == VOLUME_UPLOAD_PATH else min(self.max_request_bytes, self.max_upload_bytes)

@@ -25,6 +25,7 @@ import uvicorn
 
 from ..errors import CitrusVError
 from .app import MiB, ServiceConfig, ServiceState, create_app
+from .connections import guarded_protocol
 from .logs import configure_logging, log_event
 
 log = logging.getLogger("citrusv.server")
@@ -46,7 +47,8 @@ class ServeSettings:
                                max_upload_bytes=int(args.max_upload_mb * MiB), max_voxels=args.max_voxels,
                                volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
                                result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
-                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens)
+                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens,
+                               header_timeout_s=args.header_timeout, max_connections=args.max_connections)
         return cls(host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
                    config=config)
 
@@ -138,15 +140,21 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         app = create_app(state)
         sock.listen(2048)
         ready = ready_line(state, address, port, token)
-        server = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                                           timeout_keep_alive=5, timeout_graceful_shutdown=5),
-                             on_ready=lambda: _announce(ready, stdout))
+        server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
         sock.close()
         if token.source == "generated" and token.file is not None:
             shutil.rmtree(token.file.parent, ignore_errors=True)
+
+
+def uvicorn_config(app, config: ServiceConfig) -> uvicorn.Config:
+    """uvicorn with the h11 protocol that bounds header size and time and the number of connections."""
+    protocol = guarded_protocol(config.max_header_bytes, config.header_timeout_s, config.max_connections)
+    return uvicorn.Config(app, http=protocol, ws="none", h11_max_incomplete_event_size=config.max_header_bytes,
+                          log_config=None, access_log=False, server_header=False, timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
 
 
 def ready_line(state: ServiceState, address: str, port: int, token: Token) -> dict:
