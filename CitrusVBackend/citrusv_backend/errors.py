@@ -13,6 +13,10 @@ class InputError(CitrusVError):
     """An image, volume, prompt or option given by the user is not usable."""
 
 
+class JobCancelled(CitrusVError):
+    """The caller cancelled the work (a user, a signal, a client that hung up); nothing of it is kept."""
+
+
 class DependencyError(CitrusVError):
     """A required package is missing or unusable in this environment."""
 

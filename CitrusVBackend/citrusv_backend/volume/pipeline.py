@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CitrusVError, InputError
+from ..errors import CitrusVError, InputError, JobCancelled  # noqa: F401  (JobCancelled: re-exported)
 from ..inference.engine import FORCED_SEGMENT_ANSWER, CitrusVEngine, InferenceResult
 from ..inference.reports import detect_location
 from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 MODES = ("propagate", "per-slice", "hybrid")
 TASKS = ("segment", "detect", "report")
 ProgressFn = Callable[[str, float, str], None]
-
-
-class JobCancelled(CitrusVError):
-    """The caller cancelled the job; nothing was written."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -84,7 +84,7 @@ def list_models(state: Service) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, state: Service) -> Response:
+async def chat_completions(body: ChatRequest, request: Request, state: Service) -> Response:
     if body.stream:
         raise ApiError(400, "streaming is not supported: segmentation does not support streaming (masks come with "
                             "the complete answer); send stream=false", type="streaming_not_supported")
@@ -101,11 +101,12 @@ async def chat_completions(body: ChatRequest, state: Service) -> Response:
     check_prompt_and_answer(prompt, extension.answer)
     image = await run_in_threadpool(lambda: decode_image(b64decode(image_text, "the image"), "the image"))
 
-    def runner(_job):
+    def runner(job):
         return state.engine.run(image, prompt, task=extension.task, answer=extension.answer,
-                                min_pixels=extension.min_pixels, max_pixels=extension.max_pixels, max_new_tokens=max_tokens)
+                                min_pixels=extension.min_pixels, max_pixels=extension.max_pixels, max_new_tokens=max_tokens,
+                                should_cancel=job.should_cancel)
 
-    result = await run_now(state, Job(task="chat", runner=runner, kept=False))
+    result = await run_now(state, Job(task="chat", runner=runner, kept=False), request)
     return Response(to_json_bytes(completion(result, state, max_tokens)), media_type="application/json")
 
 
