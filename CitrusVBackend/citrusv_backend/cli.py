@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
+from .signals import SignalExit
 
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
 MODEL_ENV = "CITRUSV_MODEL"
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("citrusv: interrupted", file=sys.stderr)
         return 130
+    except SignalExit as stopped:
+        print(f"citrusv: {stopped}", file=sys.stderr)
+        return stopped.code
 
 
 if __name__ == "__main__":

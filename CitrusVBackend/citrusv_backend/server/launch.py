@@ -6,6 +6,7 @@ loaded, so a launcher that sees the ready line — or can connect at all — fin
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -13,10 +14,12 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +27,7 @@ from typing import Callable
 import uvicorn
 
 from ..errors import CitrusVError
+from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
 from .app import MiB, ServiceConfig, ServiceState, create_app
 from .connections import guarded_protocol
 from .logs import configure_logging, log_event
@@ -135,13 +139,17 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         token.file = write_private_token_file(token.value)
     try:
         log_event(log, "loading model")
-        engine = load_engine()
+        with exit_on_signals():  # a stop while the model loads still runs the clean-up below (exit 128 + signal)
+            engine = load_engine()
         state = ServiceState(engine, settings.config, token.value)
         app = create_app(state)
         sock.listen(2048)
         ready = ready_line(state, address, port, token)
         server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
         server.run(sockets=[sock])
+        if server.exit_signal is not None:
+            log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)
+            return SIGNAL_EXIT[server.exit_signal]
         return 0 if server.started else 1
     finally:
         sock.close()
@@ -172,11 +180,30 @@ def _announce(ready: dict, stdout) -> None:
 
 
 class ReadyServer(uvicorn.Server):
-    """uvicorn's server, calling `on_ready` once it accepts connections."""
+    """uvicorn's server, calling `on_ready` once it accepts connections. A stop signal shuts it down gracefully
+    and is remembered (`exit_signal`) instead of being raised again at the end as uvicorn does: that would kill
+    the process before `serve` removes its token folder."""
 
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
         super().__init__(config)
         self.on_ready = on_ready
+        self.exit_signal: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self.handle_exit) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.exit_signal = self.exit_signal or sig
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
