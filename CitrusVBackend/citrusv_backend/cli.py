@@ -11,54 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
+from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
+from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, open_engine, resolve_model_argument
 from .signals import SignalExit
-
-DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
-MODEL_ENV = "CITRUSV_MODEL"
-TINY_ALIAS = "tiny"
-BANNER_WIDTH = 96
-
-
-def say(message: str) -> None:
-    """Progress for people: stderr, so stdout stays clean for machine-readable output."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def random_weights_banner(checkpoint: Path) -> str:
-    line = "!" * BANNER_WIDTH
-    return (f"{line}\n!!  RANDOM WEIGHTS — the model in {checkpoint} is a tiny random test model.\n"
-            f"!!  Every answer, mask and box below is NOISE. Use it to test the software, never to read images.\n"
-            f"!!  Real results need the released weights: --model {DEFAULT_MODEL}\n{line}")
-
-
-def tiny_checkpoint_cache() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "citrusv" / "tiny-checkpoint"
-
-
-def resolve_model_argument(model: str | None) -> str:
-    """`tiny` means a random tiny checkpoint in the user cache (made once); anything else is passed on."""
-    model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-    if model != TINY_ALIAS:
-        return model
-    from .model.tiny import make_tiny_checkpoint
-
-    target = tiny_checkpoint_cache()
-    if not (target / "config.json").is_file():
-        say(f"making a random tiny checkpoint in {target} (once) ...")
-        make_tiny_checkpoint(target)
-    return str(target)
-
+from .volume.arguments import add_volume_options, volume_options
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -67,17 +30,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--attention", default="auto", help="auto (flash_attention_2 if installed on CUDA, else sdpa)")
-
-
-def open_engine(model: str, device: str | None, dtype: str | None, attention: str | None):
-    """The model of a command. transformers' own logging is silenced for the command: it warns about the
-    `citrus_v` folder while nothing is wrong, and our progress lines say what happens."""
-    from transformers.utils import logging as transformers_logging
-
-    from .inference.engine import CitrusVEngine
-
-    transformers_logging.set_verbosity_error()
-    return CitrusVEngine.load(model, device=device, dtype=dtype, attention=attention)
 
 
 def load_engine(args):
@@ -126,41 +78,6 @@ def cmd_infer(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- volumes
 
-class ProgressPrinter:
-    """One line per stage change, then at most one update a second: readable in a terminal and in logs."""
-
-    def __init__(self, interval: float = 1.0):
-        self.interval = interval
-        self.stage = None
-        self.last = 0.0
-
-    def __call__(self, stage: str, fraction: float, message: str) -> None:
-        now = time.monotonic()
-        if stage != self.stage or now - self.last >= self.interval or fraction >= 1.0:
-            say(f"  [{stage}] {fraction * 100:5.1f}%  {message}")
-            self.stage, self.last = stage, now
-
-
-def parse_slice_range(text: str | None):
-    if not text:
-        return None
-    try:
-        first, last = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise CitrusVError(f"--slice-range {text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
-    return first, last
-
-
-def volume_options(args):
-    from .volume.pipeline import VolumeOptions
-
-    return VolumeOptions(mode=getattr(args, "mode", "propagate"), window=args.window, plane=args.axis,
-                         slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
-                         fill_holes=not getattr(args, "no_fill_holes", False),
-                         largest_component=getattr(args, "largest_component", False),
-                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4))
-
-
 def cmd_volume_task(args) -> int:
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
@@ -194,6 +111,8 @@ def cmd_volume_task(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import numpy as np
+
     from .volume.evaluate import evaluate_labelmaps
     from .volume.io import read_volume
 
@@ -296,23 +215,6 @@ def cmd_demo(args) -> int:
     args.command = "segment"
     say(f"CitrusV demo: segmenting {args.prompt!r} in {Path(args.volume).name}")
     return cmd_volume_task(args)
-
-
-def add_volume_options(parser, segment_options: bool = True) -> None:
-    """The options of the volume pipeline, shared by segment / detect / report and batch."""
-    if segment_options:
-        parser.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
-                            help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
-                                 "hybrid: propagation re-anchored by Citrus-V where it loses the target")
-        parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
-        parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-    parser.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
-    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-    parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
-    parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..volume.arguments import add_volume_options
+
 
 def add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", help="folder of NIfTI / NRRD / MHA / MHD volumes (and DICOM series folders); "
@@ -34,7 +36,5 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
                      help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
     ray.add_argument("--ray-ship-inputs", action="store_true",
                      help="send inputs through Ray's object store instead of reading them from shared storage")
-
-    from ..cli import add_volume_options
 
     add_volume_options(parser.add_argument_group("volume options (as for `citrusv segment`)"))

@@ -1,0 +1,43 @@
+"""The command-line options of the volume pipeline, shared by `citrusv segment / detect / report` and
+`citrusv batch`, and the VolumeOptions they make. Light on imports: the command line is built from it before
+anything decides whether torch is needed."""
+from __future__ import annotations
+
+from ..errors import CitrusVError
+
+
+def parse_slice_range(text: str | None):
+    if not text:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise CitrusVError(f"--slice-range {text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
+    return first, last
+
+
+def volume_options(args):
+    from .pipeline import VolumeOptions
+
+    return VolumeOptions(mode=getattr(args, "mode", "propagate"), window=args.window, plane=args.axis,
+                         slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
+                         fill_holes=not getattr(args, "no_fill_holes", False),
+                         largest_component=getattr(args, "largest_component", False),
+                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4))
+
+
+def add_volume_options(parser, segment_options: bool = True) -> None:
+    """The options of the volume pipeline, shared by segment / detect / report and batch."""
+    if segment_options:
+        parser.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
+                            help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
+                                 "hybrid: propagation re-anchored by Citrus-V where it loses the target")
+        parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
+        parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
+    parser.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
+    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
+    parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
+    parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
