@@ -19,6 +19,7 @@ from . import __version__
 from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
+from .paths import writable_folder
 from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, open_engine, resolve_model_argument
 from .signals import SignalExit
 from .volume.arguments import add_volume_options, volume_options
@@ -57,7 +58,8 @@ def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path,
 def cmd_infer(args) -> int:
     from .inference.images import load_image
 
-    image = load_image(args.image)  # a bad image fails before minutes of model loading
+    image = load_image(args.image)  # a bad image or output location fails before minutes of model loading
+    writable_folder(Path(args.out).parent)
     engine = load_engine(args)
     say(f"running {args.task} on {args.image} ...")
     result = engine.run(image, args.prompt, task=args.task, answer=args.answer, min_pixels=args.min_pixels,
@@ -83,6 +85,7 @@ def cmd_volume_task(args) -> int:
     from .volume.outputs import write_outputs
     from .volume.pipeline import VolumePipeline
 
+    writable_folder(args.out)
     volume = read_volume(args.volume, max_voxels=args.max_voxels)  # a bad file fails before the model loads
     options = volume_options(args)
     say(f"read {args.volume}: {' x '.join(map(str, volume.shape[::-1]))} voxels, spacing "

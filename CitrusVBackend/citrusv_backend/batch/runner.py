@@ -27,6 +27,7 @@ from .. import __version__
 from ..console import random_weights_banner, say
 from ..errors import CitrusVError, DependencyError, InputError
 from ..model_source import resolve_model_argument
+from ..paths import writable_folder
 from ..signals import SIGNAL_EXIT, STOP_SIGNALS, SignalExit, SignalPipe
 from ..volume.arguments import volume_options
 from .casework import CaseOutcome, CaseTask
@@ -41,7 +42,10 @@ LOCK_NAME = ".lock"
 # ---------------------------------------------------------------------------------------------- folders
 
 def check_folders(input_dir: str, out_dir: str) -> tuple[Path, Path]:
-    source, target = Path(input_dir).resolve(), Path(out_dir).resolve()
+    try:
+        source, target = Path(input_dir).resolve(), Path(out_dir).resolve()
+    except (OSError, RuntimeError) as error:  # a link that loops (RuntimeError before Python 3.13)
+        raise InputError(f"{input_dir} or --out {out_dir}: cannot be resolved ({error})") from None
     if not source.is_dir():
         raise InputError(f"{input_dir}: not a folder; give the folder that holds the volumes")
     if target == source or target.is_relative_to(source):
@@ -50,7 +54,7 @@ def check_folders(input_dir: str, out_dir: str) -> tuple[Path, Path]:
     if source.is_relative_to(target):
         raise InputError(f"the input folder {source} is inside --out {target}; choose an output folder that does "
                          f"not contain the inputs")
-    target.mkdir(parents=True, exist_ok=True)
+    writable_folder(target)
     return source, target
 
 
