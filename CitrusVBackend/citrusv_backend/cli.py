@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from . import option_types as types
 from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
@@ -56,10 +57,10 @@ def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path,
 # ---------------------------------------------------------------------------------------------- infer
 
 def cmd_infer(args) -> int:
+    writable_folder(Path(args.out).parent)  # a bad output location or image fails before the model loads
     from .inference.images import load_image
 
-    image = load_image(args.image)  # a bad image or output location fails before minutes of model loading
-    writable_folder(Path(args.out).parent)
+    image = load_image(args.image)
     engine = load_engine(args)
     say(f"running {args.task} on {args.image} ...")
     result = engine.run(image, args.prompt, task=args.task, answer=args.answer, min_pixels=args.min_pixels,
@@ -81,11 +82,11 @@ def cmd_infer(args) -> int:
 # ---------------------------------------------------------------------------------------------- volumes
 
 def cmd_volume_task(args) -> int:
+    writable_folder(args.out)  # before anything slow, even the imports
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
     from .volume.pipeline import VolumePipeline
 
-    writable_folder(args.out)
     volume = read_volume(args.volume, max_voxels=args.max_voxels)  # a bad file fails before the model loads
     options = volume_options(args)
     say(f"read {args.volume}: {' x '.join(map(str, volume.shape[::-1]))} voxels, spacing "
@@ -232,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--prompt", required=True, help="what to do, e.g. 'Please segment the liver in this scan.'")
     infer.add_argument("--answer", default=None, help="force this answer (e.g. 'Sure, it is [SEG].'): one prefill, no decoding")
     infer.add_argument("--task", choices=["ask", "segment", "detect", "report"], default="ask")
-    infer.add_argument("--min-pixels", type=int, default=None, help="Qwen resize lower bound (default per task)")
-    infer.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound (segment 65535, others 1003520)")
-    infer.add_argument("--max-new-tokens", type=int, default=1024)
+    infer.add_argument("--min-pixels", type=types.pixel_count, default=None, help="Qwen resize lower bound (default per task)")
+    infer.add_argument("--max-pixels", type=types.pixel_count, default=None, help="Qwen resize upper bound (segment 65535, others 1003520)")
+    infer.add_argument("--max-new-tokens", type=types.positive_int, default=1024)
     infer.add_argument("--mask-upsampling", choices=["bilinear", "nearest"], default="bilinear",
                        help="bilinear: smooth, upsample logits (default); nearest: the reference's exact resize")
     infer.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.npz")
@@ -262,23 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default loopback; any other needs --token-file or $CITRUSV_TOKEN)")
-    serve.add_argument("--port", type=int, default=0, help="TCP port; 0 (default) picks a free one (see the ready line)")
+    serve.add_argument("--port", type=types.port, default=0, help="TCP port; 0 (default) picks a free one (see the ready line)")
     serve.add_argument("--token-file", default=None,
                        help="file holding the bearer token (else $CITRUSV_TOKEN, else a random one written to a 0600 file)")
-    serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted (MiB)")
-    serve.add_argument("--max-voxels", type=int, default=1024**3, help="largest volume accepted (voxels)")
-    serve.add_argument("--volume-budget-mb", type=float, default=4096,
+    serve.add_argument("--max-upload-mb", type=types.positive_float, default=1024, help="largest volume upload accepted (MiB)")
+    serve.add_argument("--max-voxels", type=types.positive_int, default=1024**3, help="largest volume accepted (voxels)")
+    serve.add_argument("--volume-budget-mb", type=types.positive_float, default=4096,
                        help="memory for uploaded volumes; the least recently used are evicted beyond it (MiB)")
-    serve.add_argument("--volume-ttl", type=float, default=3600, help="evict a volume unused for this long (s)")
-    serve.add_argument("--result-ttl", type=float, default=3600, help="keep a finished job's result this long (s)")
-    serve.add_argument("--request-timeout", type=float, default=600,
+    serve.add_argument("--volume-ttl", type=types.positive_float, default=3600, help="evict a volume unused for this long (s)")
+    serve.add_argument("--result-ttl", type=types.positive_float, default=3600, help="keep a finished job's result this long (s)")
+    serve.add_argument("--request-timeout", type=types.positive_float, default=600,
                        help="longest wait for a synchronous 2D or chat request (s)")
-    serve.add_argument("--read-timeout", type=float, default=60,
+    serve.add_argument("--read-timeout", type=types.positive_float, default=60,
                        help="drop a request whose body stalls this long (s)")
-    serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
-    serve.add_argument("--header-timeout", type=float, default=10,
+    serve.add_argument("--max-new-tokens", type=types.positive_int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--header-timeout", type=types.positive_float, default=10,
                        help="drop a connection whose request headers take longer than this to arrive (s)")
-    serve.add_argument("--max-connections", type=int, default=256,
+    serve.add_argument("--max-connections", type=types.positive_int, default=256,
                        help="the most open connections; one more is answered 503 and closed")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volume", default=None, help="a volume file instead of the bundled sample CT")
     demo.add_argument("--out", default="citrusv-demo-output", help="output folder")
     demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
-    demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
+    demo.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
                       max_voxels=1024**3, batch_size=4)
 
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the exact 8B architecture with random bf16 weights, built in memory (needs a GPU)")
     bench.add_argument("--full", action="store_true",
                        help="full measurement: 512x512x200 synthetic CT, 64 decoded tokens, 5 repeats (default: quick)")
-    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--repeats", type=types.positive_int, default=None)
     bench.add_argument("--out", default="bench/results", help="folder for the results JSON")
     bench.set_defaults(handler=cmd_bench)
     return parser

@@ -30,7 +30,7 @@ from ..errors import CitrusVError
 from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
 from .app import MiB, ServiceConfig, ServiceState, create_app
 from .connections import guarded_protocol
-from .logs import configure_logging, log_event
+from .logs import capture_stderr, configure_logging, log_event
 
 log = logging.getLogger("citrusv.server")
 
@@ -128,6 +128,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=None) -> int:
     stdout = stdout or sys.stdout
     configure_logging()
+    capture_stderr()
     token = resolve_token(settings.token_file)
     sock = bind_socket(settings.host, settings.port)
     address, port = sock.getsockname()[:2]

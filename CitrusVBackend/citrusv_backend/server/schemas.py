@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..inference.engine import FORCED_SEGMENT_ANSWER
+from ..option_types import MAX_IMAGE_PIXELS, MIN_IMAGE_PIXELS
 from ..volume.pipeline import VolumeOptions
 from .codec import COMPRESSIONS, VOXEL_DTYPES
 
@@ -16,7 +17,7 @@ MAX_PROMPT_CHARS = 8000
 MAX_DIMENSION = 65536  # voxels along one axis: beyond any scanner, and three of them multiply without overflow
 Dimension = Annotated[int, Field(ge=1, le=MAX_DIMENSION)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Pixels = Annotated[int, Field(ge=28 * 28, le=16384 * 28 * 28)]
+Pixels = Annotated[int, Field(ge=MIN_IMAGE_PIXELS, le=MAX_IMAGE_PIXELS)]
 
 
 class Strict(BaseModel):

@@ -3,6 +3,7 @@
 anything decides whether torch is needed."""
 from __future__ import annotations
 
+from .. import option_types as types
 from ..errors import CitrusVError
 
 
@@ -34,10 +35,10 @@ def add_volume_options(parser, segment_options: bool = True) -> None:
                                  "hybrid: propagation re-anchored by Citrus-V where it loses the target")
         parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
         parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-    parser.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
+    parser.add_argument("--window", default="auto", type=types.window, help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
     parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-    parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
-    parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
+    parser.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slice indices to work on (LAST excluded)")
+    parser.add_argument("--max-pixels", type=types.pixel_count, default=None, help="Qwen resize upper bound per slice")
+    parser.add_argument("--max-new-tokens", type=types.positive_int, default=1024)
+    parser.add_argument("--batch-size", type=types.positive_int, default=4, help="slices per batched prefill / SAM2 encoding")
+    parser.add_argument("--max-voxels", type=types.positive_int, default=1024**3, help="refuse larger volumes (memory budget)")

@@ -77,6 +77,6 @@ def parse_window(spec: str | None, prompt: str, modality: str = "CT", values: np
         center, width = (float(part) for part in spec.split(","))
     except ValueError:
         raise InputError(f"window {spec!r}: use auto, one of {', '.join(CT_PRESETS)}, or CENTER,WIDTH") from None
-    if width <= 0:
-        raise InputError(f"window width must be positive, got {width:g}")
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
+        raise InputError(f"window {spec!r}: CENTER and WIDTH must be finite numbers and WIDTH positive")
     return Window(center, width)
