@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,7 +53,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     scale = args.requests / sum(PROPORTIONS.values())
-    counts = {kind: max(1, round(n * scale)) for kind, n in PROPORTIONS.items()}
+    counts = {kind: max(1, math.ceil(n * scale)) for kind, n in PROPORTIONS.items()}
     env = {k: v for k, v in os.environ.items() if k != "CITRUSV_TOKEN"} | {
         "HF_HUB_OFFLINE": "1", "CITRUSV_TOKEN": "bench-fuzz-token-0123456789abcdef"}
     log = Path(tempfile.mkdtemp(prefix="citrusv-bench-fuzz-")) / "server.log"
