@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ..errors import TooLargeError
+from ..volume.dicom_series import series_from_reference
 from ..volume.headers import DETACHED_SUFFIXES, read_header, refuse_external, require_voxel_bytes, write_self_contained
 from ..volume.io import NIFTI_SUFFIXES, Volume, case_name, check_volume_size, read_volume
 from .codec import b64decode, voxels_from_bytes
@@ -57,6 +58,8 @@ def decode_json_upload(holder: list, state) -> tuple[Volume, Reservation]:
         voxels = voxels_from_bytes(b64decode(upload.voxels, "voxels"), upload.compression, upload.dtype, upload.shape)
         volume = Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
                                         modality=upload.modality)
+        if upload.dicom is not None:  # refused unless it describes exactly these slices
+            volume.dicom = series_from_reference(upload.dicom.model_dump(), volume.geometry, volume.shape)
     except BaseException:
         reservation.release()
         raise

@@ -3,6 +3,8 @@
 anything decides whether torch is needed."""
 from __future__ import annotations
 
+import argparse
+
 from .. import option_types as types
 from ..errors import CitrusVError
 
@@ -42,3 +44,10 @@ def add_volume_options(parser, segment_options: bool = True) -> None:
     parser.add_argument("--max-new-tokens", type=types.positive_int, default=1024)
     parser.add_argument("--batch-size", type=types.positive_int, default=4, help="slices per batched prefill / SAM2 encoding")
     parser.add_argument("--max-voxels", type=types.positive_int, default=1024**3, help="refuse larger volumes (memory budget)")
+    parser.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
+                        help="also write a DICOM SEG and a TID 1500 SR (default: only for a DICOM series input; "
+                             "for other inputs they get a new study without patient identity)")
+    parser.add_argument("--on-bad-dicom", choices=["refuse", "skip"], default="refuse",
+                        help="a DICOM series with unreadable files, mixed orientations or stray images: refuse it "
+                             "(default) or leave those files out with a warning (gaps and uneven spacing are always "
+                             "refused)")

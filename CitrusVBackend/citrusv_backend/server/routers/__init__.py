@@ -50,5 +50,10 @@ async def run_now(state: ServiceState, job: Job, request: Request | None = None)
     try:
         return result.result()
     except JobEnded as ended:
-        error = ended.job.error or {"type": "cancelled", "message": "the request was cancelled"}
-        raise ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"]) from None
+        raise job_failure(ended.job) from None
+
+
+def job_failure(job: Job) -> ApiError:
+    """The HTTP error of a synchronous request whose job failed or was cancelled."""
+    error = job.error or {"type": "cancelled", "message": "the request was cancelled"}
+    return ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"])
