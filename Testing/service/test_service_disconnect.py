@@ -73,3 +73,29 @@ def test_decoding_stops_at_the_token_after_cancel(tiny_engine, ct_slice_rgb):
     done = tiny_engine.run(ct_slice_rgb, "Describe this image.", task="ask", max_new_tokens=3, min_pixels=784,
                            max_pixels=3136, should_cancel=lambda: False)
     assert len(done.generated_ids) <= 3
+
+
+def test_a_streamed_answer_stops_when_its_client_leaves(server, client, session_dir):
+    """stream: true — the client reads the first chunk and hangs up: the answer stops at its next token."""
+    image = png_base64(np.random.default_rng(2).integers(0, 255, size=(32, 32, 3)).astype(np.uint8))
+    chat = {"model": "CitrusV_8B", "max_tokens": LONG, "stream": True,
+            "citrusv": {"task": "ask", "min_pixels": 784, "max_pixels": 3136},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                {"type": "text", "text": "Describe this image."}]}]}
+    data = json.dumps(chat).encode()
+    before = sum(1 for line in log_lines(session_dir / "server.log")
+                 if line.get("message") == "job finished" and line.get("status") == "cancelled")
+    with socket.create_connection((server.ready["host"], server.ready["port"]), timeout=60) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and b"text/event-stream" in first, first[:300]
+    deadline = time.monotonic() + 15
+    while (jobs := client.get("/v1/info").json()["jobs"])["running"] or jobs["waiting"]:
+        assert time.monotonic() < deadline, f"the abandoned stream still keeps the worker busy: {jobs}"
+        time.sleep(0.2)
+    time.sleep(0.3)
+    after = sum(1 for line in log_lines(session_dir / "server.log")
+                if line.get("message") == "job finished" and line.get("status") == "cancelled")
+    assert after == before + 1
