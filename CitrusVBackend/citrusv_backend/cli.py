@@ -57,7 +57,7 @@ def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path,
 # ---------------------------------------------------------------------------------------------- infer
 
 def cmd_infer(args) -> int:
-    writable_folder(Path(args.out).parent)  # a bad output location or image fails before the model loads
+    writable_folder(Path(args.out).parent, create=False)  # a bad output location or image fails before the model loads
     from .inference.images import load_image
 
     image = load_image(args.image)
@@ -91,7 +91,7 @@ def check_not_inside_input(volume: Path, out: Path) -> None:
 
 def cmd_volume_task(args) -> int:
     check_not_inside_input(Path(args.volume), Path(args.out))
-    writable_folder(args.out)  # before anything slow, even the imports
+    writable_folder(args.out, create=False)  # before anything slow, even the imports; created when written
     from .volume.dicom_out import check_dicom_possible, wants_dicom
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
@@ -302,10 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the most open connections; one more is answered 503 and closed")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
-    serve.add_argument("--min-pixels", type=types.pixel_count, default=None,
+    serve.add_argument("--min-pixels", type=int, default=None,
                        help="image-size budget of the 2D and chat routes, as ms-swift's MIN_PIXELS (default: $MIN_PIXELS, "
                             "else each task's own)")
-    serve.add_argument("--max-pixels", type=types.pixel_count, default=None,
+    serve.add_argument("--max-pixels", type=int, default=None,
                        help="as --min-pixels, for MAX_PIXELS (the reference's Streamlit demo expects 1003520)")
     serve.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
                        help="let chat requests name image files inside DIR (repeatable); by default no file is read")

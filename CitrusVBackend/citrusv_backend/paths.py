@@ -10,14 +10,17 @@ from pathlib import Path
 from .errors import InputError
 
 
-def writable_folder(path: str | Path, option: str = "--out") -> Path:
-    """`path` as a folder that exists (created if needed) and can be written to."""
+def writable_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
+    """`path` as a folder that can be written to: created (`create`), or only checked — nothing in its way, and
+    the deepest part of it that exists is a folder this process can write into (a probe file, removed)."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not path.is_dir():
-            raise FileExistsError(errno.EEXIST, "a file is in the way")
-        descriptor, probe = tempfile.mkstemp(dir=path, prefix=".citrusv-write-test-")
+        existing = path if create else next((p for p in (path, *path.parents) if p.exists()), path.parent)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        if not existing.is_dir():
+            raise (FileExistsError if existing == path else NotADirectoryError)(errno.EEXIST, "in the way")
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".citrusv-write-test-")
         os.close(descriptor)
         os.unlink(probe)
     except FileExistsError:

@@ -70,6 +70,9 @@ def test_writable_folder_names_what_is_in_the_way(tmp_path):
         writable_folder(blocker)
     with pytest.raises(InputError, match="blocker is a file, so nothing can be created under it"):
         writable_folder(blocker / "a" / "b")
+    with pytest.raises(InputError, match="blocker is a file"):
+        writable_folder(blocker / "a", create=False)
+    assert writable_folder(tmp_path / "later", create=False) and not (tmp_path / "later").exists()
     assert writable_folder(tmp_path / "new" / "folder").is_dir()
 
 

@@ -119,11 +119,23 @@ def test_connections_beyond_the_limit_are_refused_at_once(limits_server):
         time.sleep(0.2)
 
 
+def _one_response(sock: socket.socket) -> bytes:
+    """One HTTP response (headers and Content-Length body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def test_ordinary_requests_and_keep_alive_are_untouched(limits_server):
     """A kept-alive connection idle for less than the keep-alive time, then used again, is served."""
     with _connect(limits_server) as sock:
         for _ in range(3):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            reply = sock.recv(65536)
-            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+            reply = _one_response(sock)
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"worker_alive":true}'), reply[:300]
             time.sleep(HEADER_TIMEOUT + 0.5)  # longer than the header timeout, shorter than keep-alive (5 s)
