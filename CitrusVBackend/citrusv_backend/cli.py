@@ -11,54 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
+from . import option_types as types
+from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
-
-DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
-MODEL_ENV = "CITRUSV_MODEL"
-TINY_ALIAS = "tiny"
-BANNER_WIDTH = 96
-
-
-def say(message: str) -> None:
-    """Progress for people: stderr, so stdout stays clean for machine-readable output."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def random_weights_banner(checkpoint: Path) -> str:
-    line = "!" * BANNER_WIDTH
-    return (f"{line}\n!!  RANDOM WEIGHTS — the model in {checkpoint} is a tiny random test model.\n"
-            f"!!  Every answer, mask and box below is NOISE. Use it to test the software, never to read images.\n"
-            f"!!  Real results need the released weights: --model {DEFAULT_MODEL}\n{line}")
-
-
-def tiny_checkpoint_cache() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    # "-2": tiny models made before their mask logits were scaled to a trained decoder's range show nothing.
-    return root / "citrusv" / "tiny-checkpoint-2"
-
-
-def resolve_model_argument(model: str | None) -> str:
-    """`tiny` means a random tiny checkpoint in the user cache (made once); anything else is passed on."""
-    model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-    if model != TINY_ALIAS:
-        return model
-    from .model.tiny import make_tiny_checkpoint
-
-    target = tiny_checkpoint_cache()
-    if not (target / "config.json").is_file():
-        say(f"making a random tiny checkpoint in {target} (once) ...")
-        make_tiny_checkpoint(target)
-    return str(target)
-
+from .paths import writable_folder
+from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, open_engine, resolve_model_argument
+from .signals import SignalExit
+from .volume.arguments import add_volume_options, volume_options
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -67,17 +32,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--attention", default="auto", help="auto (flash_attention_2 if installed on CUDA, else sdpa)")
-
-
-def open_engine(model: str, device: str | None, dtype: str | None, attention: str | None):
-    """The model of a command. transformers' own logging is silenced for the command: it warns about the
-    `citrus_v` folder while nothing is wrong, and our progress lines say what happens."""
-    from transformers.utils import logging as transformers_logging
-
-    from .inference.engine import CitrusVEngine
-
-    transformers_logging.set_verbosity_error()
-    return CitrusVEngine.load(model, device=device, dtype=dtype, attention=attention)
 
 
 def load_engine(args):
@@ -103,9 +57,10 @@ def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path,
 # ---------------------------------------------------------------------------------------------- infer
 
 def cmd_infer(args) -> int:
+    writable_folder(Path(args.out).parent, create=False)  # a bad output location or image fails before the model loads
     from .inference.images import load_image
 
-    image = load_image(args.image)  # a bad image fails before minutes of model loading
+    image = load_image(args.image)
     engine = load_engine(args)
     say(f"running {args.task} on {args.image} ...")
     result = engine.run(image, args.prompt, task=args.task, answer=args.answer, min_pixels=args.min_pixels,
@@ -126,46 +81,6 @@ def cmd_infer(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- volumes
 
-class ProgressPrinter:
-    """One line per stage change, then at most one update a second: readable in a terminal and in logs."""
-
-    def __init__(self, interval: float = 1.0):
-        self.interval = interval
-        self.stage = None
-        self.last = 0.0
-
-    def __call__(self, stage: str, fraction: float, message: str) -> None:
-        now = time.monotonic()
-        if stage != self.stage or now - self.last >= self.interval or fraction >= 1.0:
-            say(f"  [{stage}] {fraction * 100:5.1f}%  {message}")
-            self.stage, self.last = stage, now
-
-
-def parse_slice_range(text: str | None):
-    if not text:
-        return None
-    try:
-        first, last = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise CitrusVError(f"--slice-range {text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
-    return first, last
-
-
-def volume_options(args):
-    from .volume.pipeline import VolumeOptions
-
-    return VolumeOptions(mode=getattr(args, "mode", "propagate"), window=args.window, plane=args.axis,
-                         slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
-                         fill_holes=not getattr(args, "no_fill_holes", False),
-                         largest_component=getattr(args, "largest_component", False),
-                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4),
-                         presence=getattr(args, "presence", "mask"),
-                         object_score_suppression=getattr(args, "object_score_suppression", False),
-                         answer_mode=getattr(args, "answer_mode", "forced"),
-                         mask_upsampling=getattr(args, "mask_upsampling", "bilinear"),
-                         report_image=getattr(args, "report_image", "slices"))
-
-
 def check_not_inside_input(volume: Path, out: Path) -> None:
     """A DICOM folder is never written into: a SEG among its files would make it a folder of two series."""
     source, target = volume.resolve(), out.resolve()
@@ -175,12 +90,13 @@ def check_not_inside_input(volume: Path, out: Path) -> None:
 
 
 def cmd_volume_task(args) -> int:
+    check_not_inside_input(Path(args.volume), Path(args.out))
+    writable_folder(args.out, create=False)  # before anything slow, even the imports; created when written
     from .volume.dicom_out import check_dicom_possible, wants_dicom
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
     from .volume.pipeline import VolumePipeline
 
-    check_not_inside_input(Path(args.volume), Path(args.out))
     # a bad file (or a DICOM series that is not a regular volume) fails before the model loads
     volume = read_volume(args.volume, max_voxels=args.max_voxels, on_bad_dicom=args.on_bad_dicom)
     options = volume_options(args)
@@ -220,6 +136,8 @@ def cmd_volume_task(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import numpy as np
+
     from .volume.evaluate import evaluate_labelmaps
     from .volume.io import read_volume
 
@@ -325,48 +243,6 @@ def cmd_demo(args) -> int:
     return cmd_volume_task(args)
 
 
-def add_volume_options(parser, segment_options: bool = True, report_options: bool = True) -> None:
-    """The options of the volume pipeline, shared by segment / detect / report and batch."""
-    if segment_options:
-        parser.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
-                            help="propagate: key slice + SAM2 memory (default); per-slice: every slice alone; "
-                                 "hybrid: propagation re-anchored by Citrus-V where it loses the target")
-        parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
-        parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-        parser.add_argument("--presence", choices=["mask", "object-score", "both"], default="mask",
-                            help="how a slice is judged to show the target: mask (its mask logits, what Citrus-V "
-                                 "trained; default), object-score (SAM2's untrained object-score head), both")
-        parser.add_argument("--object-score-suppression", action="store_true",
-                            help="let SAM2's propagation blank slices whose object score is negative (SAM2's own "
-                                 "behaviour; off by default: Citrus-V never trained that head)")
-        parser.add_argument("--answer-mode", choices=["forced", "free"], default="forced",
-                            help="forced: 'Sure, it is [SEG].' on every slice (default); free: the model writes its "
-                                 "own answer on the key slice, and that answer (if it has a [SEG]) is forced on the rest")
-        parser.add_argument("--mask-upsampling", choices=["bilinear", "nearest"], default="bilinear",
-                            help="bilinear: smooth, upsample logits (default); nearest: the reference's exact resize")
-    if report_options:
-        parser.add_argument("--report-image", choices=["slices", "projection"], default="slices",
-                            help="report from representative slices (default) or from a radiograph-like frontal "
-                                 "projection of the CT (closer to the chest X-rays the report prompt was trained on)")
-    parser.add_argument("--window", default="auto",
-                        help="auto/training: each volume normalised as the training data (its 0.5-99.5th "
-                             "percentiles, default); clinical: a CT preset per target from its words; soft_tissue, "
-                             "lung, bone, brain, liver, or CENTER,WIDTH")
-    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-    parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
-    parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
-    parser.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
-                        help="also write a DICOM SEG and a TID 1500 SR (default: only for a DICOM series input; "
-                             "for other inputs they get a new study without patient identity)")
-    parser.add_argument("--on-bad-dicom", choices=["refuse", "skip"], default="refuse",
-                        help="a DICOM series with unreadable files, mixed orientations or stray images: refuse it "
-                             "(default) or leave those files out with a warning (gaps and uneven spacing are always "
-                             "refused)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citrusv", description="Citrus-V medical segmentation, detection and reports.")
     parser.add_argument("--version", action="version", version=f"citrusv {__version__}")
@@ -379,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--prompt", required=True, help="what to do, e.g. 'Please segment the liver in this scan.'")
     infer.add_argument("--answer", default=None, help="force this answer (e.g. 'Sure, it is [SEG].'): one prefill, no decoding")
     infer.add_argument("--task", choices=["ask", "segment", "detect", "report"], default="ask")
-    infer.add_argument("--min-pixels", type=int, default=None, help="Qwen resize lower bound (default per task)")
-    infer.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound (segment 65535, others 1003520)")
-    infer.add_argument("--max-new-tokens", type=int, default=1024)
+    infer.add_argument("--min-pixels", type=types.pixel_count, default=None, help="Qwen resize lower bound (default per task)")
+    infer.add_argument("--max-pixels", type=types.pixel_count, default=None, help="Qwen resize upper bound (segment 65535, others 1003520)")
+    infer.add_argument("--max-new-tokens", type=types.positive_int, default=1024)
     infer.add_argument("--mask-upsampling", choices=["bilinear", "nearest"], default="bilinear",
                        help="bilinear: smooth, upsample logits (default); nearest: the reference's exact resize")
     infer.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.npz")
@@ -409,21 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default loopback; any other needs --token-file or $CITRUSV_TOKEN)")
-    serve.add_argument("--port", type=int, default=None,
+    serve.add_argument("--port", type=types.port, default=None,
                        help="TCP port; 0 (default) picks a free one (see the ready line); 8000 with --reference-compatible")
     serve.add_argument("--token-file", default=None,
                        help="file holding the bearer token (else $CITRUSV_TOKEN, else a random one written to a 0600 file)")
-    serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted (MiB)")
-    serve.add_argument("--max-voxels", type=int, default=1024**3, help="largest volume accepted (voxels)")
-    serve.add_argument("--volume-budget-mb", type=float, default=4096,
+    serve.add_argument("--max-upload-mb", type=types.positive_float, default=1024, help="largest volume upload accepted (MiB)")
+    serve.add_argument("--max-voxels", type=types.positive_int, default=1024**3, help="largest volume accepted (voxels)")
+    serve.add_argument("--volume-budget-mb", type=types.positive_float, default=4096,
                        help="memory for uploaded volumes; the least recently used are evicted beyond it (MiB)")
-    serve.add_argument("--volume-ttl", type=float, default=3600, help="evict a volume unused for this long (s)")
-    serve.add_argument("--result-ttl", type=float, default=3600, help="keep a finished job's result this long (s)")
-    serve.add_argument("--request-timeout", type=float, default=600,
+    serve.add_argument("--volume-ttl", type=types.positive_float, default=3600, help="evict a volume unused for this long (s)")
+    serve.add_argument("--result-ttl", type=types.positive_float, default=3600, help="keep a finished job's result this long (s)")
+    serve.add_argument("--request-timeout", type=types.positive_float, default=600,
                        help="longest wait for a synchronous 2D or chat request (s)")
-    serve.add_argument("--read-timeout", type=float, default=60,
+    serve.add_argument("--read-timeout", type=types.positive_float, default=60,
                        help="drop a request whose body stalls this long (s)")
-    serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--max-new-tokens", type=types.positive_int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--header-timeout", type=types.positive_float, default=10,
+                       help="drop a connection whose request headers take longer than this to arrive (s)")
+    serve.add_argument("--max-connections", type=types.positive_int, default=256,
+                       help="the most open connections; one more is answered 503 and closed")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
     serve.add_argument("--min-pixels", type=int, default=None,
@@ -465,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--volume", default=None, help="a volume file instead of the bundled sample CT")
     demo.add_argument("--out", default="citrusv-demo-output", help="output folder")
     demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
-    demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
+    demo.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
                       max_voxels=1024**3, batch_size=4, dicom_out=None, on_bad_dicom="refuse")
 
@@ -475,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the exact 8B architecture with random bf16 weights, built in memory (needs a GPU)")
     bench.add_argument("--full", action="store_true",
                        help="full measurement: 512x512x200 synthetic CT, 64 decoded tokens, 5 repeats (default: quick)")
-    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--repeats", type=types.positive_int, default=None)
     bench.add_argument("--out", default="bench/results", help="folder for the results JSON")
     bench.set_defaults(handler=cmd_bench)
     return parser
@@ -494,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("citrusv: interrupted", file=sys.stderr)
         return 130
+    except SignalExit as stopped:
+        print(f"citrusv: {stopped}", file=sys.stderr)
+        return stopped.code
 
 
 if __name__ == "__main__":

@@ -13,5 +13,13 @@ class InputError(CitrusVError):
     """An image, volume, prompt or option given by the user is not usable."""
 
 
+class JobCancelled(CitrusVError):
+    """The caller cancelled the work (a user, a signal, a client that hung up); nothing of it is kept."""
+
+
 class DependencyError(CitrusVError):
     """A required package is missing or unusable in this environment."""
+
+
+class TooLargeError(InputError):
+    """A volume or request beyond a configured size limit (the service answers 413)."""

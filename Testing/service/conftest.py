@@ -1,8 +1,8 @@
 """The real `citrusv serve` process on 127.0.0.1 with the tiny checkpoint, once per session.
 
 `server`: default limits, a generated token (read from the file named by the ready line).
-`limits_server`: tiny limits (3 MiB of volumes: one chest CT, 4 s TTL, 4 MiB uploads, 16 tokens, 2 s body stall) and a
-token from --token-file, for eviction, size limits and fuzzing.
+`limits_server`: tiny limits (3 MiB of volumes: one chest CT, 4 s TTL, 4 MiB uploads, 16 tokens, 2 s body stall,
+2 s for headers, 24 connections) and a token from --token-file, for eviction, size limits, hostile clients and fuzzing.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def limits_server(tiny_checkpoint, session_dir):
     process = start_server(tiny_checkpoint, "--device", "cpu", "--token-file", str(token_file),
                            "--volume-budget-mb", "3", "--volume-ttl", "4", "--max-upload-mb", "4",
                            "--max-voxels", "2000000", "--max-new-tokens", "16", "--read-timeout", "2",
+                           "--header-timeout", "2", "--max-connections", "24",
                            env=_environment(), log_path=log_path, timeout=300)
     yield process
     process.stop()

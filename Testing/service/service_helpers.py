@@ -78,3 +78,19 @@ def log_lines(path) -> list[dict]:
         except ValueError:
             lines.append({"unparsed": line})
     return lines
+
+
+def server_memory(process) -> dict:
+    """The server process's resident memory now and its peak (bytes), from /proc."""
+    fields = {}
+    for line in open(f"/proc/{process.process.pid}/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+def reset_peak_memory(process) -> None:
+    """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
+    with open(f"/proc/{process.process.pid}/clear_refs", "w") as handle:
+        handle.write("5")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CitrusVError
+from ..paths import describe_os_error
 from .manifest import sha256_of_input
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def describe_failure(error: BaseException) -> tuple[str, str]:
     kind = type(error).__name__
     if isinstance(error, CitrusVError):
         return kind, str(error)
+    if isinstance(error, OSError) and error.errno is not None:
+        return kind, describe_os_error(error)
     if isinstance(error, MemoryError) or kind == "OutOfMemoryError" or "out of memory" in str(error).lower():
         return "OutOfMemory", f"out of memory ({kind}: {str(error).strip()[:300] or 'no details'}); " \
                               f"crop the volume, use --slice-range, or a machine with more memory"

@@ -38,6 +38,22 @@ def is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def could_be_input(name: str) -> bool:
+    """A name an input may have: a volume's, a DICOM file's, or none (DICOM files often have no suffix)."""
+    return is_volume_file(name) or name.lower().endswith((".dcm", ".ima")) or "." not in name
+
+
+def is_unreachable(path: Path) -> bool:
+    """A link that loops, or an entry that cannot be looked at (not: one that does not exist)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
 is_dicom_file = has_dicom_marker
 
 
@@ -56,9 +72,28 @@ def _walk(root: Path, recursive: bool):
             # One level down still counts for DICOM series folders (a folder per series is the usual layout).
             for name in subfolders:
                 sub = folder_path / name
-                entries = sorted(e.name for e in os.scandir(sub) if e.is_file() and not e.name.startswith("."))
-                yield sub, entries
+                yield sub, sorted(_file_names(sub))
             subfolders[:] = []
+
+
+def _file_names(folder: Path) -> list[str]:
+    """The files of one folder; an entry that cannot be followed (a looping link) counts as a file, so that
+    reading it says what is wrong with it."""
+    names = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return names  # an unreadable folder holds no case we could read
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_file = entry.is_file()
+        except OSError:
+            is_file = True
+        if is_file:
+            names.append(entry.name)
+    return names
 
 
 def find_inputs(root: Path, pattern: str = "*", recursive: bool = False) -> tuple[list[tuple[Path, str]], int]:
@@ -73,8 +108,9 @@ def find_inputs(root: Path, pattern: str = "*", recursive: bool = False) -> tupl
         for name in files:
             if not top and not recursive:
                 continue  # a non-DICOM subfolder of a non-recursive run: only top-level files count
-            if is_volume_file(name) and fnmatch.fnmatch(name, pattern):
-                found.append((folder / name, "file"))
+            if fnmatch.fnmatch(name, pattern) and (is_volume_file(name) or (
+                    could_be_input(name) and is_unreachable(folder / name))):
+                found.append((folder / name, "file"))  # an unreachable one fails as a case, with its reason
             else:
                 ignored += 1
     return sorted(found, key=lambda item: str(item[0])), ignored

@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from ..errors import CitrusVError
+from ..model_source import open_engine
 from .casework import (CaseOutcome, CaseProcessor, CaseTask, LoadedCase, describe_failure, load_case,
                        outcome_without_model)
 
@@ -127,7 +128,6 @@ def device_list(device: str) -> list[str]:
 
 def load_processor(model: dict, device: str, task: str, options) -> CaseProcessor:
     from .. import __version__
-    from ..cli import open_engine
 
     engine = open_engine(model["model"], device, model["dtype"], model["attention"])
     return CaseProcessor(engine, task, options, extra={"model": engine.loaded.describe(), "version": __version__})
@@ -186,7 +186,8 @@ class LocalEngine:
 
     def _load_in_process(self, sink) -> CaseProcessor:
         sink.say(f"loading model {self.model['model']} on {self.devices[0]} ...")
-        processor = load_processor(self.model, self.devices[0], self.task, self.options)
+        with sink.interruptible():  # nothing to finish yet: a stop signal ends the load at once
+            processor = load_processor(self.model, self.devices[0], self.task, self.options)
         sink.model_loaded(processor.engine.loaded)
         return processor
 

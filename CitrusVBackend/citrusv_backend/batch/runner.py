@@ -6,9 +6,10 @@ Safety rules, in the order a case meets them:
 - one run at a time per OUTPUT_DIR (a lock file; the OS drops it when the process dies, even by SIGKILL);
 - a case is written into OUTPUT_DIR/.staging/<case>.<pid>/ and renamed to OUTPUT_DIR/<case>/ when complete,
   then its manifest line is appended and fsync'ed: only then is it done;
-- the first Ctrl-C stops after the current case, a second one (or SIGTERM) cancels the current case cleanly;
-  either way a rerun of the same command completes the folder.
-Exit codes: 0 every case done, 1 some case failed, 2 a usage error, 130/143 stopped by SIGINT/SIGTERM.
+- the first Ctrl-C stops after the current case, a second one (or SIGTERM, SIGHUP) cancels the current case
+  cleanly; a signal while nothing is under way (planning, loading the model) stops at once; however close
+  together signals come, a rerun of the same command completes the folder.
+Exit codes: 0 every case done, 1 some case failed, 2 a usage error, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP.
 """
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
+from ..console import random_weights_banner, say
 from ..errors import CitrusVError, DependencyError, InputError
+from ..model_source import resolve_model_argument
+from ..paths import writable_folder
+from ..signals import SIGNAL_EXIT, STOP_SIGNALS, SignalExit, SignalPipe
+from ..volume.arguments import volume_options
 from .casework import CaseOutcome, CaseTask
 from .discovery import CaseInput, case_folder, discover_cases
 from .manifest import Manifest, model_identity, settings_key
@@ -31,19 +38,14 @@ from .report import BatchProgress, format_duration, write_index, write_summary
 
 STAGING = ".staging"
 LOCK_NAME = ".lock"
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def say(message: str) -> None:
-    from ..cli import say as cli_say
-
-    cli_say(message)
-
 
 # ---------------------------------------------------------------------------------------------- folders
 
 def check_folders(input_dir: str, out_dir: str) -> tuple[Path, Path]:
-    source, target = Path(input_dir).resolve(), Path(out_dir).resolve()
+    try:
+        source, target = Path(input_dir).resolve(), Path(out_dir).resolve()
+    except (OSError, RuntimeError) as error:  # a link that loops (RuntimeError before Python 3.13)
+        raise InputError(f"{input_dir} or --out {out_dir}: cannot be resolved ({error})") from None
     if not source.is_dir():
         raise InputError(f"{input_dir}: not a folder; give the folder that holds the volumes")
     if target == source or target.is_relative_to(source):
@@ -52,7 +54,7 @@ def check_folders(input_dir: str, out_dir: str) -> tuple[Path, Path]:
     if source.is_relative_to(target):
         raise InputError(f"the input folder {source} is inside --out {target}; choose an output folder that does "
                          f"not contain the inputs")
-    target.mkdir(parents=True, exist_ok=True)
+    writable_folder(target)
     return source, target
 
 
@@ -108,28 +110,66 @@ def fsync_folder(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- signals
 
 class StopSignals:
+    """The first SIGINT: stop after the current case; a second one, SIGTERM or SIGHUP: cancel it now. Inside
+    `interruptible()` (planning, loading the model: nothing to finish) a signal raises SignalExit at once.
+
+    The handler only sets plain attributes, writes one byte to a pipe and may raise (see `citrusv_backend.
+    signals`): a second signal can arrive while it runs, and nested, it must neither block nor print. The
+    messages are printed by the pipe's watcher thread, once each."""
+
+    MESSAGES = {0: "stopping after the current case (Ctrl-C again to stop at once); rerun the same command to finish",
+                1: "stopping now: the current case is cancelled (nothing of it is kept); rerun the same command to "
+                   "finish"}
+
     def __init__(self):
-        self.stop = threading.Event()   # stop after the current case
-        self.now = threading.Event()    # cancel the current case
-        self.received = None
+        self.stop = False       # stop after the current case
+        self.now = False        # cancel the current case
+        self.received = None    # the first signal handled
         self.previous = {}
+        self._raise = False
+        self._pipe: SignalPipe | None = None
+        self._told: set[int] = set()
 
     def install(self) -> None:
-        for number in SIGNAL_EXIT:
+        self._pipe = SignalPipe(self._tell)
+        for number in STOP_SIGNALS:
             self.previous[number] = signal.signal(number, self._handle)
 
     def restore(self) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        self.previous = {}
+        if self._pipe is not None:
+            self._pipe.close()  # after every message of a handled signal is printed
+            self._pipe = None
+
+    @contextmanager
+    def interruptible(self):
+        self._raise = True
+        try:
+            if self.received is not None:
+                raise SignalExit(self.received)
+            yield
+        finally:
+            self._raise = False
 
     def _handle(self, number, _frame) -> None:
-        self.received = self.received or number
-        if number == signal.SIGTERM or self.stop.is_set():
-            self.now.set()
-            say("stopping now: the current case is cancelled (nothing of it is kept); rerun the same command to finish")
-        else:
-            say("stopping after the current case (Ctrl-C again to stop at once); rerun the same command to finish")
-        self.stop.set()
+        if self.received is None:
+            self.received = number
+        now = number != signal.SIGINT or self.stop
+        self.stop = True
+        if now:
+            self.now = True
+        pipe = self._pipe
+        if pipe is not None:
+            pipe.notify(1 if now else 0)
+        if self._raise:
+            raise SignalExit(self.received)
+
+    def _tell(self, kind: int) -> None:
+        if kind not in self._told:
+            self._told.add(kind)
+            say(self.MESSAGES[kind])
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -182,13 +222,14 @@ class BatchRun:
 
     Thread-safe: the per-device engine reports from a collector thread."""
 
-    def __init__(self, args, out_dir: Path, plan: Plan, options: dict, model: dict, engine_name: str, prior: dict):
+    def __init__(self, args, out_dir: Path, plan: Plan, options: dict, model: dict, engine_name: str, prior: dict,
+                 signals: StopSignals):
         self.args, self.out_dir, self.plan, self.prior = args, out_dir, plan, prior
         self.options, self.model, self.engine_name = options, model, engine_name
         self.tasks = {task.case: task for task in plan.tasks}
         self.manifest = Manifest(out_dir)
         self.progress = BatchProgress(len(plan.tasks))
-        self.signals = StopSignals()
+        self.signals = signals
         self.lock = threading.Lock()
         self.entries: dict[str, dict] = {}   # case -> this run's entry (or the kept one when skipped)
         self.random_weights = False
@@ -200,10 +241,14 @@ class BatchRun:
         say(message)
 
     def stop_requested(self) -> bool:
-        return self.signals.stop.is_set()
+        return self.signals.stop
 
     def cancel_now(self) -> bool:
-        return self.signals.now.is_set()
+        return self.signals.now
+
+    def interruptible(self):
+        """A block (loading the model) that a stop signal ends at once, with SignalExit."""
+        return self.signals.interruptible()
 
     def model_loaded(self, loaded=None) -> None:
         """The model is ready (`loaded` when it is in this process): the throughput clock starts now."""
@@ -328,9 +373,21 @@ def validate_arguments(args) -> None:
 
 
 def run_batch(args, figures: dict | None = None) -> int:
-    """The exit code; `figures`, when given, receives the run's numbers (counts, seconds, model wait) for benchmarks."""
-    from ..cli import random_weights_banner, resolve_model_argument, volume_options
+    """The exit code; `figures`, when given, receives the run's numbers (counts, seconds, model wait) for benchmarks.
+    The stop signals are handled from the first moment to the last."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        return _run_batch(args, signals, figures)
+    except SignalExit as stopped:
+        say(f"stopped by {signal.Signals(stopped.number).name} before any case ran; nothing was written; rerun the "
+            f"same command to run the batch")
+        return stopped.code
+    finally:
+        signals.restore()
 
+
+def _run_batch(args, signals: StopSignals, figures: dict | None) -> int:
     validate_arguments(args)
     source, out_dir = check_folders(args.input_dir, args.out)
     options = volume_options(args)
@@ -340,13 +397,14 @@ def run_batch(args, figures: dict | None = None) -> int:
         manifest = Manifest(out_dir)
         manifest.repair_tail()
         prior = manifest.latest()
-        model_name = resolve_model_argument(args.model)
-        model = model_identity(model_name)
-        plan = plan_cases(args, source, out_dir, options_dict, model, prior)
+        with signals.interruptible():
+            model_name = resolve_model_argument(args.model)
+            model = model_identity(model_name)
+            plan = plan_cases(args, source, out_dir, options_dict, model, prior)
+            engine = make_engine(args, {"model": model_name, "device": args.device, "dtype": args.dtype,
+                                        "attention": args.attention}, options)
         shutil.rmtree(out_dir / STAGING, ignore_errors=True)  # left by a killed run; we hold the lock
-        engine = make_engine(args, {"model": model_name, "device": args.device, "dtype": args.dtype,
-                                    "attention": args.attention}, options)
-        run = BatchRun(args, out_dir, plan, options_dict, model, engine.name, prior)
+        run = BatchRun(args, out_dir, plan, options_dict, model, engine.name, prior, signals)
         kept = sum(task.skip_digest is not None for task in plan.tasks)
         say(f"batch: {len(plan.tasks)} case(s) in {source}"
             + (f" ({plan.ignored} other file(s) ignored)" if plan.ignored else "")
@@ -354,12 +412,13 @@ def run_batch(args, figures: dict | None = None) -> int:
             + f"; results in {out_dir}")
         started = time.monotonic()
         try:
-            engine.start()
+            with signals.interruptible():
+                engine.start()
             say(f"engine: {engine.describe}")
-            run.signals.install()
             engine.run(plan.tasks, run)
+        except SignalExit:
+            pass  # stopped while starting or loading: the report below says so and gives the exit code
         finally:
-            run.signals.restore()
             engine.close()
             shutil.rmtree(out_dir / STAGING, ignore_errors=True)
             run.write_reports()
@@ -393,7 +452,8 @@ def final_report(run: BatchRun, engine, out_dir: Path, seconds: float) -> int:
     say(f"  results:  {out_dir}/<case>/\n  manifest: {out_dir / 'manifest.jsonl'}\n"
         f"  summary:  {out_dir / 'summary.csv'}\n  overview: {out_dir / 'index.html'}")
     if run.signals.received:
-        say(f"stopped by a signal: {count['not run']} case(s) not run; rerun the same command to finish them")
+        say(f"stopped by {signal.Signals(run.signals.received).name}: {count['not run']} case(s) not run; rerun the "
+            f"same command to finish them")
         return SIGNAL_EXIT[run.signals.received]
     if count["failed"]:
         say(f"{count['failed']} of {len(entries)} case(s) FAILED:")

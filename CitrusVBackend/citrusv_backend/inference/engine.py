@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, JobCancelled
 from ..model.loader import LoadedModel, load_citrusv
 from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
 from .images import load_image
@@ -145,6 +145,19 @@ class CitrusVEngine:
 
     # ------------------------------------------------------------------------------------------ text side
 
+    @staticmethod
+    def _cancellation(should_cancel: Callable[[], bool] | None):
+        """A stopping criterion that aborts decoding (JobCancelled) once `should_cancel()` says so."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if should_cancel():
+                    raise JobCancelled("cancelled while decoding")
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([Cancelled()] if should_cancel is not None else [])
+
     def _generation_config(self, max_new_tokens: int, repetition_penalty: float | None):
         from transformers import GenerationConfig
 
@@ -161,10 +174,12 @@ class CitrusVEngine:
     @torch.inference_mode()
     def language_pass(self, inputs: ModelInputs, forced: bool, max_new_tokens: int,
                       repetition_penalty: float | None = None,
-                      on_text: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      on_text: Callable[[str], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(full token sequence [T], last-layer hidden states [T', H] aligned with it, T' >= T - 1).
 
-        `on_text`: called on this thread with each new piece of the answer's text while it is generated."""
+        `on_text`: called on this thread with each new piece of the answer's text while it is generated.
+        `should_cancel` is asked after every decoded token: True aborts with JobCancelled."""
         mllm = self.model.mllm
         kwargs = inputs.qwen_kwargs(self.model.device, self.model.dtype)
         with record_final_hidden_states(self.model.final_norm) as recorded:
@@ -174,7 +189,8 @@ class CitrusVEngine:
             else:
                 streamer = None if on_text is None else TextDeltaStreamer(self.processor.decode, self.stop_ids, on_text)
                 output = mllm.generate(**kwargs, generation_config=self._generation_config(max_new_tokens, repetition_penalty),
-                                       return_dict_in_generate=True, streamer=streamer)
+                                       stopping_criteria=self._cancellation(should_cancel), return_dict_in_generate=True,
+                                       streamer=streamer)
                 sequence = output.sequences[0]
         hidden = torch.cat(recorded, dim=1)[0]
         if sequence[-1].item() == self.processor.seg_token_idx and hidden.size(0) < sequence.size(0):
@@ -227,10 +243,13 @@ class CitrusVEngine:
     def run(self, image, prompt: str, task: str = "ask", answer: str | None = None, min_pixels: int | None = None,
             max_pixels: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             mask_upsampling: str = "bilinear", repetition_penalty: float | None = None,
-            allow_empty_prompt: bool = False, on_text: Callable[[str], None] | None = None) -> InferenceResult:
+            allow_empty_prompt: bool = False, on_text: Callable[[str], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> InferenceResult:
         """One 2D task. `image` None: a text-only question (no masks, no boxes in image pixels).
         `max_new_tokens` is clipped to what the model's context leaves after the prompt (as ms-swift does);
-        `on_text` receives the answer's text piece by piece while it is generated (not for forced answers)."""
+        `on_text` receives the answer's text piece by piece while it is generated (not for forced answers);
+        `should_cancel()` is asked before the model runs and after every decoded token (a client that hung up,
+        a cancelled job): True raises JobCancelled."""
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
         if mask_upsampling not in MASK_UPSAMPLING:
@@ -245,9 +264,12 @@ class CitrusVEngine:
         inputs = self.processor(image, prompt, budget, answer=answer, allow_empty=allow_empty_prompt)
         max_new_tokens = self._clip_to_context(max_new_tokens, inputs.prompt_length)
         timings["preprocess_s"] = time.perf_counter() - started
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("cancelled before the model ran")
 
         step = time.perf_counter()
-        sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty, on_text)
+        sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty, on_text,
+                                              should_cancel)
         timings["forced_prefill_s" if answer is not None else "generate_s"] = time.perf_counter() - step
         masks = self.masks_for(inputs, sequence, hidden, mask_upsampling, timings)
         result = self._result(task, prompt, answer, inputs, sequence, masks, mask_upsampling)

@@ -38,6 +38,9 @@ class ServiceConfig:
     request_timeout_s: float = 600.0          # a synchronous 2D / chat request waits at most this long
     read_timeout_s: float = 60.0              # a request body that stalls this long is dropped
     max_new_tokens: int = 4096
+    max_header_bytes: int = 64 * 1024         # a request's headers (431 beyond)
+    header_timeout_s: float = 10.0            # a request's headers must arrive within this (408)
+    max_connections: int = 256                # open connections; one more is answered 503 and closed
     min_pixels: int | None = None             # the 2D routes' image-size budget (serve --min-pixels, $MIN_PIXELS);
     max_pixels: int | None = None             # None for both: each task's own
     local_image_dirs: tuple[str, ...] = ()    # chat requests may name image files inside these (--allow-local-images)

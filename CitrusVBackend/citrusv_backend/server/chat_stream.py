@@ -78,8 +78,12 @@ async def stream_job(state, run: Callable, final_chunk: Callable) -> EventStream
         raise job_failure(job)
     identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": state.model_name}
-    # Whoever cancels an abandoned request can do it here: on_close runs as soon as the client has gone.
-    return EventStream(_events(first, relay, job, identity, final_chunk), on_close=relay.close)
+    def close() -> None:  # as soon as the stream ends; before the job has, the client has gone: cancel it
+        relay.close()
+        if not job.future.done():
+            state.jobs.cancel(job)
+
+    return EventStream(_events(first, relay, job, identity, final_chunk), on_close=close)
 
 
 async def _events(first, relay: TextRelay, job: Job, identity: dict, final_chunk: Callable):

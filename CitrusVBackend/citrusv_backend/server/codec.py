@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import zlib
 
@@ -62,7 +63,7 @@ def inflate(data: bytes, compression: str, expected: int) -> bytes:
 def voxels_from_bytes(data: bytes, compression: str, dtype: str, shape: tuple[int, int, int]) -> np.ndarray:
     """(k, j, i) array of `dtype` from little-endian bytes, read-only (it is never written)."""
     kind = np.dtype(dtype).newbyteorder("<")
-    raw = inflate(data, compression, int(np.prod(shape, dtype=np.int64)) * kind.itemsize)
+    raw = inflate(data, compression, math.prod(int(n) for n in shape) * kind.itemsize)
     return np.frombuffer(raw, dtype=kind).reshape(shape)
 
 

@@ -12,14 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import CitrusVError, DependencyError
+from ..errors import CitrusVError, DependencyError, TooLargeError
 
 log = logging.getLogger("citrusv.server")
 
 STATUS_TYPES = {400: "invalid_input", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 408: "request_timeout", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-                422: "validation_error", 429: "queue_full", 500: "internal_error", 503: "unavailable",
-                504: "timeout"}
+                422: "validation_error", 429: "queue_full", 431: "headers_too_large", 499: "client_closed_request",
+                500: "internal_error", 503: "unavailable", 504: "timeout"}
 
 
 class ApiError(StarletteHTTPException):
@@ -85,6 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DependencyError)
     async def missing_dependency(request: Request, error: DependencyError):
         return error_response(503, "unavailable", str(error), request_id_of(request))
+
+    @app.exception_handler(TooLargeError)
+    async def too_large(request: Request, error: TooLargeError):
+        return error_response(413, "too_large", str(error), request_id_of(request))
 
     @app.exception_handler(CitrusVError)
     async def citrusv_error(request: Request, error: CitrusVError):

@@ -17,8 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import CitrusVError
-from ..volume.pipeline import JobCancelled
+from ..errors import CitrusVError, JobCancelled
 from .errors import ApiError
 from .logs import log_event
 
@@ -32,9 +31,10 @@ REMEMBERED_EXPIRED = 10_000
 @dataclass
 class Job:
     task: str
-    runner: Callable[["Job"], Any]      # runs on the worker thread; its return value is the result
+    runner: Callable[["Job"], Any] | None  # runs on the worker thread; its return value is the result
     volume_id: str | None = None
     kept: bool = True                   # False: a synchronous request answers it directly, nothing is stored
+    release: Callable[[], None] | None = None  # called once when the job ends (lets its volume go)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     stage: str = "queued"
@@ -84,6 +84,7 @@ class JobQueue:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._changed = threading.Condition()
         self._stopping = False
+        self._running: Job | None = None
 
     # ------------------------------------------------------------------------------------------ clients
 
@@ -133,7 +134,7 @@ class JobQueue:
         with self._changed:
             return {"waiting": len(self._waiting), "kept": len(self._jobs), "max_queued": self.max_queued,
                     "result_ttl_s": self.result_ttl_s,
-                    "running": next((j.id for j in self._jobs.values() if j.status == RUNNING), None)}
+                    "running": self._running.id if self._running is not None else None}
 
     # ------------------------------------------------------------------------------------------ worker
 
@@ -146,6 +147,7 @@ class JobQueue:
                 return None
             job = self._waiting.popleft()
             job.status, job.started, job.stage, job.message = RUNNING, self.clock(), "starting", ""
+            self._running = job
             return job
 
     def finish(self, job: Job, status: str, result: Any = None, error: dict | None = None) -> None:
@@ -166,6 +168,13 @@ class JobQueue:
 
     def _finish(self, job: Job, status: str, result: Any = None, error: dict | None = None) -> None:
         job.status, job.finished, job.error = status, self.clock(), error
+        if self._running is job:
+            self._running = None
+        # A finished job keeps its result, never what it worked on: the runner's closure holds the volume.
+        job.runner = None
+        if job.release is not None:
+            job.release, release = None, job.release
+            release()
         job.result = result if job.kept else None
         job.stage = {DONE: "done", FAILED: "failed", CANCELLED: "cancelled"}[status]
         job.fraction = 1.0 if status == DONE else job.fraction

@@ -6,6 +6,7 @@ loaded, so a launcher that sees the ready line — or can connect at all — fin
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -13,10 +14,12 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,9 +28,11 @@ import uvicorn
 
 from ..errors import CitrusVError
 from ..model.processor import IMAGE_FACTOR, QWEN_MAX_PIXELS
+from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
 from .app import MiB, ServiceConfig, ServiceState, create_app
+from .connections import guarded_protocol
 from .local_images import allowed_folders
-from .logs import configure_logging, log_event
+from .logs import capture_stderr, configure_logging, log_event
 
 log = logging.getLogger("citrusv.server")
 
@@ -58,6 +63,7 @@ class ServeSettings:
                                volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
                                result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
                                read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens,
+                               header_timeout_s=args.header_timeout, max_connections=args.max_connections,
                                min_pixels=min_pixels, max_pixels=max_pixels,
                                local_image_dirs=allowed_folders(getattr(args, "allow_local_images", None) or ()),
                                chat_image_tags=getattr(args, "chat_image_tags", "text"))
@@ -151,6 +157,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=None) -> int:
     stdout = stdout or sys.stdout
     configure_logging()
+    capture_stderr()
     token = None if settings.reference_compatible else resolve_token(settings.token_file)
     sock = bind_socket(settings.host, settings.port)
     address, port = sock.getsockname()[:2]
@@ -168,20 +175,30 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         token.file = write_private_token_file(token.value)
     try:
         log_event(log, "loading model")
-        engine = load_engine()
+        with exit_on_signals():  # a stop while the model loads still runs the clean-up below (exit 128 + signal)
+            engine = load_engine()
         state = ServiceState(engine, settings.config, None if token is None else token.value)
         app = create_app(state)
         sock.listen(2048)
         ready = ready_line(state, address, port, token)
-        server = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                                           timeout_keep_alive=5, timeout_graceful_shutdown=5),
-                             on_ready=lambda: _announce(ready, stdout))
+        server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
         server.run(sockets=[sock])
+        if server.exit_signal is not None:
+            log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)
+            return SIGNAL_EXIT[server.exit_signal]
         return 0 if server.started else 1
     finally:
         sock.close()
         if token is not None and token.source == "generated" and token.file is not None:
             shutil.rmtree(token.file.parent, ignore_errors=True)
+
+
+def uvicorn_config(app, config: ServiceConfig) -> uvicorn.Config:
+    """uvicorn with the h11 protocol that bounds header size and time and the number of connections."""
+    protocol = guarded_protocol(config.max_header_bytes, config.header_timeout_s, config.max_connections)
+    return uvicorn.Config(app, http=protocol, ws="none", h11_max_incomplete_event_size=config.max_header_bytes,
+                          log_config=None, access_log=False, server_header=False, timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
 
 
 def ready_line(state: ServiceState, address: str, port: int, token: Token | None) -> dict:
@@ -208,11 +225,30 @@ def _announce(ready: dict, stdout) -> None:
 
 
 class ReadyServer(uvicorn.Server):
-    """uvicorn's server, calling `on_ready` once it accepts connections."""
+    """uvicorn's server, calling `on_ready` once it accepts connections. A stop signal shuts it down gracefully
+    and is remembered (`exit_signal`) instead of being raised again at the end as uvicorn does: that would kill
+    the process before `serve` removes its token folder."""
 
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
         super().__init__(config)
         self.on_ready = on_ready
+        self.exit_signal: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self.handle_exit) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.exit_signal = self.exit_signal or sig
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)

@@ -9,13 +9,16 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..inference.engine import FORCED_SEGMENT_ANSWER
+from ..option_types import MAX_IMAGE_PIXELS, MIN_IMAGE_PIXELS
 from ..volume.dicom_series import IDENTITY_KEYWORDS
 from ..volume.pipeline import VolumeOptions
 from .codec import COMPRESSIONS, VOXEL_DTYPES
 
 MAX_PROMPT_CHARS = 8000
+MAX_DIMENSION = 65536  # voxels along one axis: beyond any scanner, and three of them multiply without overflow
+Dimension = Annotated[int, Field(ge=1, le=MAX_DIMENSION)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Pixels = Annotated[int, Field(ge=28 * 28, le=16384 * 28 * 28)]
+Pixels = Annotated[int, Field(ge=MIN_IMAGE_PIXELS, le=MAX_IMAGE_PIXELS)]
 
 
 class Strict(BaseModel):
@@ -53,7 +56,7 @@ class VolumeUpload(Strict):
     voxels: str = Field(description="base64 of the compressed raw little-endian voxel bytes, C order, shape [k, j, i]")
     compression: Literal[COMPRESSIONS] = "zlib"
     dtype: Literal[VOXEL_DTYPES]
-    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    shape: tuple[Dimension, Dimension, Dimension]
     ijk_to_ras: Annotated[list[Annotated[list[float], Field(min_length=4, max_length=4)]],
                           Field(min_length=4, max_length=4)]
     name: Annotated[str, Field(min_length=1, max_length=200)] = "volume"

@@ -96,7 +96,8 @@ def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, opti
         raise JobCancelled("cancelled by the user")
     job.progress("ask", 0.0, f"reading slice {index}")
     answer = engine.run(source.rgb(index), request.prompt, task="ask", min_pixels=options.min_pixels,
-                        max_pixels=options.max_pixels, max_new_tokens=options.max_new_tokens)
+                        max_pixels=options.max_pixels, max_new_tokens=options.max_new_tokens,
+                        should_cancel=job.should_cancel)
     return {"task": "ask", "prompt": request.prompt, "case": volume.name, "random_weights": answer.random_weights,
             "labelmap": labelmap_info(volume), "segments": [], "findings": [], "boxes": [],
             "report": None, "answer": {"text": answer.text, "slice": index, "plane": options.plane},
@@ -155,7 +156,8 @@ def image_runner(engine: CitrusVEngine, image, request: ImageRequest) -> Callabl
     def run(job: Job) -> dict:
         result = engine.run(image, request.prompt, task=request.task, answer=request.answer,
                             min_pixels=request.min_pixels, max_pixels=request.max_pixels,
-                            max_new_tokens=request.max_new_tokens, mask_upsampling=request.mask_upsampling)
+                            max_new_tokens=request.max_new_tokens, mask_upsampling=request.mask_upsampling,
+                            should_cancel=job.should_cancel)
         return image_result_payload(result, request.mask_format)
     return run
 

@@ -8,13 +8,14 @@ NRRD labelmap with the same space fields (pynrrd). Other inputs get SimpleITK's 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, TooLargeError
 from .quantify import VoxelGeometry
 
 if TYPE_CHECKING:
@@ -24,6 +25,23 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + (".mha", ".mhd")
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 1024  # 1 G voxels: ~2 GB as int16, the most one job may hold
+# --max-voxels bounds memory as much as work: it counts voxels of this many bytes, so a float64 volume may have
+# a quarter of the voxels of an int16 one.
+MAX_VOXELS_ITEMSIZE = 2
+
+
+def check_volume_size(shape, itemsize: int, max_voxels: int, what: str) -> int:
+    """The bytes a volume of `shape` and `itemsize` takes (Python integers: no overflow), refused beyond
+    `max_voxels` voxels or `max_voxels` int16 voxels' worth of memory."""
+    count = math.prod(int(n) for n in shape)
+    nbytes = count * int(itemsize)
+    if count > max_voxels or nbytes > max_voxels * MAX_VOXELS_ITEMSIZE:
+        size = " x ".join(str(int(n)) for n in shape)
+        raise TooLargeError(f"{what}: {size} voxels ({nbytes / 2**20:,.1f} MiB of {itemsize}-byte values) is more "
+                            f"than the {max_voxels:,} allowed (--max-voxels, counted in {MAX_VOXELS_ITEMSIZE}-byte "
+                            f"voxels: at most {max_voxels * MAX_VOXELS_ITEMSIZE / 2**20:,.0f} MiB); crop or resample "
+                            f"it first (or raise the limit)")
+    return nbytes
 
 
 @dataclass
@@ -84,7 +102,8 @@ def _guess_modality(voxels: np.ndarray, metadata: dict) -> str:
     return "MR"
 
 
-def _read_image(path: Path, max_voxels: int, on_bad_dicom: str = "refuse"):
+def _read_image(path: Path, max_voxels: int, on_bad_dicom: str = "refuse", image_io: str | None = None,
+                before_reading=None):
     import SimpleITK as sitk
 
     if path.is_dir():
@@ -93,61 +112,51 @@ def _read_image(path: Path, max_voxels: int, on_bad_dicom: str = "refuse"):
         return read_dicom_image(path, max_voxels, on_bad_dicom)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if image_io:
+        reader.SetImageIO(image_io)
     reader.ReadImageInformation()
-    size = reader.GetSize()
-    if int(np.prod(size)) * max(1, reader.GetNumberOfComponents()) > max_voxels:
-        raise InputError(f"{path.name}: {' x '.join(map(str, size))} voxels is more than the {max_voxels:,} allowed "
-                         f"for one volume; crop or resample it first (or raise the limit)")
+    itemsize = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    components = reader.GetNumberOfComponents()
+    size = tuple(reader.GetSize()) + ((components,) if components > 1 else ())
+    nbytes = check_volume_size(size, itemsize, max_voxels, path.name)
+    check_data_complete(path)  # before the voxels are allocated: a short file may claim gigabytes
+    if before_reading is not None:
+        before_reading(nbytes)
     return reader.Execute(), {}, None
 
 
-def check_nifti_complete(path: Path) -> None:
-    """SimpleITK reads a truncated NIfTI (an incomplete copy) without an error, filling the rest with zeros."""
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+def check_data_complete(path: Path) -> None:
+    """Refuse a NIfTI, NRRD or MetaImage file holding fewer voxel bytes than its header claims (SimpleITK reads
+    a truncated NIfTI without an error, filling the rest with zeros). Files whose header names another data
+    file, and formats this check does not parse, are left to the reader."""
+    from .headers import read_header, require_voxel_bytes
+
+    if not path.name.lower().endswith(VOLUME_SUFFIXES):
         return
-    import nibabel
-
     try:
-        header = nibabel.load(str(path)).header
-    except Exception as error:  # nibabel raises several types for damaged headers
-        raise InputError(f"{path.name}: not a readable NIfTI header ({error})") from None
-    voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    expected, actual = int(header.get_data_offset()) + voxel_bytes, _uncompressed_size(path)
-    if actual < expected:
-        raise InputError(f"{path.name}: truncated, {actual:,} of {expected:,} bytes (an incomplete copy?)")
+        header = read_header(path, path.name)
+    except InputError:
+        return  # the reader gives its own message
+    if header.external is None:
+        require_voxel_bytes(header, path, path.name)
 
 
-def _uncompressed_size(path: Path, chunk: int = 4 * 1024 * 1024) -> int:
-    if not path.name.lower().endswith(".gz"):
-        return path.stat().st_size
-    import gzip
-    import zlib
-
-    size = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while block := stream.read(chunk):
-                size += len(block)
-    except (EOFError, OSError, zlib.error):
-        raise InputError(f"{path.name}: the compressed data is truncated or damaged (an incomplete copy?)") from None
-    return size
-
-
-def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, on_bad_dicom: str = "refuse") -> Volume:
+def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, on_bad_dicom: str = "refuse",
+                image_io: str | None = None, before_reading=None) -> Volume:
     """A 3D scalar volume; anything else (2D, 4D, RGB, unreadable) is a clear InputError. A DICOM folder is
-    checked first (volume.dicom_series): `on_bad_dicom` "skip" leaves out files that do not fit, with a warning."""
+    checked first (volume.dicom_series): `on_bad_dicom` "skip" leaves out files that do not fit, with a warning.
+    `image_io` forces the SimpleITK reader of a file (e.g. "NrrdImageIO") instead of letting it pick one by name
+    and content; `before_reading(nbytes)` is called with the memory the voxels will take, before they are read."""
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
-        image, metadata, series = _read_image(path, max_voxels, on_bad_dicom)
+        image, metadata, series = _read_image(path, max_voxels, on_bad_dicom, image_io, before_reading)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise InputError(f"{path.name}: not a readable volume (NIfTI, NRRD, MHA/MHD or a DICOM folder): {reason}") from None
-    if path.is_file():
-        check_nifti_complete(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name}: {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
                          f"image); a scalar CT, MR or PET volume is needed")

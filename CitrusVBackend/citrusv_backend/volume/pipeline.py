@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CitrusVError, InputError
+from ..errors import CitrusVError, InputError, JobCancelled  # noqa: F401  (JobCancelled: re-exported)
 from ..inference.engine import FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, CitrusVEngine, InferenceResult
 from ..inference.reports import detect_location
 from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
@@ -53,10 +53,6 @@ REPORT_PROMPT = "Evaluate the provided chest radiograph and compile a report. Le
 REPORT_EXPERIMENTAL = ("EXPERIMENTAL: Citrus-V's reports were trained and benchmarked on chest radiographs (CheXpert "
                        "Plus), not on {what}; findings may be invented. Read the images yourself.")
 ProgressFn = Callable[[str, float, str], None]
-
-
-class JobCancelled(CitrusVError):
-    """The caller cancelled the job; nothing was written."""
 
 
 @dataclass

@@ -116,8 +116,8 @@ def check_window_spec(spec: str | None) -> None:
     except ValueError:
         raise InputError(f"window {spec!r}: use {TRAINING} (default), {CLINICAL}, one of {', '.join(CT_PRESETS)}, "
                          f"or CENTER,WIDTH") from None
-    if width <= 0:
-        raise InputError(f"window width must be positive, got {width:g}")
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
+        raise InputError(f"window {spec!r}: CENTER and WIDTH must be finite numbers and WIDTH positive")
 
 
 def parse_window(spec: str | None, prompt: str, modality: str = "CT", values: np.ndarray | None = None) -> Window:

@@ -2,7 +2,7 @@
 result as `citrusv infer`'s JSON, with each mask's pixels as COCO RLE (or PNG) and its 256x256 RLE."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -18,7 +18,7 @@ router = APIRouter(tags=["images"])
 
 
 @router.post("/v1/images/infer")
-async def infer_image(body: ImageRequest, state: Service) -> Response:
+async def infer_image(body: ImageRequest, request: Request, state: Service) -> Response:
     if body.max_new_tokens > state.config.max_new_tokens:
         raise ApiError(400, f"max_new_tokens {body.max_new_tokens} is more than this server allows "
                             f"({state.config.max_new_tokens})")
@@ -26,7 +26,8 @@ async def infer_image(body: ImageRequest, state: Service) -> Response:
     server_min, server_max = state.config.pixel_budget()
     body = body.model_copy(update={"min_pixels": body.min_pixels or server_min, "max_pixels": body.max_pixels or server_max})
     image = await run_in_threadpool(_image_from, body.image)
-    result = await run_now(state, Job(task=f"image:{body.task}", runner=image_runner(state.engine, image, body), kept=False))
+    job = Job(task=f"image:{body.task}", runner=image_runner(state.engine, image, body), kept=False)
+    result = await run_now(state, job, request)
     return Response(to_json_bytes(result), media_type="application/json")
 
 

@@ -18,8 +18,13 @@ router = APIRouter(tags=["jobs"])
 def submit_job(body: JobRequest, request: Request, state: Service) -> dict:
     stored = state.volumes.get(body.volume_id)
     validate_volume_job(body, stored.volume, state.config.max_new_tokens)
-    job = Job(task=body.task, runner=volume_runner(state.engine, stored.id, stored.volume, body), volume_id=stored.id)
-    state.jobs.submit(job)
+    job = Job(task=body.task, runner=volume_runner(state.engine, stored.id, stored.volume, body), volume_id=stored.id,
+              release=state.volumes.hold(stored))
+    try:
+        state.jobs.submit(job)
+    except ApiError:
+        job.release()
+        raise
     request.scope["state"]["job_id"] = job.id
     return state.jobs.describe(job)
 

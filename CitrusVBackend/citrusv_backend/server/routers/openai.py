@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -99,7 +99,7 @@ def list_models(state: Service) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, state: Service) -> Response:
+async def chat_completions(body: ChatRequest, request: Request, state: Service) -> Response:
     if body.model != state.model_name:
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {state.model_name!r}",
                        type="model_not_found")
@@ -113,14 +113,15 @@ async def chat_completions(body: ChatRequest, state: Service) -> Response:
     image = None if chat.image is None else await run_in_threadpool(load_chat_image, chat.image, state.config)
     server_min, server_max = state.config.pixel_budget()
 
-    def run(_job, on_text=None):
+    def run(job, on_text=None):
         return state.engine.run(image, chat.prompt, task=extension.task, answer=extension.answer,
                                 min_pixels=extension.min_pixels or server_min, max_pixels=extension.max_pixels or server_max,
-                                max_new_tokens=max_tokens, allow_empty_prompt=True, on_text=on_text)
+                                max_new_tokens=max_tokens, allow_empty_prompt=True, on_text=on_text,
+                                should_cancel=job.should_cancel)
 
     if body.stream:
         return await stream_job(state, run, lambda result: final_fields(result, state, max_tokens))
-    result = await run_now(state, Job(task="chat", runner=run, kept=False))
+    result = await run_now(state, Job(task="chat", runner=run, kept=False), request)
     return Response(to_json_bytes(completion(result, state, max_tokens)), media_type="application/json")
 
 
