@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-timeout", type=float, default=60,
                        help="drop a request whose body stalls this long (s)")
     serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
+    serve.add_argument("--refine-cache-mb", type=float, default=2048,
+                       help="memory for the SAM2 features of slices kept for refinement clicks, all sessions (MiB)")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
     serve.set_defaults(handler=cmd_serve)

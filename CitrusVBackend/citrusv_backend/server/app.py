@@ -17,6 +17,7 @@ from ..volume.io import DEFAULT_MAX_VOXELS
 from .errors import install_error_handlers
 from .jobs import GpuWorker, JobQueue
 from .middleware import AccessLog, BearerAuth, BodyLimit
+from .sessions import RefineSessions
 from .volumes import VolumeStore
 
 MiB = 2**20
@@ -37,6 +38,8 @@ class ServiceConfig:
     request_timeout_s: float = 600.0          # a synchronous 2D / chat request waits at most this long
     read_timeout_s: float = 60.0              # a request body that stalls this long is dropped
     max_new_tokens: int = 4096
+    refine_cache_bytes: int = 2048 * MiB      # SAM2 features of slices kept for refinement clicks (all sessions)
+    max_refine_sessions: int = 64
 
     def body_limit(self, path: str) -> int:
         return self.max_upload_bytes if path == VOLUME_UPLOAD_PATH else min(self.max_request_bytes, self.max_upload_bytes)
@@ -61,6 +64,8 @@ class ServiceState:
         self.volumes = VolumeStore(config.volume_budget_bytes, config.volume_ttl_s)
         self.jobs = JobQueue(config.max_queued_jobs, config.result_ttl_s)
         self.worker = GpuWorker(self.jobs, free_memory=free_accelerator_memory)
+        self.refine = RefineSessions(engine, config.refine_cache_bytes, config.max_refine_sessions, config.volume_ttl_s)
+        self.volumes.on_evict.append(self.refine.drop_volume)
         self.started_at = time.time()
         self.tmp_dir: Path | None = None
 
@@ -75,7 +80,7 @@ class ServiceState:
 
 
 def create_app(state: ServiceState) -> FastAPI:
-    from .routers import health, images, jobs, openai, volumes
+    from .routers import health, images, jobs, openai, refine, volumes
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -89,7 +94,7 @@ def create_app(state: ServiceState) -> FastAPI:
                   openapi_url="/v1/openapi.json")
     app.state.service = state
     install_error_handlers(app)
-    for router in (health.router, volumes.router, jobs.router, images.router, openai.router):
+    for router in (health.router, volumes.router, jobs.router, images.router, openai.router, refine.router):
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit_for=state.config.body_limit, read_timeout_s=state.config.read_timeout_s)

@@ -46,7 +46,8 @@ class ServeSettings:
                                max_upload_bytes=int(args.max_upload_mb * MiB), max_voxels=args.max_voxels,
                                volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
                                result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
-                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens)
+                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens,
+                               refine_cache_bytes=int(args.refine_cache_mb * MiB))
         return cls(host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
                    config=config)
 

@@ -149,8 +149,7 @@ class VolumePipeline:
             raise JobCancelled("cancelled by the user")
 
     def _budget(self, task: str, options: VolumeOptions) -> PixelBudget:
-        default = TASK_PIXEL_BUDGETS[task]
-        return PixelBudget(options.min_pixels or default.min_pixels, options.max_pixels or default.max_pixels)
+        return task_budget(task, options)
 
     def _segment_slice(self, source: SliceSource, index: int, target: Target, options: VolumeOptions) -> InferenceResult:
         return self._segment_slices(source, [index], target, options)[0]
@@ -376,6 +375,12 @@ class VolumePipeline:
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
+
+def task_budget(task: str, options: VolumeOptions) -> PixelBudget:
+    """The Qwen resize bounds of a task's slices: the options' own, else the task's defaults."""
+    default = TASK_PIXEL_BUDGETS[task]
+    return PixelBudget(options.min_pixels or default.min_pixels, options.max_pixels or default.max_pixels)
+
 
 def slice_score(result: InferenceResult) -> float:
     """Confidence that the slice shows the target: P(object) x predicted IoU, zero for empty/full masks."""

@@ -88,6 +88,7 @@ class RefinementSession:
         self.source = source
         self.orientation = source.orientation
         self.mask = np.array(mask, dtype=bool)
+        self.voxels = int(self.mask.sum())   # kept up to date by each step (no full-volume count per click)
         self.query = query
         self.answer = answer
         self.slice_range = slice_range or (0, source.depth)
@@ -118,7 +119,7 @@ class RefinementSession:
         with self.lock:
             axes = tuple(a for a in range(3) if a != self.orientation.slice_axis)
             slices = np.nonzero(self.mask.any(axis=axes))[0].tolist()
-            return {"voxels": int(self.mask.sum()), "slices": slices, "anchors": sorted(self.anchors),
+            return {"voxels": self.voxels, "slices": slices, "anchors": sorted(self.anchors),
                     "slice_range": list(self.slice_range), "cached_feature_slices": self.features.cached_slices,
                     "query": self.query} | self.history.describe()
 
@@ -298,6 +299,7 @@ class RefinementSession:
         for index in changes:
             self.orientation.put_slice(self.mask, index, new_slices[index])
         after = self.mask[box].copy()
+        self.voxels += int(after.sum()) - int(before.sum())
         step = MaskChange(tuple(int(s.start) for s in box), tuple(after.shape), np.packbits(before), np.packbits(after),
                           sorted(changes), anchors_before, frozenset(self.anchors), kind)
         self.history.record(step)
@@ -305,6 +307,7 @@ class RefinementSession:
 
     def _restore(self, step: MaskChange, which: str, kind: str) -> RefineOutcome:
         voxels = step.unpack(which)
+        self.voxels += int(voxels.sum()) - int(self.mask[step.box].sum())
         self.mask[step.box] = voxels
         self.anchors = set(step.anchors_before if which == "before" else step.anchors_after)
         for index in step.slices:  # their logits belong to the state being left
