@@ -1,6 +1,7 @@
 """The `citrusv` command line.
 
-Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `batch`
+Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `refine`
+(correct a segment with points and boxes), `batch`
 (a folder of volumes, locally or on Ray), `serve` (the HTTP service), `bench` (performance figures), `eval`
 (Dice, HD95, volume error against a ground truth), `serve` (the backend HTTP service), `make-tiny-checkpoint`
 (a random tiny model in the release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
@@ -400,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
                       max_voxels=1024**3, batch_size=4)
+
+    from .refine_cli import add_refine_parser
+
+    add_refine_parser(sub, add_model_options)
 
     bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
     add_model_options(bench)
