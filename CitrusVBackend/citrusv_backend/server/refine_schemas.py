@@ -135,6 +135,7 @@ class SessionInfo(BaseModel):
     voxels: int
     slices: list[int]
     anchors: list[int]
+    slice_axis_ijk: int = Field(description="the voxel index (0 i, 1 j, 2 k) the slices are taken along")
     slice_range: list[int]
     cached_feature_slices: list[int]
     query: str | None

@@ -119,7 +119,9 @@ class RefinementSession:
         with self.lock:
             axes = tuple(a for a in range(3) if a != self.orientation.slice_axis)
             slices = np.nonzero(self.mask.any(axis=axes))[0].tolist()
+            # slice_axis_ijk: which voxel index (i 0, j 1, k 2) numbers the slices, so a client can group its points.
             return {"voxels": self.voxels, "slices": slices, "anchors": sorted(self.anchors),
+                    "slice_axis_ijk": 2 - self.orientation.slice_axis,
                     "slice_range": list(self.slice_range), "cached_feature_slices": self.features.cached_slices,
                     "query": self.query} | self.history.describe()
 
