@@ -224,3 +224,46 @@ class SegmentRefinement:
 def segment_tag(segment, name: str) -> str:
     value = vtk.reference("")
     return str(value) if segment.GetTag(name, value) else ""
+
+
+# ---------------------------------------------------------------------------------------------- the scene's side
+
+PROMPT_KINDS = {"include": ("vtkMRMLMarkupsFiducialNode", (0.0, 0.86, 0.35)),
+                "exclude": ("vtkMRMLMarkupsFiducialNode", (1.0, 0.24, 0.24)),
+                "box": ("vtkMRMLMarkupsROINode", (1.0, 0.9, 0.0))}
+
+
+def tag_segments(segmentation_node, segment_ids: list[str], labels: list[int], job_id: str | None) -> None:
+    """Remember which job made each segment (and its label there): refinement starts from that job's slices."""
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id, label in zip(segment_ids, labels):
+        segment = segmentation.GetSegment(segment_id)
+        if segment is not None and job_id:
+            segment.SetTag(JOB_TAG, job_id)
+            segment.SetTag(LABEL_TAG, str(int(label)))
+
+
+def prompt_nodes(scene, segmentation_node, segment_id: str) -> tuple:
+    """The include / exclude point lists and the box of a segment, made once and kept with the segmentation."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    name = segment.GetName() if segment is not None else segment_id
+    nodes = []
+    for kind, (cls, color) in PROMPT_KINDS.items():
+        role = f"CitrusVRefine{kind.capitalize()}/{segment_id}"
+        node = segmentation_node.GetNodeReference(role)
+        if node is None:
+            node = scene.AddNewNodeByClass(cls, f"{name} {kind}")
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            if display is not None:
+                display.SetSelectedColor(*color)
+                display.SetColor(*color)
+            segmentation_node.SetNodeReferenceID(role, node.GetID())
+        nodes.append(node)
+    return tuple(nodes)
+
+
+def slice_settings(options: dict) -> dict:
+    """The panel's task options as the slice settings a session needs when no job describes them."""
+    keys = {"axis": "axis", "window": "window", "slice_range": "slice_range", "max_pixels": "max_pixels"}
+    return {target: options[source] for source, target in keys.items() if options.get(source) not in (None, "")}

@@ -13,9 +13,11 @@ import threading
 from collections import deque
 from typing import Callable
 
+import vtk
+
 import slicer
 
-from .refine import Request, SegmentRefinement, StaleAnswer, markup_points, roi_box
+from .refine import Request, SegmentRefinement, StaleAnswer, markup_points, roi_box, world_to_ijk
 
 POINT_EVENTS = ("PointPositionDefinedEvent", "PointEndInteractionEvent")
 
@@ -42,7 +44,9 @@ class RefineController:
     def attach(self, refinement: SegmentRefinement, include, exclude, roi) -> None:
         self.detach()
         self.refinement, self.include, self.exclude, self.roi = refinement, include, exclude, roi
-        for node, handler in ((include, self._on_point), (exclude, self._on_point), (roi, self._on_box)):
+        # Markups events pass the point's index as call data; VTK hands it over to a function marked with its type.
+        on_point = vtk.calldata_type(vtk.VTK_INT)(lambda caller, event, index=None: self._on_point(caller, event, index))
+        for node, handler in ((include, on_point), (exclude, on_point), (roi, self._on_box)):
             if node is None:
                 continue
             for name in POINT_EVENTS:
@@ -66,22 +70,27 @@ class RefineController:
         volume = self.refinement.volume_node
         return markup_points(volume, self.include, True) + markup_points(volume, self.exclude, False)
 
-    def _on_point(self, caller, event=None) -> None:
+    def _on_point(self, caller, event=None, point_index=None) -> None:
         """A point placed (or dragged) on a slice: every point on that slice, and the box if it covers it."""
-        placed = self._last_defined(caller)
-        if self.refinement is None or placed is None:
+        if self.refinement is None:
             return
-        index = self.refinement.slice_of(placed)
-        self.refine_slice(index)
+        placed = self._defined(caller, point_index)
+        if placed is not None:
+            self.refine_slice(self.refinement.slice_of(placed))
 
     def _on_box(self, caller, event=None) -> None:
         if self.refinement is not None and roi_box(self.refinement.volume_node, self.roi) is not None:
             self.refine_box()
 
-    def _last_defined(self, node) -> dict | None:
-        positive = node is self.include
-        points = markup_points(self.refinement.volume_node, node, positive) if self.refinement else []
-        return points[-1] if points else None
+    def _defined(self, node, point_index) -> dict | None:
+        """Control point `point_index` of `node` as a prompt (the last one when the event did not say)."""
+        count = node.GetNumberOfControlPoints()
+        index = point_index if isinstance(point_index, int) and 0 <= point_index < count else count - 1
+        if index < 0 or node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            return None
+        world = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, world)
+        return {"ijk": world_to_ijk(self.refinement.volume_node, [world])[0].tolist(), "positive": node is self.include}
 
     def refine_slice(self, index: int) -> None:
         def build():
