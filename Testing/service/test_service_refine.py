@@ -197,3 +197,16 @@ def test_several_clients_refine_and_segment_at_once(server, chest, segmented):
             changed = sorted(set(np.nonzero((on_server != initial[key]).any(axis=(1, 2)))[0].tolist()))
             assert set(changed) <= set(plans[key][:1]), (key, changed)  # the second click was undone
     assert len(finals) == len(plans)
+
+
+def test_the_readme_example_runs(server, chest_ct_path):
+    """CitrusVBackend/examples/refine_over_http.py, as the README shows it, against the real server."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "CitrusVBackend" / "examples" / "refine_over_http.py"
+    spec = importlib.util.spec_from_file_location("refine_over_http", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    mask = example.main(server.url, server.token, str(chest_ct_path))
+    assert mask.shape == (34, 128, 128) and mask.any()
