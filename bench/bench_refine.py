@@ -68,8 +68,9 @@ def clicks(volume, index: int, count: int) -> list[RefinePrompts]:
                                         float(index)), n % 2 == 0)]) for n in range(count)]
 
 
-def run(args) -> dict:
-    engine, model_name = load(args)
+def run(args, engine=None) -> dict:
+    """The figures for `args` (the command line's), with `engine` if given (else the one `args` names)."""
+    engine, model_name = (engine, "given engine") if engine is not None else load(args)
     device = engine.model.device
     volume = synthetic_ct(tuple(args.shape))
     source = SliceSource(volume, "axial", CT_PRESETS["lung"])

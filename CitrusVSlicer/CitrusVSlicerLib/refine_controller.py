@@ -130,7 +130,12 @@ class RefineController:
             self.busy_changed(self.busy)
             return
         build, restart = self._pending.popleft()
-        if restart and self.refinement.needs_restart():
+        if self.refinement.needs_restart():
+            if not restart:  # undo / redo, but no session yet, or the mask was since edited by hand
+                self.on_status("Nothing to undo yet." if self.refinement.mirror is None else
+                               "The segment was edited outside refinement: its earlier steps cannot be undone here; "
+                               "the next point or box starts again from the segment as it is.", True)
+                return self._next()
             self._pending.appendleft((build, restart))
             return self._start(use_job=True)
         request = build()

@@ -248,6 +248,9 @@ class RefinementSession:
                                        mask=self._anchor_mask(index, conditioning[index]))
             forward_end = (above - 1) if above is not None else last - 1
             backward_end = (below + 1) if below is not None else first
+            if options.max_propagation_slices is not None:
+                forward_end = min(forward_end, high + options.max_propagation_slices)
+                backward_end = max(backward_end, low - options.max_propagation_slices)
             self._run_direction(predictor, state, low, forward_end, False, high, set(conditioning), options, results)
             if low > backward_end:
                 self._run_direction(predictor, state, low, backward_end, True, low, set(conditioning), options,
@@ -267,10 +270,10 @@ class RefinementSession:
     def _run_direction(self, predictor, state, start: int, end: int, reverse: bool, edge: int, conditioning: set,
                        options: RefineOptions, results: dict) -> None:
         """Track from `start` to `end` (inclusive); beyond `edge` (the outermost corrected slice) stop once the
-        target has ended or after `max_propagation_slices`."""
+        target has ended."""
         first = self.slice_range[0]
         outputs = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]
-        empty_run = beyond = 0
+        empty_run = 0
         for frame, _, video_masks in predictor.propagate_in_video(state, start_frame_idx=start - first,
                                                                   max_frame_num_to_track=abs(end - start),
                                                                   reverse=reverse):
@@ -282,9 +285,8 @@ class RefinementSession:
             if frame in outputs:
                 self._logits[index] = outputs[frame]["pred_masks"].detach().to("cpu", torch.float32)
             if (index < edge) if reverse else (index > edge):
-                beyond += 1
                 empty_run = empty_run + 1 if not new.any() and not self.slice_mask(index).any() else 0
-                if empty_run >= options.stop_after_empty or beyond == options.max_propagation_slices:
+                if empty_run >= options.stop_after_empty:
                     break
 
     # ------------------------------------------------------------------------------------------ writing
