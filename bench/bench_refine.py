@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -71,6 +72,7 @@ def clicks(volume, index: int, count: int) -> list[RefinePrompts]:
 def run(args, engine=None) -> dict:
     """The figures for `args` (the command line's), with `engine` if given (else the one `args` names)."""
     engine, model_name = (engine, "given engine") if engine is not None else load(args)
+    load_before = os.getloadavg()[0]  # a shared machine's other work slows every figure: recorded with them
     device = engine.model.device
     volume = synthetic_ct(tuple(args.shape))
     source = SliceSource(volume, "axial", CT_PRESETS["lung"])
@@ -133,6 +135,7 @@ def run(args, engine=None) -> dict:
     return {"benchmark": "refine", "model": model_name, "timestamp": datetime.now(timezone.utc).isoformat(),
             "host": platform.node(), "device": _device_description(device), "versions": _versions(),
             "volume_shape": list(volume.shape), "repeats": repeats,
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
             "figures": [f.to_dict() for f in figures], "memory": memory}
 
 

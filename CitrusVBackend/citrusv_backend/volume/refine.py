@@ -19,6 +19,7 @@ touched, and the slices' SAM2 features (`SliceFeatureStore`). A step:
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -370,4 +371,4 @@ def enforce_prompts(mask: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
 
 
 def _pixel(value: float, size: int) -> int:
-    return int(min(max(np.floor(value + 0.5), 0), size - 1))
+    return min(max(math.floor(value + 0.5), 0), size - 1)
