@@ -320,12 +320,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self._parameterNode
             with slicer.util.tryWithErrorDisplay(_("Writing the results failed."), waitCursor=True):
                 written = self.logic.writeResult(node.inputVolume, event.result, node.outputSegmentation,
-                                                 node.outputTable, node.replaceExistingSegments)
+                                                 node.outputTable, node.replaceExistingSegments, self._runner.job_id)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
-                if written["segmentation"] is not None:
-                    tag_segments(written["segmentation"], written["segment_ids"],
-                                 [s.label for s in event.result.segments], self._runner.job_id)
             self.updateRefineSegments()
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
@@ -611,8 +608,13 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         for key in [k for k in self._uploads if k[1] == volumeNode.GetID()]:
             del self._uploads[key]
 
-    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False) -> dict:
-        return write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
+    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False,
+                    jobId=None) -> dict:
+        """Into the scene; each segment remembers its job (refinement starts from that job's slices)."""
+        written = write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
+        if written["segmentation"] is not None:
+            tag_segments(written["segmentation"], written["segment_ids"], [s.label for s in result.segments], jobId)
+        return written
 
     def process(self, volumeNode, task: str, prompt: str, options: Optional[dict] = None, timeout: float = 600.0) -> dict:
         """Blocking run for scripts and the self-test: returns the written nodes."""
@@ -621,7 +623,7 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         while time.monotonic() < deadline:
             for event in runner.events():
                 if event.kind == "done":
-                    return self.writeResult(volumeNode, event.result)
+                    return self.writeResult(volumeNode, event.result, jobId=runner.job_id)
                 if event.kind in ("error", "cancelled"):
                     raise RuntimeError(event.message)
             slicer.app.processEvents()
@@ -696,6 +698,43 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(segmentation)
             self.assertEqual(segmentation.GetNodeReference("CitrusVSourceVolume").GetID(), volumeNode.GetID())
             self.assertIsNotNone(written["table"])
+            self.refineOnce(logic, volumeNode, segmentation, written["segment_ids"][0])
         finally:
             logic.shutdown()
         self.delayDisplay("Full flow passed")
+
+    def refineOnce(self, logic, volumeNode, segmentationNode, segmentId):
+        """An exclude point on a voxel of the segment takes it out; Undo gives the segment back exactly."""
+        import numpy as np
+        import vtk
+
+        from CitrusVSlicerLib.refine import read_segment
+
+        before = read_segment(segmentationNode, segmentId, volumeNode)
+        if not before.any():
+            self.delayDisplay("The tiny model found nothing: refinement step skipped")
+            return
+        self.delayDisplay("Refine: an exclude point, then Undo")
+        client = logic.backend.client()
+
+        def send(request, onAnswer, onError):
+            try:
+                onAnswer(client.request_json(request.method, request.path, request.body))
+            except BackendError as error:
+                onError(str(error))
+
+        errors = []
+        controller = RefineController(send, lambda text, error: errors.append(text) if error else None,
+                                      options={"propagate": False})
+        include, exclude, box = prompt_nodes(slicer.mrmlScene, segmentationNode, segmentId)
+        volumeId = next(iter(logic._uploads.values()))
+        controller.attach(SegmentRefinement(volumeId, segmentationNode, segmentId, volumeNode), include, exclude, box)
+        k, j, i = (int(v) for v in np.argwhere(before)[0])
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        exclude.AddControlPoint(vtk.vtkVector3d(*ijkToRas.MultiplyPoint([i, j, k, 1.0])[:3]))  # a click there
+        self.assertEqual(errors, [])
+        self.assertFalse(read_segment(segmentationNode, segmentId, volumeNode)[k, j, i])
+        controller.undo()
+        self.assertTrue(np.array_equal(read_segment(segmentationNode, segmentId, volumeNode), before))
+        controller.detach()

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume.pipeline import SliceSource, VolumeOptions, task_budget
 from ..volume.refine import RefinementSession, RefineOutcome
-from ..volume.windowing import parse_window
+from ..volume.windowing import Window, parse_window
 from .codec import compress_crop
 from .errors import ApiError
 from .jobs import DONE, Job
@@ -28,10 +28,16 @@ from .jobs import DONE, Job
 
 @dataclass
 class RefineSeed:
-    """What a finished segmentation job leaves for refinement: the exact slices it decoded, and its options."""
+    """What a finished segmentation job leaves for refinement: how its slices were made (plane and window, exactly
+    as the pipeline chose them) and its options. Not the volume: a finished job must not keep it in memory."""
 
-    source: SliceSource
+    plane: str
+    window: Window
     options: VolumeOptions
+
+    @classmethod
+    def of(cls, source: SliceSource, options: VolumeOptions) -> "RefineSeed":
+        return cls(options.plane, source.window, options)
 
 
 @dataclass
@@ -79,7 +85,8 @@ def _plan_from_job(state, volume_id: str, volume, request) -> SessionPlan:
     segment = next(s for s in segments if s["label"] == label)
     mask = mask_from_crop(segment["mask"], volume.shape) if segment["mask"] else np.zeros(volume.shape, bool)
     anchors = [segment["key_slice"]] if segment.get("key_slice") is not None else []
-    return SessionPlan(seed.source, seed.options, mask, request.query or segment["query"], anchors)
+    source = SliceSource(volume, seed.plane, seed.window)
+    return SessionPlan(source, seed.options, mask, request.query or segment["query"], anchors)
 
 
 def start_session(state, volume_id: str, segment: str, volume, request):

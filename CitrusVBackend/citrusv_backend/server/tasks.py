@@ -61,7 +61,7 @@ def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request
             pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
             payload = volume_result_payload(result, volume)
-            job.extras["refine_seed"] = RefineSeed(result.source, options)  # the slices refinement must decode
+            job.extras["refine_seed"] = RefineSeed.of(result.source, options)  # how refinement must make its slices
         job.progress("packing the result", 0.99, "compressing the masks")
         return to_json_bytes(payload | {"job_id": job.id, "volume_id": volume_id})
 
