@@ -6,6 +6,7 @@ without Qt lives in CitrusVSlicerLib so that it can be tested headlessly.
 
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -25,6 +26,7 @@ from slicer.util import VTKObservationMixin
 
 from CitrusVSlicerLib.batch import BatchRun
 from CitrusVSlicerLib.client import BackendError
+from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
 from CitrusVSlicerLib.installer import explain_failure
 from CitrusVSlicerLib.manager import REMOTE, BackendManager
 from CitrusVSlicerLib.refine import SegmentRefinement, prompt_nodes, slice_settings, tag_segments
@@ -116,6 +118,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._runner = None
+        self._lastResult = None   # the last Apply's SceneResult (its DICOM objects for the export button)
         self._batch = None
         self._consentedUrls = set()
         self._promptHistory = []
@@ -152,6 +155,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
         self.setupRefine()
+        self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(TIMER_MS)
@@ -226,6 +230,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         refinement = self._refine.refinement if self._refine is not None else None
         self.ui.refineUndoButton.enabled = refinement is not None and refinement.can_undo
         self.ui.refineRedoButton.enabled = refinement is not None and refinement.can_redo
+        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
 
     def setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text
@@ -323,6 +328,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                  node.outputTable, node.replaceExistingSegments, self._runner.job_id)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
+            self._lastResult = event.result
             self.updateRefineSegments()
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
@@ -440,6 +446,13 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.setParent(None)
             shortcut.deleteLater()
         self._refineShortcuts = []
+
+    def onExportDicom(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            done = self.logic.exportDicom(self._lastResult, node.outputSegmentation)
+            self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
+                n=len(done["files"]), route=done["segmentation_exported_by"]))
 
     # ------------------------------------------------------------------------------------------ Backend
 
@@ -578,24 +591,43 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         """Upload (once per volume content and backend), submit, follow: all in a background thread."""
         client = self.backend.client()
         voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        key = self.uploadKey(client, volumeNode, ijkToRas)
+        # From Slicer's DICOM database: the upload says which series it is, so the backend makes DICOM SEG/SR.
+        reference = dicom_reference(volumeNode, ijkToRas, getattr(slicer, "dicomDatabase", None))
+        key = self.uploadKey(client, volumeNode, ijkToRas, reference is not None)
         runner = ApplyRunner(client, voxels.copy(), ijkToRas, volumeNode.GetName(), task, prompt, options,
-                             volume_id=self._uploads.get(key))
+                             volume_id=self._uploads.get(key), dicom_reference=reference)
         runner.on_uploaded = lambda volumeId: self._uploads.__setitem__(key, volumeId)
         runner.start()
         return runner
 
+    def exportDicom(self, result, segmentationNode=None) -> dict:
+        """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
+        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG."""
+        from DICOMLib import DICOMUtils
+
+        exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
+        item = None
+        if exporter is not None and segmentationNode is not None:
+            item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
+        directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
+        # copyFiles: the database keeps its own copies, the temporary folder may go.
+        return export_result(self.backend.client(), result.dicom if result else None, directory,
+                             lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item)
+
     @staticmethod
-    def uploadKey(client, volumeNode, ijkToRas) -> tuple:
-        """One upload per backend, volume node, voxel content and geometry."""
-        return (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes())
+    def uploadKey(client, volumeNode, ijkToRas, withDicomReference: bool = False) -> tuple:
+        """One upload per backend, volume node, voxel content, geometry (and DICOM series reference or not)."""
+        return (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes(),
+                withDicomReference)
 
     def withUploadedVolume(self, volumeNode, sender, then, failed) -> None:
         """`then(volume_id)` once the backend holds this volume (uploaded on the sender's thread if needed)."""
         voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        key = self.uploadKey(sender.client, volumeNode, ijkToRas)
-        if key in self._uploads:
-            return then(self._uploads[key])
+        for withReference in (True, False):  # either upload of these voxels serves refinement
+            known = self._uploads.get(self.uploadKey(sender.client, volumeNode, ijkToRas, withReference))
+            if known is not None:
+                return then(known)
+        key = self.uploadKey(sender.client, volumeNode, ijkToRas, False)
 
         def uploaded(volumeId: str) -> None:
             self._uploads[key] = volumeId
