@@ -29,6 +29,8 @@ from CitrusVSlicerLib.client import BackendError
 from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
 from CitrusVSlicerLib.installer import explain_failure
 from CitrusVSlicerLib.manager import REMOTE, BackendManager
+from CitrusVSlicerLib.refine import SegmentRefinement, prompt_nodes, slice_settings, tag_segments
+from CitrusVSlicerLib.refine_controller import RefineController, ThreadedSender
 from CitrusVSlicerLib.runner import ApplyRunner
 from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
 
@@ -97,6 +99,8 @@ class CitrusVSlicerParameterNode:
     sliceAxis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
     sliceRange: str = ""
     maxPixels: int = 0
+    refinePropagate: bool = True
+    refineKeepText: bool = False
 
 
 #
@@ -118,6 +122,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._batch = None
         self._consentedUrls = set()
         self._promptHistory = []
+        self._refine = None          # RefineController of the segment being corrected
+        self._refineSender = None    # ThreadedSender: the refinement requests' worker thread
+        self._refineShortcuts = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -147,6 +154,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
+        self.setupRefine()
         self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
 
         self.timer = qt.QTimer()
@@ -160,11 +168,16 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.timer.stop()
         self.removeObservers()
+        self.stopRefine()
+        if self._refineSender is not None:
+            self._refineSender.close()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.installRefineShortcuts()
 
     def exit(self) -> None:
+        self.removeRefineShortcuts()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -214,6 +227,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         batchBusy = self._batch is not None and self._batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
+        refinement = self._refine.refinement if self._refine is not None else None
+        self.ui.refineUndoButton.enabled = refinement is not None and refinement.can_undo
+        self.ui.refineRedoButton.enabled = refinement is not None and refinement.can_redo
         self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
 
     def setStatus(self, text: str, error: bool = False) -> None:
@@ -229,6 +245,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onRunnerEvent(event)
         if self._batch is not None:
             self.updateBatch()
+        if self._refineSender is not None:
+            self._refineSender.deliver()
         self.updateGui()
 
     def updateBackendStatus(self) -> None:
@@ -307,10 +325,11 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self._parameterNode
             with slicer.util.tryWithErrorDisplay(_("Writing the results failed."), waitCursor=True):
                 written = self.logic.writeResult(node.inputVolume, event.result, node.outputSegmentation,
-                                                 node.outputTable, node.replaceExistingSegments)
+                                                 node.outputTable, node.replaceExistingSegments, self._runner.job_id)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
             self._lastResult = event.result
+            self.updateRefineSegments()
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
             found = len(event.result.segments)
@@ -323,6 +342,110 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif event.kind == "cancelled":
             self.ui.progressBar.value = 0
             self.setStatus(_("Cancelled."))
+
+    # ------------------------------------------------------------------------------------------ Refine
+
+    def setupRefine(self) -> None:
+        """Include / exclude point lists and a box placed on any slice view; each placement is one step."""
+        self.ui.refineStartButton.clicked.connect(self.onRefineStart)
+        self.ui.refineUndoButton.clicked.connect(self.onRefineUndo)
+        self.ui.refineRedoButton.clicked.connect(self.onRefineRedo)
+        self.ui.refineClearButton.clicked.connect(self.onRefineClear)
+        self.ui.refineSegmentComboBox.connect("activated(int)", lambda index: self.stopRefine())
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   lambda node: self.updateRefineSegments())
+        for widget in (self.ui.refineIncludePlaceWidget, self.ui.refineExcludePlaceWidget):
+            widget.setPlaceModePersistency(True)
+        self.updateRefineSegments()
+
+    def updateRefineSegments(self) -> None:
+        combo = self.ui.refineSegmentComboBox
+        current = combo.currentData
+        combo.clear()
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if segmentation is not None:
+            for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
+                segment = segmentation.GetSegmentation().GetNthSegment(index)
+                combo.addItem(segment.GetName(), segmentation.GetSegmentation().GetNthSegmentID(index))
+        found = combo.findData(current) if current else -1
+        combo.setCurrentIndex(found if found >= 0 else 0)
+
+    def onRefineStart(self) -> None:
+        node = self._parameterNode
+        segmentation, segmentId = node.outputSegmentation, self.ui.refineSegmentComboBox.currentData
+        if not node.inputVolume or segmentation is None or not segmentId:
+            self.setRefineStatus(_("Segment the volume first (Apply), then pick the segment to correct."), True)
+            return
+        try:
+            client = self.logic.backend.client()
+        except BackendError as error:
+            self.setRefineStatus(str(error), True)
+            return
+        self.stopRefine()
+        if self._refineSender is None or self._refineSender.client.url != client.url:
+            self._refineSender = ThreadedSender(client)
+        include, exclude, box = prompt_nodes(slicer.mrmlScene, segmentation, segmentId)
+        self.ui.refineIncludePlaceWidget.setCurrentNode(include)
+        self.ui.refineExcludePlaceWidget.setCurrentNode(exclude)
+        self.ui.refineBoxPlaceWidget.setCurrentNode(box)
+        options = {"propagate": node.refinePropagate, "keep_text": node.refineKeepText}
+        def status(text: str, error: bool) -> None:
+            if error and "upload" in text:  # the backend lost the volume: the next start uploads it again
+                self.logic.forgetUploads(node.inputVolume)
+            self.setRefineStatus(text, error)
+
+        controller = RefineController(self._refineSender, status,
+                                      settings=slice_settings(self.logic.taskOptions(node)), options=options)
+        self._refine = controller
+
+        def attach(volumeId: str) -> None:
+            if self._refine is controller:
+                controller.attach(SegmentRefinement(volumeId, segmentation, segmentId, node.inputVolume),
+                                  include, exclude, box)
+                self.setRefineStatus(_("Place include / exclude points or a box on any slice view."), False)
+
+        self.logic.withUploadedVolume(node.inputVolume, self._refineSender, attach,
+                                      lambda message: self.setRefineStatus(message, True))
+
+    def stopRefine(self) -> None:
+        if self._refine is not None:
+            self._refine.detach()
+            self._refine = None
+
+    def onRefineUndo(self) -> None:
+        if self._refine is not None:
+            self._refine.undo()
+
+    def onRefineRedo(self) -> None:
+        if self._refine is not None:
+            self._refine.redo()
+
+    def onRefineClear(self) -> None:
+        for widget in (self.ui.refineIncludePlaceWidget, self.ui.refineExcludePlaceWidget, self.ui.refineBoxPlaceWidget):
+            markups = widget.currentNode()
+            if markups is not None:
+                markups.RemoveAllControlPoints()
+
+    def setRefineStatus(self, text: str, error: bool = False) -> None:
+        self.ui.refineStatusLabel.text = text
+        self.ui.refineStatusLabel.setStyleSheet("color: #c0392b" if error else "")
+
+    def installRefineShortcuts(self) -> None:
+        """Ctrl+Z / Ctrl+Y (Ctrl+Shift+Z) while this module is shown: one refinement, one step (as the Segment
+        Editor installs its own while it is shown)."""
+        if self._refineShortcuts:
+            return
+        for sequence, slot in ((qt.QKeySequence.Undo, self.onRefineUndo), (qt.QKeySequence.Redo, self.onRefineRedo),
+                               ("Ctrl+Y", self.onRefineRedo)):
+            shortcut = qt.QShortcut(qt.QKeySequence(sequence), slicer.util.mainWindow())
+            shortcut.connect("activated()", slot)
+            self._refineShortcuts.append(shortcut)
+
+    def removeRefineShortcuts(self) -> None:
+        for shortcut in self._refineShortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self._refineShortcuts = []
 
     def onExportDicom(self) -> None:
         node = self._parameterNode
@@ -470,8 +593,7 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         voxels, ijkToRas = volume_array_and_geometry(volumeNode)
         # From Slicer's DICOM database: the upload says which series it is, so the backend makes DICOM SEG/SR.
         reference = dicom_reference(volumeNode, ijkToRas, getattr(slicer, "dicomDatabase", None))
-        key = (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes(),
-               reference is not None)
+        key = self.uploadKey(client, volumeNode, ijkToRas, reference is not None)
         runner = ApplyRunner(client, voxels.copy(), ijkToRas, volumeNode.GetName(), task, prompt, options,
                              volume_id=self._uploads.get(key), dicom_reference=reference)
         runner.on_uploaded = lambda volumeId: self._uploads.__setitem__(key, volumeId)
@@ -492,8 +614,39 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         return export_result(self.backend.client(), result.dicom if result else None, directory,
                              lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item)
 
-    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False) -> dict:
-        return write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
+    @staticmethod
+    def uploadKey(client, volumeNode, ijkToRas, withDicomReference: bool = False) -> tuple:
+        """One upload per backend, volume node, voxel content, geometry (and DICOM series reference or not)."""
+        return (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes(),
+                withDicomReference)
+
+    def withUploadedVolume(self, volumeNode, sender, then, failed) -> None:
+        """`then(volume_id)` once the backend holds this volume (uploaded on the sender's thread if needed)."""
+        voxels, ijkToRas = volume_array_and_geometry(volumeNode)
+        for withReference in (True, False):  # either upload of these voxels serves refinement
+            known = self._uploads.get(self.uploadKey(sender.client, volumeNode, ijkToRas, withReference))
+            if known is not None:
+                return then(known)
+        key = self.uploadKey(sender.client, volumeNode, ijkToRas, False)
+
+        def uploaded(volumeId: str) -> None:
+            self._uploads[key] = volumeId
+            then(volumeId)
+
+        array, name = voxels.copy(), volumeNode.GetName()
+        sender.call(lambda: sender.client.upload_volume(array, ijkToRas, name), uploaded, failed)
+
+    def forgetUploads(self, volumeNode) -> None:
+        for key in [k for k in self._uploads if k[1] == volumeNode.GetID()]:
+            del self._uploads[key]
+
+    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False,
+                    jobId=None) -> dict:
+        """Into the scene; each segment remembers its job (refinement starts from that job's slices)."""
+        written = write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
+        if written["segmentation"] is not None:
+            tag_segments(written["segmentation"], written["segment_ids"], [s.label for s in result.segments], jobId)
+        return written
 
     def process(self, volumeNode, task: str, prompt: str, options: Optional[dict] = None, timeout: float = 600.0) -> dict:
         """Blocking run for scripts and the self-test: returns the written nodes."""
@@ -502,7 +655,7 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         while time.monotonic() < deadline:
             for event in runner.events():
                 if event.kind == "done":
-                    return self.writeResult(volumeNode, event.result)
+                    return self.writeResult(volumeNode, event.result, jobId=runner.job_id)
                 if event.kind in ("error", "cancelled"):
                     raise RuntimeError(event.message)
             slicer.app.processEvents()
@@ -577,6 +730,43 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(segmentation)
             self.assertEqual(segmentation.GetNodeReference("CitrusVSourceVolume").GetID(), volumeNode.GetID())
             self.assertIsNotNone(written["table"])
+            self.refineOnce(logic, volumeNode, segmentation, written["segment_ids"][0])
         finally:
             logic.shutdown()
         self.delayDisplay("Full flow passed")
+
+    def refineOnce(self, logic, volumeNode, segmentationNode, segmentId):
+        """An exclude point on a voxel of the segment takes it out; Undo gives the segment back exactly."""
+        import numpy as np
+        import vtk
+
+        from CitrusVSlicerLib.refine import read_segment
+
+        before = read_segment(segmentationNode, segmentId, volumeNode)
+        if not before.any():
+            self.delayDisplay("The tiny model found nothing: refinement step skipped")
+            return
+        self.delayDisplay("Refine: an exclude point, then Undo")
+        client = logic.backend.client()
+
+        def send(request, onAnswer, onError):
+            try:
+                onAnswer(client.request_json(request.method, request.path, request.body))
+            except BackendError as error:
+                onError(str(error))
+
+        errors = []
+        controller = RefineController(send, lambda text, error: errors.append(text) if error else None,
+                                      options={"propagate": False})
+        include, exclude, box = prompt_nodes(slicer.mrmlScene, segmentationNode, segmentId)
+        volumeId = next(iter(logic._uploads.values()))
+        controller.attach(SegmentRefinement(volumeId, segmentationNode, segmentId, volumeNode), include, exclude, box)
+        k, j, i = (int(v) for v in np.argwhere(before)[0])
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        exclude.AddControlPoint(vtk.vtkVector3d(*ijkToRas.MultiplyPoint([i, j, k, 1.0])[:3]))  # a click there
+        self.assertEqual(errors, [])
+        self.assertFalse(read_segment(segmentationNode, segmentId, volumeNode)[k, j, i])
+        controller.undo()
+        self.assertTrue(np.array_equal(read_segment(segmentationNode, segmentId, volumeNode), before))
+        controller.detach()

@@ -1,6 +1,7 @@
 """The `citrusv` command line.
 
-Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `batch`
+Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `refine`
+(correct a segment with points and boxes), `batch`
 (a folder of volumes, locally or on Ray), `serve` (the HTTP service), `bench` (performance figures), `eval`
 (Dice, HD95, volume error against a ground truth), `serve` (the backend HTTP service), `make-tiny-checkpoint`
 (a random tiny model in the release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop a connection whose request headers take longer than this to arrive (s)")
     serve.add_argument("--max-connections", type=types.positive_int, default=256,
                        help="the most open connections; one more is answered 503 and closed")
+    serve.add_argument("--refine-cache-mb", type=types.positive_float, default=2048,
+                       help="memory for the SAM2 features of slices kept for refinement clicks, all sessions (MiB)")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
     serve.add_argument("--min-pixels", type=int, default=None,
@@ -348,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
                       max_voxels=1024**3, batch_size=4, dicom_out=None, on_bad_dicom="refuse")
+
+    from .refine_cli import add_refine_parser
+
+    add_refine_parser(sub, add_model_options)
 
     bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
     add_model_options(bench)

@@ -130,6 +130,10 @@ class BackendClient:
     def result_payload(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/result", timeout=max(self.timeout, 120)).json()
 
+    def request_json(self, method: str, path: str, body: dict | None = None) -> dict:
+        """Any JSON call of the service (refinement steps); errors as BackendError with the service's message."""
+        return self._request(method, path, json=body, timeout=max(self.timeout, 120)).json()
+
     def result(self, job_id: str, shape_kji: tuple[int, int, int]) -> SceneResult:
         return scene_result_from_payload(self.result_payload(job_id), shape_kji)
 

@@ -103,3 +103,21 @@ def test_cancel_queued_at_once_and_running_at_the_next_check(worker):
     worker.jobs.cancel(running)
     assert _done(running).status == "cancelled" and time.monotonic() - asked < 1
     assert _done(worker.jobs.submit(Job(task="t", runner=lambda job: 1))).result == 1
+
+
+def test_urgent_jobs_run_before_queued_volume_jobs_in_their_own_order(worker):
+    """Refinement clicks are urgent: they wait for the running job only, then go in the order they came."""
+    gate = threading.Event()
+    ran: list[str] = []
+    blocker = worker.jobs.submit(Job(task="segment", runner=lambda job: gate.wait(10)))
+    while blocker.status != "running":
+        time.sleep(0.01)
+    for name, urgent in (("volume-1", False), ("click-1", True), ("volume-2", False), ("click-2", True)):
+        worker.jobs.submit(Job(task=name, runner=lambda job, name=name: ran.append(name), urgent=urgent))
+    assert [w.task for w in worker.jobs._waiting] == ["click-1", "click-2", "volume-1", "volume-2"]
+    gate.set()
+    deadline = time.monotonic() + 10
+    while len(ran) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert ran == ["click-1", "click-2", "volume-1", "volume-2"]

@@ -238,6 +238,18 @@ class CitrusVEngine:
             iou=float(prediction.iou[i]), object_score=float(prediction.object_score[i]))
             for i in range(positions.numel())]
 
+    @torch.inference_mode()
+    def seg_embeddings(self, image, prompt: str, answer: str = FORCED_SEGMENT_ANSWER,
+                       budget: PixelBudget | None = None) -> torch.Tensor:
+        """[n, 1, C] projected [SEG] tokens of a forced answer on one image (one prefill, no SAM2): the text
+        prompt as SAM2 receives it, for refinement that keeps it beside clicks."""
+        inputs = self.processor(load_image(image), prompt, budget or TASK_PIXEL_BUDGETS["segment"], answer=answer)
+        hidden = self._forced_hidden_batch([inputs])[0]
+        positions = (inputs.input_ids[0].to(hidden.device) == self.processor.seg_token_idx).nonzero().flatten()
+        if positions.numel() == 0:
+            raise InputError(f"the answer {answer!r} has no [SEG] token, so the text gives SAM2 no prompt")
+        return self.model.project_seg(hidden[positions])
+
     # ------------------------------------------------------------------------------------------ tasks
 
     def run(self, image, prompt: str, task: str = "ask", answer: str | None = None, min_pixels: int | None = None,

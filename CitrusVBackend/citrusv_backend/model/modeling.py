@@ -70,9 +70,17 @@ class SAM2GroundingEncoder(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> SAM2ImageFeatures:
         """`pixel_values`: [B, 3, S, S] normalised SAM2 input (S = image_size)."""
-        sam2 = self.sam2_model
+        return self.features_from_backbone(self.backbone(pixel_values))
+
+    def backbone(self, pixel_values: torch.Tensor) -> dict:
+        """SAM2's `forward_image`: the FPN levels (high-resolution ones through conv_s0 / conv_s1) and their
+        position encodings. The video predictor consumes this dict; `features_from_backbone` makes decoder input."""
         with self._autocast(pixel_values.device):
-            backbone_out = sam2.forward_image(pixel_values)
+            return self.sam2_model.forward_image(pixel_values)
+
+    def features_from_backbone(self, backbone_out: dict) -> SAM2ImageFeatures:
+        sam2 = self.sam2_model
+        with self._autocast(backbone_out["backbone_fpn"][-1].device):
             _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(backbone_out)
             batch = vision_feats[-1].size(1)
             high_res = [x.permute(1, 2, 0).reshape(batch, x.size(2), *size)
@@ -85,17 +93,31 @@ class SAM2GroundingEncoder(nn.Module):
 
     def decode_masks(self, features: SAM2ImageFeatures, language_embeds: torch.Tensor) -> SAM2MaskPrediction:
         """One mask per row: `language_embeds` [N, 1, C] pairs with row n of `features` (batch N)."""
+        return self.decode(features, SAM2Prompts(language_embeds=language_embeds))
+
+    def decode(self, features: SAM2ImageFeatures, prompts: "SAM2Prompts") -> SAM2MaskPrediction:
+        """SAM2's prompt encoder + mask decoder on row n of `features` with row n of `prompts`, as the reference's
+        `SAM2Base._forward_sam_heads`: without points SAM2 pads with one "not-a-point" (label -1); the prompt
+        encoder adds one more padding point after the given ones (boxes travel as points labelled 2, 3); the
+        projected [SEG] tokens follow the point tokens; multimask output by SAM2's own rule on the point count."""
         sam2 = self.sam2_model
         prompt_encoder = sam2.sam_prompt_encoder
-        count = language_embeds.size(0)
-        device = language_embeds.device
+        count = features.image_embed.size(0)
+        device = features.image_embed.device
         with self._autocast(device):
-            # No points: SAM2 pads with one "not-a-point" (label -1); the prompt encoder adds a second one.
-            coords = torch.zeros(count, 1, 2, device=device)
-            labels = -torch.ones(count, 1, dtype=torch.int32, device=device)
-            sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            sparse = torch.cat([sparse, language_embeds.to(sparse.dtype)], dim=1)
-            multimask = sam2._use_multimask(is_init_cond_frame=True, point_inputs=None)
+            if prompts.point_coords is None:
+                coords = torch.zeros(count, 1, 2, device=device)
+                labels = -torch.ones(count, 1, dtype=torch.int32, device=device)
+                point_inputs = None
+            else:
+                coords = prompts.point_coords.to(device, torch.float32)
+                labels = prompts.point_labels.to(device, torch.int32)
+                point_inputs = {"point_coords": coords, "point_labels": labels}
+            masks = None if prompts.mask_logits is None else prompts.mask_logits.to(device, torch.float32)
+            sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+            if prompts.language_embeds is not None:
+                sparse = torch.cat([sparse, prompts.language_embeds.to(device, sparse.dtype)], dim=1)
+            multimask = sam2._use_multimask(is_init_cond_frame=True, point_inputs=point_inputs)
             logits, ious, _, object_scores = sam2.sam_mask_decoder(
                 image_embeddings=features.image_embed, image_pe=prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -106,6 +128,22 @@ class SAM2GroundingEncoder(nn.Module):
         rows = torch.arange(count, device=device)
         return SAM2MaskPrediction(low_res_logits=logits[rows, best], multimask_logits=logits,
                                   iou=ious[rows, best], object_score=object_scores.float().reshape(count))
+
+
+@dataclass
+class SAM2Prompts:
+    """SAM2 prompts for a batch of N decodes, already in SAM2's input frame (the stretched image_size square).
+
+    `point_coords` [N, P, 2] (x, y) and `point_labels` [N, P] (1 include, 0 exclude, 2 / 3 a box's top-left /
+    bottom-right corner, box corners first as SAM2 orders them); `mask_logits` [N, 1, 256, 256] the dense prompt
+    (a previous low-resolution prediction); `language_embeds` [N, 1, C] projected [SEG] tokens. All optional:
+    nothing at all is the reference's language-only path with the [SEG] token alone.
+    """
+
+    point_coords: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    mask_logits: torch.Tensor | None = None
+    language_embeds: torch.Tensor | None = None
 
 
 class CitrusVModel(nn.Module):

@@ -30,15 +30,28 @@ def full_size_config_dict() -> dict:
     return config
 
 
+def sam2_large_config_dict() -> dict:
+    """The tiny language model with the released SAM2 (Hiera-L v1) in full: what a refinement click runs."""
+    config = tiny_config_dict(sam2_config_name="sam2_hiera_l.yaml")
+    config["torch_dtype"] = "bfloat16"
+    return config
+
+
 def build_full_size_random(device: torch.device, dtype: torch.dtype = torch.bfloat16,
                            attention: str | None = None) -> LoadedModel:
     """Random weights in the exact 8B shapes on `device` (about 17 GB in bf16)."""
+    return build_random(full_size_config_dict(), device, dtype, attention)
+
+
+def build_random(config_dict: dict, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 attention: str | None = None) -> LoadedModel:
+    """A model of `config_dict`'s shapes with random weights on `device`, built in memory."""
     import time
 
     from transformers import Qwen2VLImageProcessorPil
 
     started = time.monotonic()
-    config = CitrusVConfig.from_dict(full_size_config_dict())
+    config = CitrusVConfig.from_dict(config_dict)
     attn = choose_attention(device, attention)
     model = build_model(config, None, device, dtype, attn_implementation=attn, initialize=False)
     with torch.no_grad():

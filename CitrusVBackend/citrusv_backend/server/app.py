@@ -18,6 +18,7 @@ from ..volume.io import DEFAULT_MAX_VOXELS
 from .errors import install_error_handlers
 from .jobs import GpuWorker, JobQueue
 from .middleware import AccessLog, BearerAuth, BodyLimit, LoopbackOpenAccess
+from .sessions import RefineSessions
 from .volumes import VolumeStore
 
 MiB = 2**20
@@ -45,6 +46,8 @@ class ServiceConfig:
     max_pixels: int | None = None             # None for both: each task's own
     local_image_dirs: tuple[str, ...] = ()    # chat requests may name image files inside these (--allow-local-images)
     chat_image_tags: str = "text"             # "swift": a typed <image> beside an image part stays text, as in swift
+    refine_cache_bytes: int = 2048 * MiB      # SAM2 features of slices kept for refinement clicks (all sessions)
+    max_refine_sessions: int = 64
 
     def pixel_budget(self) -> tuple[int | None, int | None]:
         """(min, max) pixels for the 2D routes; with one bound set the other is qwen_vl_utils' default, as in
@@ -78,6 +81,8 @@ class ServiceState:
         self.volumes = VolumeStore(config.volume_budget_bytes, config.volume_ttl_s)
         self.jobs = JobQueue(config.max_queued_jobs, config.result_ttl_s)
         self.worker = GpuWorker(self.jobs, free_memory=free_accelerator_memory)
+        self.refine = RefineSessions(engine, config.refine_cache_bytes, config.max_refine_sessions, config.volume_ttl_s)
+        self.volumes.on_evict.append(self.refine.drop_volume)
         self.started_at = time.time()
         self.tmp_dir: Path | None = None
 
@@ -92,7 +97,7 @@ class ServiceState:
 
 
 def create_app(state: ServiceState) -> FastAPI:
-    from .routers import health, images, jobs, openai, volumes
+    from .routers import health, images, jobs, openai, refine, volumes
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -106,7 +111,7 @@ def create_app(state: ServiceState) -> FastAPI:
                   openapi_url="/v1/openapi.json")
     app.state.service = state
     install_error_handlers(app)
-    for router in (health.router, volumes.router, jobs.router, images.router, openai.router):
+    for router in (health.router, volumes.router, jobs.router, images.router, openai.router, refine.router):
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit_for=state.config.body_limit, read_timeout_s=state.config.read_timeout_s)

@@ -35,6 +35,8 @@ class Job:
     volume_id: str | None = None
     kept: bool = True                   # False: a synchronous request answers it directly, nothing is stored
     release: Callable[[], None] | None = None  # called once when the job ends (lets its volume go)
+    urgent: bool = False                # interactive (a refinement click): runs before the queued volume jobs
+    extras: dict = field(default_factory=dict)   # what the runner leaves for later requests (refinement seeds)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     stage: str = "queued"
@@ -96,7 +98,10 @@ class JobQueue:
                 raise ApiError(429, f"{len(self._waiting)} jobs are already waiting (the most the server queues); "
                                     f"try again when some have finished", headers={"Retry-After": "5"})
             self._expire()
-            self._waiting.append(job)
+            if job.urgent:  # after the urgent jobs already waiting, before everything else
+                self._waiting.insert(sum(1 for waiting in self._waiting if waiting.urgent), job)
+            else:
+                self._waiting.append(job)
             if job.kept:
                 self._jobs[job.id] = job
             self._changed.notify_all()

@@ -66,7 +66,8 @@ class ServeSettings:
                                header_timeout_s=args.header_timeout, max_connections=args.max_connections,
                                min_pixels=min_pixels, max_pixels=max_pixels,
                                local_image_dirs=allowed_folders(getattr(args, "allow_local_images", None) or ()),
-                               chat_image_tags=getattr(args, "chat_image_tags", "text"))
+                               chat_image_tags=getattr(args, "chat_image_tags", "text"),
+                               refine_cache_bytes=int(getattr(args, "refine_cache_mb", 2048) * MiB))
         port = args.port if args.port is not None else (REFERENCE_PORT if reference else 0)
         return cls(host=args.host, port=port, token_file=Path(args.token_file) if args.token_file else None,
                    config=config, reference_compatible=reference)

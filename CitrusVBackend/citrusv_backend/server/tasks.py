@@ -27,6 +27,7 @@ from ..volume.windowing import check_window_spec, parse_window
 from . import rle
 from .codec import b64encode, compress_crop, mask_payload
 from .jobs import Job
+from .refine_service import RefineSeed
 from .schemas import ImageRequest, JobRequest
 
 
@@ -66,6 +67,7 @@ def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request
             pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
             payload = volume_result_payload(result, volume)
+            job.extras["refine_seed"] = RefineSeed.of(result.source, options)  # how refinement must make its slices
             if wants_dicom(request.options.dicom_out, volume):
                 job.progress("DICOM", 0.98, "writing the DICOM SEG and SR")
                 payload["dicom"] = dicom_attachments(job, result, volume, model_name(engine.loaded.describe()))

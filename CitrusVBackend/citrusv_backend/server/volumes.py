@@ -71,6 +71,7 @@ class VolumeStore:
         self._reserved = 0                                             # uploads being decoded
         self._evicted: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        self.on_evict: list = []   # callbacks (volume_id, reason): what lives with a volume ends with it
 
     @property
     def used_bytes(self) -> int:  # call with the lock held
@@ -183,6 +184,8 @@ class VolumeStore:
         while len(self._evicted) > REMEMBERED_EVICTIONS:
             self._evicted.popitem(last=False)
         log_event(log, "volume evicted", volume_id=volume_id, reason=reason, bytes=stored.nbytes)
+        for callback in self.on_evict:
+            callback(volume_id, reason)
 
     def _missing(self, volume_id: str) -> ApiError:
         reason = self._evicted.get(volume_id)

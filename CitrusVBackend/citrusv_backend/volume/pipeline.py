@@ -195,8 +195,7 @@ class VolumePipeline:
             raise JobCancelled("cancelled by the user")
 
     def _budget(self, task: str, options: VolumeOptions) -> PixelBudget:
-        default = TASK_PIXEL_BUDGETS[task]
-        return PixelBudget(options.min_pixels or default.min_pixels, options.max_pixels or default.max_pixels)
+        return task_budget(task, options)
 
     def _segment_slice(self, source: SliceSource, index: int, target: Target, options: VolumeOptions) -> InferenceResult:
         return self._segment_slices(source, [index], target, options)[0]
@@ -517,6 +516,12 @@ class VolumePipeline:
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
+
+def task_budget(task: str, options: VolumeOptions) -> PixelBudget:
+    """The Qwen resize bounds of a task's slices: the options' own, else the task's defaults."""
+    default = TASK_PIXEL_BUDGETS[task]
+    return PixelBudget(options.min_pixels or default.min_pixels, options.max_pixels or default.max_pixels)
+
 
 def spread(first: int, last: int, count: int) -> list[int]:
     """`count` slice indices spread evenly over [first, last), centred in their bins."""

@@ -28,6 +28,7 @@ def info(state: Service) -> dict:
             "dtype": described["dtype"], "device": described["device"],
             "random_weights": described["random_weights"], "gpu": gpu_info(loaded.device), "versions": versions(),
             "limits": state.config.limits(), "volumes": state.volumes.stats(), "jobs": state.jobs.stats(),
+            "refine": state.refine.stats(),
             "uptime_s": round(time.time() - state.started_at, 1)}
 
 
