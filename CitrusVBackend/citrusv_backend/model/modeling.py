@@ -70,9 +70,17 @@ class SAM2GroundingEncoder(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> SAM2ImageFeatures:
         """`pixel_values`: [B, 3, S, S] normalised SAM2 input (S = image_size)."""
-        sam2 = self.sam2_model
+        return self.features_from_backbone(self.backbone(pixel_values))
+
+    def backbone(self, pixel_values: torch.Tensor) -> dict:
+        """SAM2's `forward_image` (image encoder + conv_s0/conv_s1): the dict its video predictor caches per frame."""
         with self._autocast(pixel_values.device):
-            backbone_out = sam2.forward_image(pixel_values)
+            return self.sam2_model.forward_image(pixel_values)
+
+    def features_from_backbone(self, backbone_out: dict) -> SAM2ImageFeatures:
+        """The decoder's inputs from `backbone` output: flattened levels, `no_mem_embed` on the lowest."""
+        sam2 = self.sam2_model
+        with self._autocast(backbone_out["backbone_fpn"][0].device):
             _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(backbone_out)
             batch = vision_feats[-1].size(1)
             high_res = [x.permute(1, 2, 0).reshape(batch, x.size(2), *size)

@@ -6,6 +6,9 @@ pixel count within [min_pixels, max_pixels]); the image processor then only resc
 patches it. SAM2 side (reference: `DirectResize`): the *Qwen-resized* image, LANCZOS-stretched to the SAM2
 input size (1024 for the released model), /255, ImageNet mean/std computed in float64, cast to float32.
 
+The functions here are the plain definitions; `image_prep.FastImagePrep` computes the same bytes several
+times faster and is what the processor runs (see that module for why it is exact).
+
 Text: ChatML with the system prompt "You are a helpful assistant."; the image placeholder goes before the
 query; every piece is tokenised on its own and concatenated, as ms-swift's template does.
 """
@@ -20,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, InputError
+from .image_prep import FastImagePrep, PreparedImage
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SEG_TOKEN = "[SEG]"
@@ -143,6 +147,8 @@ class CitrusVProcessor:
         self.image_token_id = image_token_id
         self.sam2_image_size = sam2_image_size
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.fast = FastImagePrep(image_processor, sam2_image_size)
+        self._prompt_ids: dict[tuple, list[int]] = {}  # (query, image tokens) -> ids: the same for every slice
 
     @classmethod
     def from_checkpoint(cls, directory: Path, seg_token_idx: int, image_token_id: int, sam2_image_size: int):
@@ -177,19 +183,39 @@ class CitrusVProcessor:
         ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
         return ids
 
+    def prompt_ids(self, query: str, image_tokens: int) -> list[int]:
+        """`prompt_pieces`, remembered: a volume's slices share one query and one image size."""
+        key = (query, image_tokens)
+        if key not in self._prompt_ids:
+            if len(self._prompt_ids) >= 64:
+                self._prompt_ids.clear()
+            self._prompt_ids[key] = self.prompt_pieces(query, image_tokens)
+        return list(self._prompt_ids[key])
+
     def answer_ids(self, answer: str) -> list[int]:
         """A forced answer as the reference would have generated it: its tokens, then `<|im_end|>`."""
         return self._encode_text(answer) + self._encode_text("<|im_end|>")
 
     def __call__(self, image: Image.Image, query: str, budget: PixelBudget, answer: str | None = None) -> ModelInputs:
+        self.check_query(query, answer)
+        return self.inputs_for(self.prepare_image(image, budget), query, answer)
+
+    def check_query(self, query: str, answer: str | None) -> None:
         if not isinstance(query, str) or not query.strip():
             raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
         check_prompt_and_answer(query, answer)
-        resized = resize_for_qwen(image, budget)
-        processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
-        grid = processed["image_grid_thw"]
-        image_tokens = int(grid.prod().item()) // (self.merge_size ** 2)
-        ids = self.prompt_pieces(query, image_tokens)
+
+    def prepare_image(self, image, budget: PixelBudget, qwen: bool = True, sam2: bool = True) -> PreparedImage:
+        """The prompt-independent half (thread-safe: prefetch workers call it): `image` is a PIL image or a
+        uint8 array, gray (H, W) or (H, W, 3|4)."""
+        height, width = (image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width))
+        height, width = smart_resize(height, width, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+        return self.fast.prepare(image, height, width, qwen=qwen, sam2=sam2)
+
+    def inputs_for(self, prepared: PreparedImage, query: str, answer: str | None = None) -> ModelInputs:
+        """A prepared image + the prompt (and forced answer) -> the model inputs."""
+        self.check_query(query, answer)
+        ids = self.prompt_ids(query, prepared.image_tokens(self.merge_size))
         prompt_length = len(ids)
         if answer is not None:
             ids += self.answer_ids(answer)
@@ -197,9 +223,9 @@ class CitrusVProcessor:
         return ModelInputs(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
-            pixel_values=processed["pixel_values"], image_grid_thw=grid,
-            sam2_pixel_values=sam2_pixel_values(resized, self.sam2_image_size),
-            original_size=(image.height, image.width), resized_size=(resized.height, resized.width),
+            pixel_values=prepared.pixel_values, image_grid_thw=prepared.image_grid_thw,
+            sam2_pixel_values=prepared.sam2_pixel_values,
+            original_size=prepared.original_size, resized_size=prepared.resized_size,
             prompt_length=prompt_length)
 
     def decode(self, ids) -> str:
