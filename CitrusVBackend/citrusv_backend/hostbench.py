@@ -111,20 +111,24 @@ def slice_steps(engine, source, index: int, budget) -> dict[str, tuple[Callable,
 SAM2_INPUT_STEPS = ("Qwen resize (bicubic)", "SAM2 stretch (LANCZOS) + normalisation")
 
 
-def micro_figures(engine, source, index: int, budget, repeats: int, figure_type) -> tuple[list, dict]:
-    """Per-step CPU ms of one slice, plain and fast interleaved; totals and ratios."""
+def micro_figures(engine, source, index: int, budget, repeats: int, figure_type, rounds: int = 3) -> tuple[list, dict]:
+    """Per-step CPU ms of one slice, plain and fast; totals and ratios.
+
+    Each path is timed in a block of repetitions after one untimed call, in alternating rounds: interleaving
+    single calls would charge the fast path with the page faults of the plain path's large temporaries
+    (glibc returns them to the system), which a pipeline running only the fast path does not have."""
     steps = slice_steps(engine, source, index, budget)
     samples: dict[tuple[str, str], list[float]] = {}
+    per_round = max(1, repeats // rounds)
     with one_torch_thread():
-        for fn_pair in steps.values():  # warm-up: caches, first-call costs, the fast path's self-check
-            for fn in fn_pair:
-                if fn is not None:
-                    fn()
-        for _ in range(repeats):
+        for _ in range(rounds):
             for name, pair in steps.items():
                 for kind, fn in zip(("plain", "fast"), pair):
-                    if fn is not None:
-                        samples.setdefault((name, kind), []).append(cpu_ms(fn))
+                    if fn is None:
+                        continue
+                    fn()
+                    samples.setdefault((name, kind), []).extend(cpu_ms(fn) for _ in range(per_round))
+    repeats = per_round * rounds
     medians = {key: statistics.median(values) for key, values in samples.items()}
     figures = []
     for (name, kind), values in samples.items():

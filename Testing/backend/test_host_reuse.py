@@ -142,3 +142,24 @@ def test_cached_features_give_the_same_masks_without_encoding_again(tiny_engine,
         for x, y, z in zip(a.masks, b.masks, c.masks):
             assert np.array_equal(x.low_res_logits, y.low_res_logits) and np.array_equal(x.low_res_logits, z.low_res_logits)
             assert np.array_equal(x.mask, z.mask) and x.iou == z.iou and x.object_score == z.object_score
+
+
+def test_a_cache_kept_across_tasks_serves_the_next_task(tiny_engine, chest, monkeypatch):
+    """Interactive use: the same volume asked again (another prompt) finds its slices' features."""
+    cache = SAM2FeatureCache()
+    pipeline = VolumePipeline(tiny_engine, workers=1, feature_cache=cache)
+    options = VolumeOptions(mode="per-slice", slice_range=(15, 18))
+    first = pipeline.run(chest, "segment the left lung", "segment", options)
+    encodings = EncodingCounter(monkeypatch, tiny_engine)
+    again = pipeline.run(chest, "segment the left lung", "segment", options)
+    assert not encodings.seen and len(cache) == 3
+    assert np.array_equal(first.labels, again.labels)
+    other = SliceSource(read_volume_copy(chest), "axial", CT_PRESETS["lung"])
+    assert other.feature_key(15, BUDGET) != SliceSource(chest, "axial", CT_PRESETS["lung"]).feature_key(15, BUDGET)
+    assert SliceSource(chest, "coronal", CT_PRESETS["lung"]).identity != SliceSource(chest, "axial", CT_PRESETS["lung"]).identity
+
+
+def read_volume_copy(volume):
+    from dataclasses import replace
+
+    return replace(volume, voxels=volume.voxels.copy())

@@ -14,8 +14,10 @@ pixel budget of the Qwen resize that precedes the SAM2 stretch). A cache lives a
 slices (clicks, boxes) keeps one `SliceSource` and one cache across requests and passes both in.
 
 Entries stay on the model's device; position encodings depend only on the feature-map shapes and are stored
-once for all entries. Eviction is least-recently-used by bytes. Thread-safe (prefetch workers ask whether a
-slice is cached, to skip preparing its SAM2 input).
+once for all entries. Eviction is least-recently-used by bytes. Entries are views of the encoder's batch output
+(no copies on the model thread), so a batch's memory is released when its last row leaves the cache: the cache
+can hold up to one batch's worth beyond `max_bytes`. Thread-safe (prefetch workers ask whether a slice is
+cached, to skip preparing its SAM2 input).
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ class SAM2Backbone:
 
 
 def split_backbone(backbone_out: dict) -> list[SAM2Backbone]:
-    """A batch's `forward_image` output -> one entry per image (own storage, so the batch can be freed)."""
+    """A batch's `forward_image` output -> one entry per image: views, no copies (nothing modifies these
+    tensors in place; SAM2's own per-frame cache relies on that too)."""
     batch = backbone_out["backbone_fpn"][0].size(0)
-    pos = [p[:1].clone() for p in backbone_out["vision_pos_enc"]]  # the same for every row
-    return [SAM2Backbone([f[row:row + 1].clone() for f in backbone_out["backbone_fpn"]], pos) for row in range(batch)]
+    pos = [p[:1] for p in backbone_out["vision_pos_enc"]]  # the same for every row
+    return [SAM2Backbone([f[row:row + 1] for f in backbone_out["backbone_fpn"]], pos) for row in range(batch)]
 
 
 def stack_backbones(entries: list[SAM2Backbone]) -> dict:
@@ -96,7 +99,9 @@ class SAM2FeatureCache:
             return
         with self._lock:
             shape = tuple((tuple(p.shape), p.dtype, p.device) for p in entry.pos)
-            entry = SAM2Backbone(entry.fpn, self._shared_pos.setdefault(shape, entry.pos))
+            if shape not in self._shared_pos:  # its own copy: a view would keep a whole batch's encodings alive
+                self._shared_pos[shape] = [p.clone() for p in entry.pos]
+            entry = SAM2Backbone(entry.fpn, self._shared_pos[shape])
             if key in self._entries:
                 self._bytes -= self._entries.pop(key).nbytes
             self._entries[key] = entry

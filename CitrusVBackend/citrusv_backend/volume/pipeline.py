@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,7 +134,7 @@ class SliceSource:
     Windowing uses a lookup table over the voxel values when the voxels are integers (`WindowLookup`), checked
     against `window.apply` on the first slice. Windowed slices are kept until `forget_slices` (one byte per
     voxel at most), so the targets and stages of a task share them. `identity` names the source in SAM2
-    feature-cache keys (`feature_key`)."""
+    feature-cache keys (`feature_key`): the same for every source of the same volume object, plane and window."""
 
     def __init__(self, volume: Volume, plane: str, window: Window):
         self.volume = volume
@@ -141,7 +142,8 @@ class SliceSource:
         self.window = window
         self.depth = volume.shape[self.orientation.slice_axis]
         self.height, self.width = self.orientation.plane_shape(volume.shape)
-        self.identity = object()
+        # Stable for the same volume object, plane and window: a cache kept across requests finds its slices again.
+        self.identity = (volume.__dict__.setdefault("_feature_token", object()), plane, repr(window))
         self._gray: dict[int, np.ndarray] = {}
         self._lookup: WindowLookup | None | bool = False  # False: not built yet
         self._lock = threading.Lock()
@@ -192,7 +194,7 @@ class TaskWork:
     budget: PixelBudget
     features: SAM2FeatureCache
     host: HostStats
-    pool: object | None
+    pool: ThreadPoolExecutor | None
     depth: int
     slices: Prefetcher | None = None
 
@@ -227,11 +229,14 @@ class VolumePipeline:
     def _segment_slice(self, source: SliceSource, index: int, target: Target, options: VolumeOptions) -> InferenceResult:
         return self._segment_slices(source, [index], target, options)[0]
 
+    def _feature_cache(self) -> SAM2FeatureCache:
+        return self.feature_cache if self.feature_cache is not None else SAM2FeatureCache()
+
     def _work(self, source: SliceSource, options: VolumeOptions) -> TaskWork:
         """The running task's shared state, or (a step called on its own) a fresh one without worker threads."""
         task = self._task
         if task is None or task.source is not source:
-            task = TaskWork(source, self._budget("segment", options), self.feature_cache or SAM2FeatureCache(),
+            task = TaskWork(source, self._budget("segment", options), self._feature_cache(),
                             HostStats(), None, self.prefetch_depth)
         if task.slices is None:
             task.slices = Prefetcher(lambda index: self._prepare_slice(task, index), task.pool, task.depth,
@@ -283,7 +288,7 @@ class VolumePipeline:
                                         "slice_range": list(slice_range), "modality": volume.modality})
         started = time.perf_counter()
         with worker_pool(self.workers) as pool:
-            self._task = TaskWork(source, self._budget("segment", options), self.feature_cache or SAM2FeatureCache(),
+            self._task = TaskWork(source, self._budget("segment", options), self._feature_cache(),
                                   HostStats(), pool, self.prefetch_depth)
             try:
                 if task == "segment":
