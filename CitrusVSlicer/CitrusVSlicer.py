@@ -6,6 +6,7 @@ without Qt lives in CitrusVSlicerLib so that it can be tested headlessly.
 
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -25,6 +26,7 @@ from slicer.util import VTKObservationMixin
 
 from CitrusVSlicerLib.batch import BatchRun
 from CitrusVSlicerLib.client import BackendError
+from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
 from CitrusVSlicerLib.installer import explain_failure
 from CitrusVSlicerLib.manager import REMOTE, BackendManager
 from CitrusVSlicerLib.runner import ApplyRunner
@@ -112,6 +114,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._runner = None
+        self._lastResult = None   # the last Apply's SceneResult (its DICOM objects for the export button)
         self._batch = None
         self._consentedUrls = set()
         self._promptHistory = []
@@ -144,6 +147,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
+        self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(TIMER_MS)
@@ -210,6 +214,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         batchBusy = self._batch is not None and self._batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
+        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
 
     def setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text
@@ -305,6 +310,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                  node.outputTable, node.replaceExistingSegments)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
+            self._lastResult = event.result
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
             found = len(event.result.segments)
@@ -317,6 +323,13 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif event.kind == "cancelled":
             self.ui.progressBar.value = 0
             self.setStatus(_("Cancelled."))
+
+    def onExportDicom(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            done = self.logic.exportDicom(self._lastResult, node.outputSegmentation)
+            self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
+                n=len(done["files"]), route=done["segmentation_exported_by"]))
 
     # ------------------------------------------------------------------------------------------ Backend
 
@@ -455,12 +468,29 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         """Upload (once per volume content and backend), submit, follow: all in a background thread."""
         client = self.backend.client()
         voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        key = (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes())
+        # From Slicer's DICOM database: the upload says which series it is, so the backend makes DICOM SEG/SR.
+        reference = dicom_reference(volumeNode, ijkToRas, getattr(slicer, "dicomDatabase", None))
+        key = (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes(),
+               reference is not None)
         runner = ApplyRunner(client, voxels.copy(), ijkToRas, volumeNode.GetName(), task, prompt, options,
-                             volume_id=self._uploads.get(key))
+                             volume_id=self._uploads.get(key), dicom_reference=reference)
         runner.on_uploaded = lambda volumeId: self._uploads.__setitem__(key, volumeId)
         runner.start()
         return runner
+
+    def exportDicom(self, result, segmentationNode=None) -> dict:
+        """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
+        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG."""
+        from DICOMLib import DICOMUtils
+
+        exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
+        item = None
+        if exporter is not None and segmentationNode is not None:
+            item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
+        directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
+        # copyFiles: the database keeps its own copies, the temporary folder may go.
+        return export_result(self.backend.client(), result.dicom if result else None, directory,
+                             lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item)
 
     def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False) -> dict:
         return write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)

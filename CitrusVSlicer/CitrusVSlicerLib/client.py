@@ -98,7 +98,9 @@ class BackendClient:
     def info(self) -> dict:
         return self._request("GET", "/v1/info", timeout=10).json()
 
-    def upload_volume(self, voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str, modality: str | None = None) -> str:
+    def upload_volume(self, voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str, modality: str | None = None,
+                      dicom: dict | None = None) -> str:
+        """`dicom`: the source series (dicom_export.dicom_reference), so the backend makes a DICOM SEG and SR."""
         if voxels.ndim != 3:
             raise BackendError(f"the volume must be 3D, got shape {voxels.shape}")
         array = voxels if voxels.dtype.name in SUPPORTED_DTYPES else voxels.astype(np.float32)
@@ -109,7 +111,10 @@ class BackendClient:
         body = {"voxels": base64.b64encode(payload).decode("ascii"), "compression": compression,
                 "dtype": array.dtype.name, "shape": list(array.shape),
                 "ijk_to_ras": np.asarray(ijk_to_ras, float).tolist(), "name": name[:200] or "volume",
-                "modality": modality or guess_modality(array)}
+                "modality": modality or (dicom or {}).get("modality") or guess_modality(array)}
+        if dicom:
+            body["dicom"] = dicom
+            body["modality"] = "PET" if body["modality"] == "PT" else body["modality"]
         return self._request("POST", "/v1/volumes", json=body, timeout=max(self.timeout, 300)).json()["volume_id"]
 
     def submit_job(self, volume_id: str, task: str, prompt: str, options: dict | None = None) -> str:
@@ -127,6 +132,10 @@ class BackendClient:
 
     def result(self, job_id: str, shape_kji: tuple[int, int, int]) -> SceneResult:
         return scene_result_from_payload(self.result_payload(job_id), shape_kji)
+
+    def download(self, path: str) -> bytes:
+        """The bytes at a path the service named (e.g. a job's DICOM object)."""
+        return self._request("GET", path, timeout=max(self.timeout, 120)).content
 
 
 def decode_crop(mask: dict) -> np.ndarray:
@@ -154,4 +163,4 @@ def scene_result_from_payload(payload: dict, shape_kji: tuple[int, int, int]) ->
                        findings=payload.get("findings", []), boxes=payload.get("boxes", []),
                        report_findings=report.get("findings", "") or "", report_impression=report.get("impression", "") or "",
                        answer=answer or "", problems=payload.get("problems", []),
-                       random_weights=bool(payload.get("random_weights")))
+                       random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"))

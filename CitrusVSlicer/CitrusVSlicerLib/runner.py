@@ -32,7 +32,7 @@ class ApplyRunner:
     """Runs one task on one volume; `state` is idle / running / cancelling / done / failed / cancelled."""
 
     def __init__(self, client: BackendClient, voxels, ijk_to_ras, volume_name: str, task: str, prompt: str,
-                 options: dict | None = None, volume_id: str | None = None):
+                 options: dict | None = None, volume_id: str | None = None, dicom_reference: dict | None = None):
         self.client = client
         self.voxels = voxels
         self.ijk_to_ras = ijk_to_ras
@@ -41,6 +41,7 @@ class ApplyRunner:
         self.prompt = prompt
         self.options = options or {}
         self.volume_id = volume_id           # reuse an upload of the same volume
+        self.dicom_reference = dicom_reference   # the source DICOM series, sent with the upload
         self.on_uploaded = lambda volume_id: None   # lets the caller remember the upload
         self.job_id: str | None = None
         self.state = "idle"
@@ -92,7 +93,8 @@ class ApplyRunner:
 
     def _upload(self) -> None:
         self._emit("progress", stage="upload", message=f"sending {self.volume_name} to the backend")
-        self.volume_id = self.client.upload_volume(self.voxels, self.ijk_to_ras, self.volume_name)
+        self.volume_id = self.client.upload_volume(self.voxels, self.ijk_to_ras, self.volume_name,
+                                                   dicom=self.dicom_reference)
         self.on_uploaded(self.volume_id)
 
     def _follow(self) -> None:

@@ -9,8 +9,10 @@ input size (1024 for the released model), /255, ImageNet mean/std computed in fl
 The functions here are the plain definitions; `image_prep.FastImagePrep` computes the same bytes several
 times faster and is what the processor runs (see that module for why it is exact).
 
-Text: ChatML with the system prompt "You are a helpful assistant."; the image placeholder goes before the
-query; every piece is tokenised on its own and concatenated, as ms-swift's template does.
+Text: ChatML with the system prompt "You are a helpful assistant."; the image block goes where the query's first
+`<image>` tag stands (before the query when it has none), as ms-swift's template places it. ms-swift joins the
+conversation into one string and tokenises it; the pieces here are cut only at special tokens, which the
+tokenizer never merges across, so the ids are the same.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from .image_prep import FastImagePrep, PreparedImage
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SEG_TOKEN = "[SEG]"
+IMAGE_TAG = "<image>"  # ms-swift's mark, in the user's text, of where the image goes
 EXTRA_SPECIAL_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 IMAGE_FACTOR = 28
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # qwen_vl_utils' defaults (MIN_PIXELS, MAX_PIXELS)
 MAX_RATIO = 200
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +50,17 @@ def check_prompt_and_answer(prompt: str | None, answer: str | None) -> None:
             if text and token in text:
                 raise InputError(f"the {what} contains the special token {token}, which only the model may write; "
                                  f"remove it")
+
+
+def split_at_image_tag(query: str) -> tuple[str, str]:
+    """(text before the image, text after it), as ms-swift's template places one image in a query.
+
+    The first `<image>` is replaced by the image block and all that follows it, its newline included, comes
+    after the image (`Template._pre_tokenize_images`); a query without a tag gets one in front, with no newline
+    (`Template._add_default_tags`). Later tags stay literal text: swift replaces only as many tags as there are
+    images (and warns about the rest)."""
+    before, tag, after = query.partition(IMAGE_TAG)
+    return (before, after) if tag else ("", query)
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,8 @@ TASK_PIXEL_BUDGETS = {
 }
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
     """qwen_vl_utils.smart_resize: (height, width) rounded to multiples of `factor` within the pixel budget."""
     if min(height, width) <= 0:
         raise InputError(f"image of {width}x{height} pixels is empty")
@@ -112,23 +127,27 @@ def sam2_pixel_values(resized: Image.Image, size: int) -> torch.Tensor:
 
 @dataclass
 class ModelInputs:
-    """Everything one image + prompt needs: Qwen inputs (batch 1), SAM2 input, and the geometry."""
+    """Everything one image + prompt needs: Qwen inputs (batch 1), SAM2 input, and the geometry.
+
+    A text-only question (no image) has None for every image field."""
 
     input_ids: torch.Tensor          # [1, L]
     attention_mask: torch.Tensor     # [1, L]
     mm_token_type_ids: torch.Tensor  # [1, L]: 1 at image tokens (M-RoPE positions need it in transformers 5)
-    pixel_values: torch.Tensor       # [patches, 3*2*14*14]
-    image_grid_thw: torch.Tensor     # [1, 3]
-    sam2_pixel_values: torch.Tensor  # [1, 3, S, S]
-    original_size: tuple[int, int]   # (height, width) of the input image
-    resized_size: tuple[int, int]    # (height, width) after smart_resize: the frame of box coordinates
+    pixel_values: torch.Tensor | None        # [patches, 3*2*14*14]
+    image_grid_thw: torch.Tensor | None      # [1, 3]
+    sam2_pixel_values: torch.Tensor | None   # [1, 3, S, S]
+    original_size: tuple[int, int] | None    # (height, width) of the input image
+    resized_size: tuple[int, int] | None     # (height, width) after smart_resize: the frame of box coordinates
     prompt_length: int               # tokens before the answer (the forced answer starts here)
 
     def qwen_kwargs(self, device: torch.device, dtype: torch.dtype | None = None) -> dict:
         """The Qwen2.5-VL forward/generate arguments; `dtype` is the model's, for the image patches."""
-        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                "mm_token_type_ids": self.mm_token_type_ids.to(device), "image_grid_thw": self.image_grid_thw.to(device),
-                "pixel_values": self.pixel_values.to(device, dtype)}
+        kwargs = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                  "mm_token_type_ids": self.mm_token_type_ids.to(device)}
+        if self.pixel_values is not None:
+            kwargs |= {"image_grid_thw": self.image_grid_thw.to(device), "pixel_values": self.pixel_values.to(device, dtype)}
+        return kwargs
 
     def with_sequence(self, input_ids: torch.Tensor, image_token_id: int) -> "ModelInputs":
         """The same image with another token sequence [L] (e.g. prompt + generated answer)."""
@@ -173,17 +192,23 @@ class CitrusVProcessor:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def prompt_pieces(self, query: str, image_tokens: int) -> list[int]:
-        """Token ids of the conversation up to and including `<|im_start|>assistant\\n`."""
+    def prompt_pieces(self, query: str, image_tokens: int | None) -> list[int]:
+        """Token ids of the conversation up to and including `<|im_start|>assistant\\n`; the image block (of
+        `image_tokens` placeholders) where `split_at_image_tag` puts it, none for a text-only question (whose
+        `<image>` tags, with no image to replace them, stay text as in swift)."""
         ids = self._encode_text(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
-        ids += self._encode_text("<|im_start|>user\n")
-        ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
-        ids += self._encode_text("<|vision_end|>")
-        ids += self._encode_text(query)
+        if image_tokens is None:
+            ids += self._encode_text(f"<|im_start|>user\n{query}")
+        else:
+            before, after = split_at_image_tag(query)
+            ids += self._encode_text(f"<|im_start|>user\n{before}")
+            ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
+            ids += self._encode_text("<|vision_end|>")
+            ids += self._encode_text(after)
         ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
         return ids
 
-    def prompt_ids(self, query: str, image_tokens: int) -> list[int]:
+    def prompt_ids(self, query: str, image_tokens: int | None) -> list[int]:
         """`prompt_pieces`, remembered: a volume's slices share one query and one image size."""
         key = (query, image_tokens)
         if key not in self._prompt_ids:
@@ -196,12 +221,16 @@ class CitrusVProcessor:
         """A forced answer as the reference would have generated it: its tokens, then `<|im_end|>`."""
         return self._encode_text(answer) + self._encode_text("<|im_end|>")
 
-    def __call__(self, image: Image.Image, query: str, budget: PixelBudget, answer: str | None = None) -> ModelInputs:
-        self.check_query(query, answer)
-        return self.inputs_for(self.prepare_image(image, budget), query, answer)
+    def __call__(self, image: Image.Image | None, query: str, budget: PixelBudget, answer: str | None = None,
+                 allow_empty: bool = False) -> ModelInputs:
+        """`image` None: a text-only question. `allow_empty`: an empty query about an image is asked as it is
+        (the reference's clients send one for reports); otherwise it is refused."""
+        self.check_query(query, answer, allow_empty=image is not None and allow_empty)
+        prepared = None if image is None else self.prepare_image(image, budget)
+        return self.inputs_for(prepared, query, answer, allow_empty=allow_empty)
 
-    def check_query(self, query: str, answer: str | None) -> None:
-        if not isinstance(query, str) or not query.strip():
+    def check_query(self, query: str, answer: str | None, allow_empty: bool = False) -> None:
+        if not isinstance(query, str) or (not query.strip() and not allow_empty):
             raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
         check_prompt_and_answer(query, answer)
 
@@ -212,10 +241,11 @@ class CitrusVProcessor:
         height, width = smart_resize(height, width, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
         return self.fast.prepare(image, height, width, qwen=qwen, sam2=sam2)
 
-    def inputs_for(self, prepared: PreparedImage, query: str, answer: str | None = None) -> ModelInputs:
-        """A prepared image + the prompt (and forced answer) -> the model inputs."""
-        self.check_query(query, answer)
-        ids = self.prompt_ids(query, prepared.image_tokens(self.merge_size))
+    def inputs_for(self, prepared: PreparedImage | None, query: str, answer: str | None = None,
+                   allow_empty: bool = False) -> ModelInputs:
+        """A prepared image (None: a text-only question) + the prompt (and forced answer) -> the model inputs."""
+        self.check_query(query, answer, allow_empty=prepared is not None and allow_empty)
+        ids = self.prompt_ids(query, None if prepared is None else prepared.image_tokens(self.merge_size))
         prompt_length = len(ids)
         if answer is not None:
             ids += self.answer_ids(answer)
@@ -223,9 +253,11 @@ class CitrusVProcessor:
         return ModelInputs(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
-            pixel_values=prepared.pixel_values, image_grid_thw=prepared.image_grid_thw,
-            sam2_pixel_values=prepared.sam2_pixel_values,
-            original_size=prepared.original_size, resized_size=prepared.resized_size,
+            pixel_values=None if prepared is None else prepared.pixel_values,
+            image_grid_thw=None if prepared is None else prepared.image_grid_thw,
+            sam2_pixel_values=None if prepared is None else prepared.sam2_pixel_values,
+            original_size=None if prepared is None else prepared.original_size,
+            resized_size=None if prepared is None else prepared.resized_size,
             prompt_length=prompt_length)
 
     def decode(self, ids) -> str:

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...volume.dicom_series import series_from_reference
 from ...volume.io import NIFTI_SUFFIXES, Volume, case_name, read_volume
 from ..codec import b64decode, voxels_from_bytes
 from ..errors import ApiError
@@ -83,8 +84,11 @@ def _decode_upload(holder: list, state) -> Volume:
                             f"accepts (--max-voxels); crop or resample it first")
     state.volumes.check_fits(count * np.dtype(upload.dtype).itemsize)  # before decoding, not after
     voxels = voxels_from_bytes(b64decode(upload.voxels, "voxels"), upload.compression, upload.dtype, upload.shape)
-    return Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
-                                  modality=upload.modality)
+    volume = Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
+                                    modality=upload.modality)
+    if upload.dicom is not None:  # refused unless it describes exactly these slices
+        volume.dicom = series_from_reference(upload.dicom.model_dump(), volume.geometry, volume.shape)
+    return volume
 
 
 async def _from_file(request: Request, state) -> Volume:
