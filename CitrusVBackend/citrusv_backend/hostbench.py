@@ -98,8 +98,10 @@ def slice_steps(engine, source, index: int, budget) -> dict[str, tuple[Callable,
                                   lambda: resample(gray, height, width)),
         "Qwen pixel values": (lambda: processor.image_processor(images=[resized_pil], do_resize=False, return_tensors="pt"),
                               lambda: fast.qwen_pixel_values(resized)),
+        # On a CUDA model the fast path hands the uint8 slice to the device (its host part: the upload and
+        # the kernel launches, not synchronised); elsewhere it is PIL's stretch and the table on the host.
         "SAM2 stretch (LANCZOS) + normalisation": (lambda: sam2_pixel_values(resized_pil, fast.sam2_size),
-                                                   lambda: fast.normalise_for_sam2(fast.stretch_for_sam2(resized))),
+                                                   lambda: fast.sam2_pixel_values(resized)),
         "  of which the normalisation": (None, lambda: fast.normalise_for_sam2(stretched)),
         "prompt tokens": (plain_tokens, fast_tokens),
         "mask upsampling + back into the volume": (lambda: back(upsample_mask(logits, gray.shape, "bilinear")),
@@ -146,7 +148,8 @@ def micro_figures(engine, source, index: int, budget, repeats: int, figure_type,
                                    note="today's code over the fast path, same run"))
     summary = {"steps_ms": {f"{name} ({kind})": round(value, 3) for (name, kind), value in medians.items()},
                "totals_ms": {f"{label} ({kind})": round(statistics.median(v), 3) for (label, kind), v in totals.items()},
-               "slice_shape": [source.height, source.width], "repeats": repeats}
+               "slice_shape": [source.height, source.width], "repeats": repeats,
+               "sam2_input_made_on": "model device" if engine.processor.fast.on_device is not None else "host"}
     return figures, summary
 
 

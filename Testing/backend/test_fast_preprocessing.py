@@ -184,3 +184,53 @@ def random_masks(count: int = 150, seed: int = 2):
 def test_bounding_box_hole_filling_equals_scipy():
     for mask in random_masks():
         assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask)), mask.shape
+
+
+# ---------------------------------------------------------------------------------------------- on the device
+
+
+def test_integer_lanczos_stretch_equals_pil():
+    """PIL's fixed-point arithmetic in torch (what a GPU runs; integer ops give the same bytes on the CPU)."""
+    from citrusv_backend.model.device_stretch import lanczos_stretch
+
+    rng = np.random.default_rng(8)
+    for shape in ((252, 252), (77, 203), (28, 1008), (1024, 56), (1, 1), (255, 3)):
+        noise = rng.integers(0, 256, shape, dtype=np.uint8)
+        edges = (rng.random(shape) < 0.5).astype(np.uint8) * 255  # overshoot: exercises the clipping
+        for pixels in (noise, edges):
+            expected = np.asarray(Image.fromarray(pixels).resize((1024, 1024), Image.LANCZOS))
+            assert np.array_equal(lanczos_stretch(torch.from_numpy(pixels), 1024).numpy(), expected), shape
+
+
+@pytest.fixture(scope="module")
+def device_prep(tiny_engine):
+    prep = FastImagePrep(tiny_engine.processor.image_processor, tiny_engine.processor.sam2_image_size)
+    assert not prep.use_device("cpu")          # a CPU model keeps PIL on the host (faster there) ...
+    assert prep.use_device("cpu", force=True)  # ... but the device path runs on any device
+    return prep
+
+
+def test_sam2_input_on_the_device_equals_the_plain_one_for_every_budget(tiny_engine, device_prep, chest):
+    images = [image for name, image in random_images().items() if name.startswith("gray 7") or name.startswith("gray 5")]
+    images += [SliceSource(chest, plane, CT_PRESETS["soft_tissue"]).gray(10) for plane in ("axial", "coronal")]
+    on_device = 0
+    for budget in BUDGETS.values():
+        for image in images:
+            plain = plain_inputs(tiny_engine.processor, image, budget)
+            height, width = plain["resized"]
+            prepared = device_prep.prepare(image, height, width, qwen=False)
+            assert torch.equal(prepared.sam2_pixel_values, plain["sam2"])
+            on_device += max(height, width) <= 1024
+    assert on_device >= len(images) * 4  # the segment budget and the small ones ran the device path
+
+
+def test_the_device_path_is_refused_when_it_differs(tiny_engine, monkeypatch):
+    from citrusv_backend.model import device_stretch
+
+    prep = FastImagePrep(tiny_engine.processor.image_processor, tiny_engine.processor.sam2_image_size)
+    monkeypatch.setattr(device_stretch, "PRECISION_BITS", 21)  # an arithmetic that is not PIL's
+    device_stretch.lanczos_coefficients.cache_clear()
+    try:
+        assert not prep.use_device("cpu", force=True) and prep.on_device is None
+    finally:
+        device_stretch.lanczos_coefficients.cache_clear()
