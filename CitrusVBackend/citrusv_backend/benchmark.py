@@ -3,7 +3,8 @@
 On a GPU each figure also gets its hardware limit and the ratio to it: decoding is bound by reading the
 language model's weights once per token (bytes / memory bandwidth), prefill by its matrix work
 (2 x parameters x tokens / peak bf16 FLOP/s). The limits come from the device's name; unknown devices get
-no ratio rather than a made-up one.
+no ratio rather than a made-up one. The host side (CPU work per slice around the model, and whether the
+model waits for it) is measured by hostbench.py, also alone (`--host`).
 """
 from __future__ import annotations
 
@@ -62,11 +63,20 @@ class BenchSettings:
     volume_shape: tuple[int, int, int] = (6, 64, 64)   # (slices, rows, cols) of the synthetic CT
     propagation_slices: int = 3
     chest_ct: bool = False
+    host_shape: tuple[int, int, int] = (3, 64, 64)     # volume of the host-side figures (hostbench.py)
+    host_repeats: int = 2
+    host_contrast: bool = False                         # also propagate with the plain, inline frames
+    host_only: bool = False
 
     @classmethod
     def full(cls) -> "BenchSettings":
         return cls(quick=False, repeats=5, warmup=2, decode_tokens=64, decode_batch=8, volume_shape=(200, 512, 512),
-                   propagation_slices=60, chest_ct=True)
+                   propagation_slices=60, chest_ct=True, host_shape=(24, 512, 512), host_repeats=30, host_contrast=True)
+
+    @classmethod
+    def host(cls) -> "BenchSettings":
+        """Only the host-side figures, at full size (minutes on a CPU with the tiny model)."""
+        return cls(quick=False, host_shape=(24, 512, 512), host_repeats=30, host_contrast=True, host_only=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -117,6 +127,31 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0):
 
 
 def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] = print) -> dict:
+    loaded = engine.loaded
+    device = loaded.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    figures: list[Figure] = [Figure("model load", "s", [loaded.load_seconds])]
+    report = {"timestamp": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
+              "device": _device_description(device), "model": loaded.describe(), "versions": _versions(),
+              "settings": asdict(settings), "limits": None, "figures": figures}
+    if not settings.host_only:
+        report["limits"] = _model_figures(engine, settings, figures, say)
+    from .hostbench import host_section
+
+    host_figures, report["host_side"] = host_section(engine, settings, Figure, say)
+    figures += host_figures
+    host_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["memory"] = {"host_peak_mb": round(host_peak_mb, 1)}
+    if device.type == "cuda":
+        report["memory"]["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        report["memory"]["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    report["figures"] = [f.to_dict() for f in figures]
+    return report
+
+
+def _model_figures(engine, settings: BenchSettings, figures: list[Figure], say) -> dict | None:
+    """The model's stages and whole volumes; returns the device's hardware limits (None when unknown)."""
     from .model.processor import TASK_PIXEL_BUDGETS
     from .volume.pipeline import SliceSource, VolumeOptions, VolumePipeline
     from .volume.propagation import SliceFrames, propagate
@@ -124,9 +159,6 @@ def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] =
 
     loaded = engine.loaded
     device = loaded.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    figures: list[Figure] = [Figure("model load", "s", [loaded.load_seconds])]
     volume = synthetic_ct(settings.volume_shape)
     source = SliceSource(volume, "axial", CT_PRESETS["soft_tissue"])
     slice_rgb = source.rgb(volume.shape[0] // 2)
@@ -195,15 +227,7 @@ def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] =
         figures.append(Figure("whole volume: real chest CT 128x128x34, one target", "s",
                               measure(lambda: pipeline.run(chest, "segment the left lung", "segment", options), device, 1, 0)))
 
-    host_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    memory = {"host_peak_mb": round(host_peak_mb, 1)}
-    if device.type == "cuda":
-        memory["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        memory["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
-    return {"timestamp": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
-            "device": _device_description(device), "limits": {"memory_bandwidth_gb_s": limits[0], "bf16_tflop_s": limits[1]} if limits else None,
-            "model": loaded.describe(), "versions": _versions(), "settings": asdict(settings),
-            "figures": [f.to_dict() for f in figures], "memory": memory}
+    return {"memory_bandwidth_gb_s": limits[0], "bf16_tflop_s": limits[1]} if limits else None
 
 
 def _decode_figure(engine, inputs, batch: int, settings: BenchSettings, run, limits, weight_bytes) -> Figure:
@@ -264,6 +288,7 @@ def format_table(report: dict) -> str:
 def write_report(report: dict, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     device = report["device"]["name"].replace(" ", "_").replace("/", "_")
-    path = directory / f"bench-{report['device']['type']}-{device}-{report['timestamp'][:10]}.json"
+    kind = "bench-host" if report["settings"].get("host_only") else "bench"
+    path = directory / f"{kind}-{report['device']['type']}-{device}-{report['timestamp'][:10]}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path

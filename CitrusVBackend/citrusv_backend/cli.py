@@ -195,7 +195,7 @@ def cmd_batch(args) -> int:
 def cmd_bench(args) -> int:
     from .benchmark import BenchSettings, format_table, run_benchmarks, write_report
 
-    settings = BenchSettings.full() if args.full else BenchSettings()
+    settings = BenchSettings.full() if args.full else BenchSettings.host() if args.host else BenchSettings()
     settings.repeats = args.repeats or settings.repeats
     if args.full_size_random:
         import torch
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the exact 8B architecture with random bf16 weights, built in memory (needs a GPU)")
     bench.add_argument("--full", action="store_true",
                        help="full measurement: 512x512x200 synthetic CT, 64 decoded tokens, 5 repeats (default: quick)")
+    bench.add_argument("--host", action="store_true",
+                       help="only the host-side figures (CPU work per slice, model waiting share, profile) at 512x512")
     bench.add_argument("--repeats", type=types.positive_int, default=None)
     bench.add_argument("--out", default="bench/results", help="folder for the results JSON")
     bench.set_defaults(handler=cmd_bench)

@@ -18,7 +18,11 @@ def test_quick_benchmark_produces_a_well_formed_report(tiny_engine, tmp_path):
     for expected in ("model load", "preprocess one slice", "prefill one slice (time to first token)",
                      "decode per token, batch 1", "decode per token, batch 2", "SAM2 image encoding per slice",
                      "mask decoding per [SEG]", "forced-answer segmentation per slice", "propagation",
-                     "batch throughput (single target)"):
+                     "batch throughput (single target)",
+                     "host per slice: SAM2 input (plain)", "host per slice: SAM2 input (fast)",
+                     "host per slice: whole per-slice host path, plain / fast",
+                     "host per-slice mode: model waiting share", "host propagation: model waiting share",
+                     "host propagation: critical path per slice", "host key-slice search: preprocess CPU per slice"):
         assert expected in names
     for figure in report["figures"]:
         assert math.isfinite(figure["median"]) and figure["median"] >= 0 and figure["min"] <= figure["max"]
@@ -28,6 +32,10 @@ def test_quick_benchmark_produces_a_well_formed_report(tiny_engine, tmp_path):
 
     assert report["versions"]["citrusv"] == __version__ and report["versions"]["torch"].startswith(torch.__version__[:4])
     assert report["model"]["random_weights"] is True
+    host = report["host_side"]
+    assert set(host["pipeline"]["phases"]) == {"per-slice mode", "key-slice search", "propagation"}
+    assert host["pipeline"]["profile"]["model thread"]["samples"] > 0
+    assert host["micro"]["totals_ms"]["SAM2 input (fast)"] > 0 and host["conditions"]["cpu_count"] >= 1
     path = write_report(report, tmp_path)
     assert json.loads(path.read_text())["figures"] == report["figures"]
     assert "propagation" in format_table(report)

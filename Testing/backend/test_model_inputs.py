@@ -136,17 +136,17 @@ def seg_prone(tiny_checkpoint, chest):
 @pytest.mark.slow
 def test_free_answer_mode_forces_the_models_own_answer(seg_prone, chest, monkeypatch):
     answers, generations = [], []
-    batch, run = seg_prone.segment_batch, seg_prone.run
+    batch, run = seg_prone.segment_inputs, seg_prone.run
 
-    def forced(images, prompt, answer, **options):
-        answers.extend([answer] * len(images))
-        return batch(images, prompt, answer=answer, **options)
+    def forced(inputs, prompt, answer, *args, **options):
+        answers.extend([answer] * len(inputs))
+        return batch(inputs, prompt, answer, *args, **options)
 
     def free(image, prompt, **options):
         generations.append(options.get("answer"))
         return run(image, prompt, **options)
 
-    monkeypatch.setattr(seg_prone, "segment_batch", forced)
+    monkeypatch.setattr(seg_prone, "segment_inputs", forced)
     monkeypatch.setattr(seg_prone, "run", free)
     options = VolumeOptions(mode="per-slice", slice_range=(16, 19), answer_mode="free", max_new_tokens=3)
     result = VolumePipeline(seg_prone).run(chest, "segment the left lung", "segment", options)

@@ -16,7 +16,7 @@ import pytest
 
 from citrusv_backend.errors import InputError
 from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
+from citrusv_backend.volume.pipeline import SliceSource, VolumeOptions, VolumePipeline
 from citrusv_backend.volume.windowing import (CT_PRESETS, WindowChoice, parse_window, percentile_window,
                                               training_window)
 
@@ -95,18 +95,11 @@ def test_window_choices():
 
 @pytest.mark.model
 def test_the_slices_shown_to_the_model_have_the_training_gray_levels(tiny_engine, chest, chest_labels, monkeypatch):
-    shown = []
-    original = tiny_engine.segment_batch
-
-    def spy(images, prompt, **kwargs):
-        shown.extend(images)
-        return original(images, prompt, **kwargs)
-
-    monkeypatch.setattr(tiny_engine, "segment_batch", spy)
+    shown = spy_on_slices(monkeypatch)
     result = VolumePipeline(tiny_engine).run(chest, "segment the liver", "segment",
                                              VolumeOptions(mode="per-slice", slice_range=(14, 17)))
     orientation = result.source.orientation
-    gray = np.stack([image[:, :, 0] for image in shown])
+    gray = np.stack([shown[k][1] for k in range(14, 17)])
     labels = np.stack([orientation.slice(chest_labels, k) for k in range(14, 17)])
     levels = tissue_gray(gray, labels)
     for tissue, (low, high) in TRAINING_GRAY.items():
@@ -116,23 +109,32 @@ def test_the_slices_shown_to_the_model_have_the_training_gray_levels(tiny_engine
 @pytest.mark.model
 def test_each_target_gets_its_own_window_only_when_asked(tiny_engine, chest, monkeypatch):
     """The default shows every target the same normalised slices; `clinical` gives each its own preset."""
-    shown: list[tuple[str, float]] = []
-    original = tiny_engine.segment_batch
-
-    def spy(images, prompt, **kwargs):
-        shown.extend((prompt, float(np.mean(image))) for image in images)
-        return original(images, prompt, **kwargs)
-
     pipeline = VolumePipeline(tiny_engine)
     options = dict(mode="per-slice", slice_range=(17, 18), key_candidates=1)
-    monkeypatch.setattr(tiny_engine, "segment_batch", spy)
+    shown = spy_on_slices(monkeypatch, key=lambda source, index: (source.window, index))
     default = pipeline.run(chest, "segment the liver and the left lung", "segment", VolumeOptions(**options))
-    default_shown, shown[:] = list(shown), []
+    default_windows = {window for window, _ in shown}
+    shown.clear()
     clinical = pipeline.run(chest, "segment the liver and the left lung", "segment",
                             VolumeOptions(window="clinical", **options))
     assert default.settings["window"]["name"] == "training" and "windows" not in default.settings
-    assert len({mean for _, mean in default_shown}) == 1, "one normalisation for every target"
+    assert len(default_windows) == 1, "one normalisation for every target"
     assert clinical.settings["windows"] == {"liver": CT_PRESETS["liver"].__dict__,
                                             "left lung": CT_PRESETS["lung"].__dict__}
-    means = dict(shown)
-    assert means["<image>\nPlease help segment the liver in this scan."] != means["<image>\nPlease help segment the left lung in this scan."]
+    assert {window for window, _ in shown} == {CT_PRESETS["liver"], CT_PRESETS["lung"]}
+    means = {window: float(np.mean(gray)) for (window, _), (_, gray) in shown.items()}
+    assert means[CT_PRESETS["liver"]] != means[CT_PRESETS["lung"]]
+
+
+def spy_on_slices(monkeypatch, key=lambda source, index: index) -> dict:
+    """The windowed slices the pipeline hands to the model's image preparation (SliceSource.gray), by `key`."""
+    shown: dict = {}
+    original = SliceSource.gray
+
+    def gray(source, index):
+        image = original(source, index)
+        shown[key(source, index)] = (source.window, image)
+        return image
+
+    monkeypatch.setattr(SliceSource, "gray", gray)
+    return shown

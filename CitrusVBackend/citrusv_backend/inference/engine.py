@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, JobCancelled
+from ..model.feature_cache import SAM2FeatureCache, split_backbone, stack_backbones
 from ..model.loader import LoadedModel, load_citrusv
 from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
+from .hostwork import POSTPROCESS, HostStats
 from .images import load_image
 from .parsing import parse_boxes, scale_boxes
 from .reports import ParsedReport, parse_report
@@ -214,11 +216,35 @@ class CitrusVEngine:
         return self.model.grounding_encoder.encode_images(sam2_pixel_values.to(self.model.device, self.model.dtype))
 
     @torch.inference_mode()
+    def sam2_features(self, batch: list[ModelInputs], keys: list[Hashable] | None = None,
+                      cache: SAM2FeatureCache | None = None):
+        """SAM2 image features of a batch, each image encoded at most once per `cache` (see feature_cache.py).
+
+        Rows found in `cache` need no `sam2_pixel_values`; the others are encoded together and stored."""
+        if cache is None or keys is None:
+            return self.encode_sam2(torch.cat([inputs.sam2_pixel_values for inputs in batch]))
+        grounding = self.model.grounding_encoder
+        found = [cache.get(key) for key in keys]
+        missing = [row for row, entry in enumerate(found) if entry is None]
+        if missing:
+            pixels = torch.cat([batch[row].sam2_pixel_values for row in missing])
+            backbone = grounding.backbone(pixels.to(self.model.device, self.model.dtype))
+            for row, entry in zip(missing, split_backbone(backbone)):
+                cache.put(keys[row], entry)
+                found[row] = entry
+            if len(missing) == len(batch):
+                return grounding.features_from_backbone(backbone)
+        return grounding.features_from_backbone(stack_backbones(found))
+
+    @torch.inference_mode()
     def masks_for(self, inputs: ModelInputs, sequence: torch.Tensor, hidden: torch.Tensor,
-                  upsampling: str, timings: dict, features=None, row: int = 0) -> list[SegmentationMask]:
+                  upsampling: str, timings: dict, features=None, row: int = 0,
+                  host: HostStats | None = None) -> list[SegmentationMask]:
         """Masks of every [SEG] in `sequence`; `features`/`row`: SAM2 features already computed for a batch."""
         positions = (sequence[: hidden.size(0)] == self.processor.seg_token_idx).nonzero().flatten()
-        if positions.numel() == 0 or inputs.sam2_pixel_values is None:  # no [SEG], or no image to segment
+        # No [SEG], or no image to segment (a text-only question; an image whose SAM2 features come from a
+        # cache has no SAM2 input but does have its size).
+        if positions.numel() == 0 or inputs.original_size is None:
             return []
         grounding = self.model.grounding_encoder
         seg_hidden = hidden[positions]
@@ -229,14 +255,17 @@ class CitrusVEngine:
             timings["sam2_image_encoder_s"] = time.perf_counter() - started
         started = time.perf_counter()
         prediction = grounding.decode_masks(features.select(torch.full_like(positions, row)), embeddings)
-        masks = upsample_mask(prediction.low_res_logits, inputs.original_size, upsampling)
-        timings["mask_decoder_s"] = time.perf_counter() - started
-        return [SegmentationMask(
-            token_position=int(positions[i]), seg_hidden=seg_hidden[i].float().cpu().numpy(),
-            seg_embedding=embeddings[i, 0].float().cpu().numpy(),
-            low_res_logits=prediction.low_res_logits[i].cpu().numpy(), mask=masks[i].cpu().numpy(),
-            iou=float(prediction.iou[i]), object_score=float(prediction.object_score[i]))
-            for i in range(positions.numel())]
+        if host is not None and prediction.low_res_logits.is_cuda:
+            torch.cuda.synchronize(prediction.low_res_logits.device)  # the decoder's time is not host time
+        with host.work(POSTPROCESS, critical=True) if host is not None else nullcontext():
+            masks = upsample_mask(prediction.low_res_logits, inputs.original_size, upsampling)
+            timings["mask_decoder_s"] = time.perf_counter() - started
+            return [SegmentationMask(
+                token_position=int(positions[i]), seg_hidden=seg_hidden[i].float().cpu().numpy(),
+                seg_embedding=embeddings[i, 0].float().cpu().numpy(),
+                low_res_logits=prediction.low_res_logits[i].cpu().numpy(), mask=masks[i].cpu().numpy(),
+                iou=float(prediction.iou[i]), object_score=float(prediction.object_score[i]))
+                for i in range(positions.numel())]
 
     @torch.inference_mode()
     def seg_embeddings(self, image, prompt: str, answer: str = FORCED_SEGMENT_ANSWER,
@@ -323,25 +352,36 @@ class CitrusVEngine:
         default = TASK_PIXEL_BUDGETS["segment"]
         budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
         prepared = [self.processor(load_image(image), prompt, budget, answer=answer) for image in images]
+        return self.segment_inputs(prepared, prompt, answer, mask_upsampling)
+
+    @torch.inference_mode()
+    def segment_inputs(self, prepared: list[ModelInputs], prompt: str, answer: str = FORCED_SEGMENT_ANSWER,
+                       mask_upsampling: str = "bilinear", feature_keys: list[Hashable] | None = None,
+                       feature_cache: SAM2FeatureCache | None = None,
+                       host: HostStats | None = None) -> list[InferenceResult]:
+        """`segment_batch` on inputs already made (e.g. prefetched); `feature_keys`/`feature_cache`: SAM2
+        features reused across calls; `host`: where the host-side postprocessing time is counted."""
         groups: dict[tuple, list[int]] = {}
         for index, inputs in enumerate(prepared):
             groups.setdefault((tuple(inputs.input_ids.shape), tuple(inputs.image_grid_thw[0].tolist())), []).append(index)
-        results: list[InferenceResult | None] = [None] * len(images)
+        results: list[InferenceResult | None] = [None] * len(prepared)
         for members in groups.values():
             batch = [prepared[i] for i in members]
             started = time.perf_counter()
             hidden = self._forced_hidden_batch(batch)
             prefill = time.perf_counter() - started
             started = time.perf_counter()
-            features = self.encode_sam2(torch.cat([inputs.sam2_pixel_values for inputs in batch]))
+            keys = None if feature_keys is None else [feature_keys[i] for i in members]
+            features = self.sam2_features(batch, keys, feature_cache)
             encoder = time.perf_counter() - started
             for row, (index, inputs) in enumerate(zip(members, batch)):
                 timings = {"batch_size": len(batch), "forced_prefill_s": prefill / len(batch),
                            "sam2_image_encoder_s": encoder / len(batch)}
                 sequence = inputs.input_ids[0].to(hidden.device)
-                masks = self.masks_for(inputs, sequence, hidden[row], mask_upsampling, timings, features, row)
-                results[index] = self._result("segment", prompt, answer, inputs, sequence, masks, mask_upsampling)
-                results[index].timings = {k: round(v, 4) for k, v in timings.items()}
+                masks = self.masks_for(inputs, sequence, hidden[row], mask_upsampling, timings, features, row, host)
+                with host.work(POSTPROCESS, critical=True) if host is not None else nullcontext():
+                    results[index] = self._result("segment", prompt, answer, inputs, sequence, masks, mask_upsampling)
+                    results[index].timings = {k: round(v, 4) for k, v in timings.items()}
         return results
 
     def _forced_hidden_batch(self, batch: list[ModelInputs]) -> torch.Tensor:

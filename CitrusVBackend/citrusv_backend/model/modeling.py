@@ -79,8 +79,9 @@ class SAM2GroundingEncoder(nn.Module):
             return self.sam2_model.forward_image(pixel_values)
 
     def features_from_backbone(self, backbone_out: dict) -> SAM2ImageFeatures:
+        """The decoder's inputs from `backbone` output: flattened levels, `no_mem_embed` on the lowest."""
         sam2 = self.sam2_model
-        with self._autocast(backbone_out["backbone_fpn"][-1].device):
+        with self._autocast(backbone_out["backbone_fpn"][0].device):
             _, vision_feats, _, feat_sizes = sam2._prepare_backbone_features(backbone_out)
             batch = vision_feats[-1].size(1)
             high_res = [x.permute(1, 2, 0).reshape(batch, x.size(2), *size)

@@ -6,6 +6,9 @@ pixel count within [min_pixels, max_pixels]); the image processor then only resc
 patches it. SAM2 side (reference: `DirectResize`): the *Qwen-resized* image, LANCZOS-stretched to the SAM2
 input size (1024 for the released model), /255, ImageNet mean/std computed in float64, cast to float32.
 
+The functions here are the plain definitions; `image_prep.FastImagePrep` computes the same bytes several
+times faster and is what the processor runs (see that module for why it is exact).
+
 Text: ChatML with the system prompt "You are a helpful assistant."; the image block goes where the query's first
 `<image>` tag stands (before the query when it has none), as ms-swift's template places it. ms-swift joins the
 conversation into one string and tokenises it; the pieces here are cut only at special tokens, which the
@@ -22,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, InputError
+from .image_prep import FastImagePrep, PreparedImage
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SEG_TOKEN = "[SEG]"
@@ -163,6 +167,8 @@ class CitrusVProcessor:
         self.image_token_id = image_token_id
         self.sam2_image_size = sam2_image_size
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.fast = FastImagePrep(image_processor, sam2_image_size)
+        self._prompt_ids: dict[tuple, list[int]] = {}  # (query, image tokens) -> ids: the same for every slice
 
     @classmethod
     def from_checkpoint(cls, directory: Path, seg_token_idx: int, image_token_id: int, sam2_image_size: int):
@@ -203,6 +209,15 @@ class CitrusVProcessor:
         ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
         return ids
 
+    def prompt_ids(self, query: str, image_tokens: int | None) -> list[int]:
+        """`prompt_pieces`, remembered: a volume's slices share one query and one image size."""
+        key = (query, image_tokens)
+        if key not in self._prompt_ids:
+            if len(self._prompt_ids) >= 64:
+                self._prompt_ids.clear()
+            self._prompt_ids[key] = self.prompt_pieces(query, image_tokens)
+        return list(self._prompt_ids[key])
+
     def answer_ids(self, answer: str) -> list[int]:
         """A forced answer as the reference would have generated it: its tokens, then `<|im_end|>`."""
         return self._encode_text(answer) + self._encode_text("<|im_end|>")
@@ -211,16 +226,27 @@ class CitrusVProcessor:
                  allow_empty: bool = False) -> ModelInputs:
         """`image` None: a text-only question. `allow_empty`: an empty query about an image is asked as it is
         (the reference's clients send one for reports); otherwise it is refused."""
-        if not isinstance(query, str) or (not query.strip() and (image is None or not allow_empty)):
+        self.check_query(query, answer, allow_empty=image is not None and allow_empty)
+        prepared = None if image is None else self.prepare_image(image, budget)
+        return self.inputs_for(prepared, query, answer, allow_empty=allow_empty)
+
+    def check_query(self, query: str, answer: str | None, allow_empty: bool = False) -> None:
+        if not isinstance(query, str) or (not query.strip() and not allow_empty):
             raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
         check_prompt_and_answer(query, answer)
-        if image is None:
-            ids = self.prompt_pieces(query, None)
-            processed, resized = {"pixel_values": None, "image_grid_thw": None}, None
-        else:
-            resized = resize_for_qwen(image, budget)
-            processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
-            ids = self.prompt_pieces(query, int(processed["image_grid_thw"].prod().item()) // (self.merge_size ** 2))
+
+    def prepare_image(self, image, budget: PixelBudget, qwen: bool = True, sam2: bool = True) -> PreparedImage:
+        """The prompt-independent half (thread-safe: prefetch workers call it): `image` is a PIL image or a
+        uint8 array, gray (H, W) or (H, W, 3|4)."""
+        height, width = (image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width))
+        height, width = smart_resize(height, width, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+        return self.fast.prepare(image, height, width, qwen=qwen, sam2=sam2)
+
+    def inputs_for(self, prepared: PreparedImage | None, query: str, answer: str | None = None,
+                   allow_empty: bool = False) -> ModelInputs:
+        """A prepared image (None: a text-only question) + the prompt (and forced answer) -> the model inputs."""
+        self.check_query(query, answer, allow_empty=prepared is not None and allow_empty)
+        ids = self.prompt_ids(query, None if prepared is None else prepared.image_tokens(self.merge_size))
         prompt_length = len(ids)
         if answer is not None:
             ids += self.answer_ids(answer)
@@ -228,10 +254,11 @@ class CitrusVProcessor:
         return ModelInputs(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
-            pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
-            sam2_pixel_values=None if resized is None else sam2_pixel_values(resized, self.sam2_image_size),
-            original_size=None if image is None else (image.height, image.width),
-            resized_size=None if resized is None else (resized.height, resized.width),
+            pixel_values=None if prepared is None else prepared.pixel_values,
+            image_grid_thw=None if prepared is None else prepared.image_grid_thw,
+            sam2_pixel_values=None if prepared is None else prepared.sam2_pixel_values,
+            original_size=None if prepared is None else prepared.original_size,
+            resized_size=None if prepared is None else prepared.resized_size,
             prompt_length=prompt_length)
 
     def decode(self, ids) -> str:

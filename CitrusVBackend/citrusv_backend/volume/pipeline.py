@@ -17,12 +17,18 @@ Segmentation of one target:
 3. post-processing — holes filled per slice (on by default: it cannot remove tissue), largest 3D connected
    component (off by default: lesions can be multifocal).
 Masks are written into the volume's own voxel grid by the exact inverse of the slice mapping.
+
+Host work is kept off the model's way (`TaskWork`): each slice is windowed once per task, the slices the
+model will ask for next are prepared on worker threads while it computes, and every slice's SAM2 image
+features are computed once per task (the key slice's features from the search serve propagation).
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,7 +38,10 @@ import torch.nn.functional as F
 
 from ..errors import CitrusVError, InputError, JobCancelled  # noqa: F401  (JobCancelled: re-exported)
 from ..inference.engine import FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, CitrusVEngine, InferenceResult
+from ..inference.hostwork import POSTPROCESS, PREPROCESS, HostStats, Prefetcher, default_workers, worker_pool
 from ..inference.reports import detect_location
+from ..model.feature_cache import SAM2FeatureCache
+from ..model.image_prep import PreparedImage
 from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
 from .orientation import PLANES, DisplayOrientation, convert_pixels, display_orientation, model_orientation
@@ -40,6 +49,7 @@ from .presence import PRESENCE_RULES, Evidence, PresenceRule, consistent_slices
 from .propagation import Cancelled, PropagatedSlice, SliceFrames, propagate
 from .quantify import laterality_of, measure_segment
 from .targets import Target, detection_targets, parse_targets
+from .window_lookup import WindowLookup
 from .windowing import Window, WindowChoice
 
 log = logging.getLogger(__name__)
@@ -151,9 +161,13 @@ class VolumeResult:
 
 
 class SliceSource:
-    """The volume's slices along one plane, windowed to uint8 RGB (computed on demand).
+    """The volume's slices along one plane, windowed to uint8 (computed on demand, once).
 
-    `orientation` is the model's (SA-Med2D's array order), `display` the radiological one for previews."""
+    `orientation` is the model's (SA-Med2D's array order), `display` the radiological one for previews.
+    Windowing uses a lookup table over the voxel values when the voxels are integers (`WindowLookup`), checked
+    against `window.apply` on the first slice. Windowed slices are kept until `forget_slices` (one byte per
+    voxel at most), so the targets and stages of a task share them. `identity` names the source in SAM2
+    feature-cache keys (`feature_key`): the same for every source of the same volume object, plane and window."""
 
     def __init__(self, volume: Volume, plane: str, window: Window):
         self.volume = volume
@@ -162,10 +176,23 @@ class SliceSource:
         self.window = window
         self.depth = volume.shape[self.orientation.slice_axis]
         self.height, self.width = self.orientation.plane_shape(volume.shape)
+        # Stable for the same volume object, plane and window: a cache kept across requests finds its slices again.
+        self.identity = (volume.__dict__.setdefault("_feature_token", object()), plane, repr(window))
+        self._gray: dict[int, np.ndarray] = {}
+        self._lookup: WindowLookup | None | bool = False  # False: not built yet
+        self._lock = threading.Lock()
+
+    def gray(self, index: int) -> np.ndarray:
+        """Slice `index` in the model's orientation, windowed to uint8 (H, W); read-only, shared."""
+        found = self._gray.get(index)
+        if found is None:
+            found = self._window(self.orientation.slice(self.volume.voxels, index))
+            found.flags.writeable = False
+            self._gray[index] = found
+        return found
 
     def rgb(self, index: int) -> np.ndarray:
-        gray = self.window.apply(self.orientation.slice(self.volume.voxels, index))
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.repeat(self.gray(index)[:, :, None], 3, axis=2)
 
     def display_rgb(self, index: int) -> np.ndarray:
         gray = self.window.apply(self.display.slice(self.volume.voxels, index))
@@ -176,17 +203,64 @@ class SliceSource:
         return convert_pixels(self.orientation, self.display, np.asarray(rows, float), np.asarray(cols, float),
                               self.volume.shape)
 
+    def feature_key(self, index: int, budget: PixelBudget) -> tuple:
+        """What determines slice `index`'s SAM2 input: this source (volume, plane, window), the slice, the budget."""
+        return (self.identity, index, budget.min_pixels, budget.max_pixels)
+
+    def forget_slices(self) -> None:
+        self._gray.clear()
+
+    def _window(self, plane: np.ndarray) -> np.ndarray:
+        if self._lookup is False:
+            with self._lock:
+                if self._lookup is False:
+                    self._lookup = self._checked_lookup(plane)
+        return self._lookup(plane) if self._lookup else self.window.apply(plane)
+
+    def _checked_lookup(self, plane: np.ndarray) -> WindowLookup | None:
+        try:
+            lookup = WindowLookup.for_volume(self.window, self.volume.voxels)
+        except (TypeError, ValueError) as error:
+            log.debug("windowing without a lookup table: %s", error)
+            return None
+        if lookup is not None and not np.array_equal(lookup(plane), self.window.apply(plane)):
+            log.warning("window %r is not elementwise; windowing slices one by one", self.window)
+            return None
+        return lookup
+
+
+@dataclass
+class TaskWork:
+    """What the steps of one task share: the slices' prefetcher, the SAM2 feature cache, the host-time counts."""
+
+    source: SliceSource
+    budget: PixelBudget
+    features: SAM2FeatureCache
+    host: HostStats
+    pool: ThreadPoolExecutor | None
+    depth: int
+    slices: Prefetcher | None = None
+
 
 class VolumePipeline:
-    """Runs one volume task; `progress(stage, fraction, message)` and `should_cancel()` are optional hooks."""
+    """Runs one volume task; `progress(stage, fraction, message)` and `should_cancel()` are optional hooks.
+
+    `workers` threads prepare slices ahead of the model (0: inline), at most `prefetch_depth` at a time;
+    `feature_cache`: SAM2 features to reuse across tasks (by default a fresh cache per task)."""
 
     def __init__(self, engine: CitrusVEngine, progress: ProgressFn | None = None,
-                 should_cancel: Callable[[], bool] | None = None):
+                 should_cancel: Callable[[], bool] | None = None, workers: int | None = None,
+                 prefetch_depth: int = 8, feature_cache: SAM2FeatureCache | None = None):
         self.engine = engine
         self.progress = progress or (lambda stage, fraction, message: None)
         self.should_cancel = should_cancel or (lambda: False)
         self._sources: dict[Window, SliceSource] = {}
         self._answers: dict[str, str] = {}     # target query -> the answer forced on its slices (this run)
+        self.workers = default_workers() if workers is None else workers
+        self.prefetch_depth = prefetch_depth
+        self.feature_cache = feature_cache
+        self._task: TaskWork | None = None     # the running task's work on its first source
+        self._other_work: dict[int, TaskWork] = {}  # ... and on further sources (per-target clinical windows)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -200,18 +274,56 @@ class VolumePipeline:
     def _segment_slice(self, source: SliceSource, index: int, target: Target, options: VolumeOptions) -> InferenceResult:
         return self._segment_slices(source, [index], target, options)[0]
 
+    def _feature_cache(self) -> SAM2FeatureCache:
+        return self.feature_cache if self.feature_cache is not None else SAM2FeatureCache()
+
+    def _work(self, source: SliceSource, options: VolumeOptions) -> TaskWork:
+        """The running task's shared state on `source` (a task's sources share its worker pool, SAM2 feature cache
+        and host counts: the cache keys name the source), or (a step called on its own) a fresh one without
+        worker threads."""
+        run = self._task
+        if run is None:
+            task = TaskWork(source, self._budget("segment", options), self._feature_cache(),
+                            HostStats(), None, self.prefetch_depth)
+        elif run.source is source:
+            task = run
+        else:
+            task = self._other_work.get(id(source))
+            if task is None:
+                task = TaskWork(source, run.budget, run.features, run.host, run.pool, run.depth)
+                self._other_work[id(source)] = task
+        if task.slices is None:
+            task.slices = Prefetcher(lambda index: self._prepare_slice(task, index), task.pool, task.depth,
+                                     task.host, PREPROCESS)
+        return task
+
+    def _prepare_slice(self, task: TaskWork, index: int) -> PreparedImage:
+        """A slice's image inputs (a worker's job); no SAM2 input when its features are already cached."""
+        needs_sam2 = task.source.feature_key(index, task.budget) not in task.features
+        return self.engine.processor.prepare_image(task.source.gray(index), task.budget, sam2=needs_sam2)
+
     def _segment_slices(self, source: SliceSource, indices: list[int], target: Target,
                         options: VolumeOptions) -> list[InferenceResult]:
-        """Forced-answer segmentation of slices, `batch_size` at a time (cancel is checked between batches)."""
-        budget = self._budget("segment", options)
+        """Forced-answer segmentation of slices, `batch_size` at a time (cancel is checked between batches);
+        the slices are prepared ahead while the model computes the batch before."""
+        task = self._work(source, options)
+        processor = self.engine.processor
         answer = self._answers.get(target.query, options.answer)
+        task.slices.schedule(indices)
         results = []
         for start in range(0, len(indices), options.batch_size):
             self._check_cancel()
             chunk = indices[start:start + options.batch_size]
-            results += self.engine.segment_batch([source.rgb(i) for i in chunk], target.query, answer=answer,
-                                                 min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
-                                                 mask_upsampling=options.mask_upsampling)
+            keys = [source.feature_key(i, task.budget) for i in chunk]
+            prepared = [task.slices.get(i) for i in chunk]
+            with task.host.work(PREPROCESS, critical=True):
+                for n, (index, key) in enumerate(zip(chunk, keys)):
+                    if prepared[n].sam2_pixel_values is None and key not in task.features:  # evicted meanwhile
+                        prepared[n] = processor.prepare_image(source.gray(index), task.budget)
+                inputs = [processor.inputs_for(p, target.query, answer) for p in prepared]
+            results += self.engine.segment_inputs(inputs, target.query, answer, options.mask_upsampling,
+                                                  feature_keys=keys, feature_cache=task.features, host=task.host)
+            task.host.count(len(chunk))
         return results
 
     def _source(self, volume: Volume, window: Window, plane: str) -> SliceSource:
@@ -244,15 +356,29 @@ class VolumePipeline:
         if windows.per_target and targets:
             result.settings["windows"] = {t.name: windows.for_target(t.name).__dict__ for t in targets}
         started = time.perf_counter()
-        try:
-            if task == "segment":
-                self._run_segment(volume, windows, targets, options, slice_range, result)
-            elif task == "detect":
-                self._run_detect(volume, windows, targets, options, slice_range, result)
-            else:
-                self._run_report(source, prompt, options, slice_range, result)
-        except Cancelled:
-            raise JobCancelled("cancelled by the user") from None
+        with worker_pool(self.workers) as pool:
+            self._task = TaskWork(source, self._budget("segment", options), self._feature_cache(),
+                                  HostStats(), pool, self.prefetch_depth)
+            self._other_work = {}
+            try:
+                if task == "segment":
+                    self._run_segment(volume, windows, targets, options, slice_range, result)
+                elif task == "detect":
+                    self._run_detect(volume, windows, targets, options, slice_range, result)
+                else:
+                    self._run_report(source, prompt, options, slice_range, result)
+            except Cancelled:
+                raise JobCancelled("cancelled by the user") from None
+            finally:
+                work, self._task = self._task, None
+                for each in [work, *self._other_work.values()]:
+                    if each.slices is not None:
+                        each.slices.cancel()
+                self._other_work = {}
+                for each in self._sources.values():
+                    each.forget_slices()
+        result.timings["host"] = work.host.summary()
+        result.timings["sam2_features"] = work.features.describe()
         result.timings["total_s"] = round(time.perf_counter() - started, 3)
         self.progress("done", 1.0, f"{task} finished in {result.timings['total_s']:.1f} s")
         return result
@@ -269,7 +395,9 @@ class VolumePipeline:
             segment = Segment(label=number, name=target.name, query=target.query, mask=np.zeros(volume.shape, bool),
                               key_slice=None, key_score=0.0, answer=options.answer)
             self._segment_target(source, target, options, slice_range, stage, result.timings, segment)
-            mask = postprocess(segment.mask, source.orientation.slice_axis, options)
+            host = self._work(source, options).host
+            with host.phase("finish"), host.work(POSTPROCESS, critical=True):
+                mask = postprocess(segment.mask, source.orientation.slice_axis, options)
             segment.mask = mask
             segment.slices = sorted(set(np.nonzero(mask.any(axis=tuple(
                 a for a in range(3) if a != source.orientation.slice_axis)))[0].tolist()))
@@ -286,16 +414,19 @@ class VolumePipeline:
         """Fills `segment` (mask, key slice and score, the answer used)."""
         step = time.perf_counter()
         rule = options.presence_rule()
+        host = self._work(source, options).host
         if options.mode == "per-slice":
             if options.answer_mode == "free":
                 self._choose_answer(source, target, (slice_range[0] + slice_range[1] - 1) // 2, None, options, segment)
-            slices = self._per_slice(source, target, options, slice_range, stage, segment.mask)
+            with host.phase("per_slice"):
+                slices = self._per_slice(source, target, options, slice_range, stage, segment.mask)
             timings[f"per_slice_s[{target.name}]"] = round(time.perf_counter() - step, 3)
             if slices:
                 segment.key_slice, segment.key_score, evidence = max(slices, key=lambda item: item[1])
                 segment.key_evidence = evidence.to_dict()
             return
-        key, key_result, score = self.find_key_slice(source, target, options, slice_range, stage)
+        with host.phase("key_slice_search"):
+            key, key_result, score = self.find_key_slice(source, target, options, slice_range, stage)
         timings[f"key_slice_search_s[{target.name}]"] = round(time.perf_counter() - step, 3)
         if key is None:
             return
@@ -319,7 +450,7 @@ class VolumePipeline:
         (cached for the run). Returns the result to use on that slice."""
         budget = self._budget("segment", options)
         self._check_cancel()
-        generated = self.engine.run(source.rgb(index), target.query, task="segment", answer=None,
+        generated = self.engine.run(source.gray(index), target.query, task="segment", answer=None,
                                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
                                     max_new_tokens=options.max_new_tokens, mask_upsampling=options.mask_upsampling)
         segment.answer_source = "forced"
@@ -379,24 +510,33 @@ class VolumePipeline:
         first, last = slice_range
         grounding = self.engine.model.grounding_encoder
         size = grounding.image_size
-        frames = SliceFrames(source.rgb, first, last - first, self._budget("segment", options), size)
+        task = self._work(source, options)
+        frames = SliceFrames(source.gray, first, last - first, task.budget, size, prep=self.engine.processor.fast,
+                             pool=task.pool, depth=max(2, task.depth // 2), host=task.host, features=task.features,
+                             feature_key=lambda index: source.feature_key(index, task.budget))
         predictor = self.engine.video_predictor()
         frame_anchors = {index - first: self._key_mask(result, size) for index, result in anchors.items()}
         progress = lambda done, total: self.progress(f"propagation: {stage}", min(done / max(total, 1), 0.99),  # noqa: E731
                                                      f"{done} slices")
         rule = options.presence_rule()
-        propagated = propagate(predictor, frames, source.height, source.width, frame_anchors,
-                               stop_after_empty=options.stop_after_empty,
-                               autocast=grounding._autocast(next(predictor.parameters()).device),
-                               on_slice=progress, should_cancel=self.should_cancel,
-                               presence=lambda logits, object_score: rule.present(Evidence.from_logits(logits, object_score)),
-                               mask_upsampling=options.mask_upsampling,
-                               suppress_absent_objects=options.object_score_suppression)
+        with task.host.phase("propagation"):
+            propagated = propagate(predictor, frames, source.height, source.width, frame_anchors,
+                                   stop_after_empty=options.stop_after_empty,
+                                   autocast=grounding._autocast(next(predictor.parameters()).device),
+                                   on_slice=progress, should_cancel=self.should_cancel,
+                                   presence=lambda logits, object_score: rule.present(
+                                       Evidence.from_logits(logits, object_score)),
+                                   mask_upsampling=options.mask_upsampling,
+                                   suppress_absent_objects=options.object_score_suppression)
         return {first + frame: item for frame, item in propagated.items()}
 
     def _reanchor(self, source, target, anchors, propagated, options, slice_range, stage):
         """Where propagation lost the target, ask Citrus-V again; a mask the presence rule accepts becomes a new
         anchor (it lies next to a slice that shows the target, so it has a neighbour's support)."""
+        with self._work(source, options).host.phase("reanchor"):
+            return self._reanchor_rounds(source, target, anchors, propagated, options, slice_range, stage)
+
+    def _reanchor_rounds(self, source, target, anchors, propagated, options, slice_range, stage):
         first, last = slice_range
         rule = options.presence_rule()
         for _ in range(8):  # each round adds at most one anchor per direction
@@ -423,12 +563,16 @@ class VolumePipeline:
         indices = list(range(first, last))
         evidence: dict[int, Evidence | None] = {}
         masks: dict[int, np.ndarray] = {}
+        task = self._work(source, options)
+        host = task.host
+        task.slices.schedule(indices)
         for start in range(0, len(indices), options.batch_size):
             chunk = indices[start:start + options.batch_size]
             for index, result in zip(chunk, self._segment_slices(source, chunk, target, options)):
-                evidence[index] = Evidence.from_result(result)
-                if rule.present(evidence[index]):
-                    masks[index] = result.masks[0].mask
+                with host.work(POSTPROCESS, critical=True):
+                    evidence[index] = Evidence.from_result(result)
+                    if rule.present(evidence[index]):
+                        masks[index] = result.masks[0].mask
             self.progress(f"per-slice: {stage}", (start + len(chunk)) / len(indices), f"slice {chunk[-1]}")
         kept = consistent_slices({i: i in masks for i in indices}, first, last, rule)
         for index in sorted(kept):
@@ -460,7 +604,7 @@ class VolumePipeline:
             per_slice = []
             for done, index in enumerate(indices, start=1):
                 self._check_cancel()
-                answer = self.engine.run(source.rgb(index), target.query, task="detect", min_pixels=budget.min_pixels,
+                answer = self.engine.run(source.gray(index), target.query, task="detect", min_pixels=budget.min_pixels,
                                          max_pixels=budget.max_pixels, max_new_tokens=options.max_new_tokens)
                 per_slice.append((index, answer.boxes))
                 result.problems.extend(f"{target.name}, slice {index}: {p}" for p in answer.problems)
@@ -495,7 +639,7 @@ class VolumePipeline:
         findings_text, impression_text = [], []
         for done, (where, image) in enumerate(images, start=1):
             self._check_cancel()
-            answer = self.engine.run(source.rgb(where) if image is None else image, query, task="report",
+            answer = self.engine.run(source.gray(where) if image is None else image, query, task="report",
                                      min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
                                      max_new_tokens=options.max_new_tokens)
             label = "projection" if image is not None else f"slice {where}"
@@ -529,6 +673,23 @@ def spread(first: int, last: int, count: int) -> list[int]:
     return sorted({first + int((n + 0.5) * (last - first) / count) for n in range(count)})
 
 
+def fill_holes(plane: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_fill_holes` of a 2D mask, computed on its bounding box plus a one-pixel border.
+
+    Exact: a hole is background not connected to the image border; outside the box everything is background
+    connected to the border (the border ring around the box among it), so nothing outside changes and the
+    box, padded with that ring, has the same holes."""
+    from scipy import ndimage
+
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return plane.copy()
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    filled = plane.copy()
+    filled[top:bottom, left:right] = ndimage.binary_fill_holes(np.pad(plane[top:bottom, left:right], 1))[1:-1, 1:-1]
+    return filled
+
+
 def postprocess(mask: np.ndarray, slice_axis: int, options: VolumeOptions) -> np.ndarray:
     from scipy import ndimage
 
@@ -537,7 +698,7 @@ def postprocess(mask: np.ndarray, slice_axis: int, options: VolumeOptions) -> np
         for index in np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != slice_axis)))[0]:
             plane = [slice(None)] * 3
             plane[slice_axis] = index
-            mask[tuple(plane)] = ndimage.binary_fill_holes(mask[tuple(plane)])
+            mask[tuple(plane)] = fill_holes(mask[tuple(plane)])
     if options.largest_component and mask.any():
         components, count = ndimage.label(mask)
         if count > 1:
