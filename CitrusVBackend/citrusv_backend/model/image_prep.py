@@ -111,13 +111,17 @@ class FastImagePrep:
         device = torch.device(device)
         if (device.type == "cpu" and not force) or not self.verified():
             return False
-        candidate = DeviceSAM2Input(self.sam2_table, self.sam2_size, device)
         rng = np.random.default_rng(17)
-        for shape in ((84, 56), (56, 84), (2 * self.patch_size, self.sam2_size)):
-            probe = rng.integers(0, 256, shape, dtype=np.uint8)
-            if not (self._device_fits(probe) and torch.equal(candidate(probe).cpu(), self.host_sam2_pixel_values(probe))):
-                log.warning("SAM2 input on %s differs from PIL's; it stays on the host", device)
-                return False
+        try:
+            candidate = DeviceSAM2Input(self.sam2_table, self.sam2_size, device)
+            for shape in ((84, 56), (56, 84), (2 * self.patch_size, self.sam2_size)):
+                probe = rng.integers(0, 256, shape, dtype=np.uint8)
+                if not (self._device_fits(probe) and torch.equal(candidate(probe).cpu(), self.host_sam2_pixel_values(probe))):
+                    log.warning("SAM2 input on %s differs from PIL's; it stays on the host", device)
+                    return False
+        except (RuntimeError, ValueError) as error:  # e.g. the device is out of memory: the host path still works
+            log.warning("SAM2 input stays on the host: %s", error)
+            return False
         self.on_device = candidate
         return True
 
