@@ -162,3 +162,23 @@ def read_volume_copy(volume):
     from dataclasses import replace
 
     return replace(volume, voxels=volume.voxels.copy())
+
+
+def test_the_device_made_sam2_inputs_give_the_same_volume_result(tiny_engine, chest, monkeypatch):
+    """The path a CUDA model takes (SAM2 inputs made on the device by prefetch workers), forced onto the CPU:
+    key-slice search and propagation give the same masks as the host path."""
+    options = VolumeOptions(slice_range=(15, 19))
+    host = VolumePipeline(tiny_engine, workers=1).run(chest, "segment the left lung", "segment", options)
+    fast = tiny_engine.processor.fast
+    assert fast.on_device is None and fast.use_device("cpu", force=True)
+    try:
+        made = Counter()
+        original = type(fast.on_device).__call__
+        monkeypatch.setattr(type(fast.on_device), "__call__",
+                            lambda self, resized: made.update([threading.current_thread().name]) or original(self, resized))
+        device = VolumePipeline(tiny_engine, workers=1).run(chest, "segment the left lung", "segment", options)
+    finally:
+        fast.on_device = None
+    assert any(name.startswith("citrusv-prefetch") for name in made), made
+    assert host.segments[0].key_slice == device.segments[0].key_slice
+    assert np.array_equal(host.labels, device.labels)

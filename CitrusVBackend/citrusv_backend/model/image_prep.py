@@ -41,7 +41,7 @@ class PreparedImage:
     resized_size: tuple[int, int]            # (height, width) after smart_resize
     pixel_values: torch.Tensor | None        # [patches, 3*2*14*14] float32, None when only SAM2's input was asked
     image_grid_thw: torch.Tensor | None      # [1, 3] int64
-    sam2_pixel_values: torch.Tensor | None   # [1, 3, S, S] float32, None when only the Qwen side was asked
+    sam2_pixel_values: torch.Tensor | None   # [1, 3, S, S] float32 (on the model device: see use_device), None: not asked
 
     def image_tokens(self, merge_size: int) -> int:
         return int(self.image_grid_thw.prod().item()) // (merge_size ** 2)
@@ -104,20 +104,24 @@ class FastImagePrep:
         self.on_device = None  # DeviceSAM2Input once `use_device` accepted a device
 
     def use_device(self, device, force: bool = False) -> bool:
-        """Make gray slices' SAM2 inputs on `device` (a CUDA model; `force`: any device, for tests and the
-        benchmark), after checking them against PIL there; False (host path kept) if they differ."""
+        """Make gray slices' SAM2 inputs on `device` (a CUDA model; `force`: any device, as the tests
+        do), after checking them against PIL there; False (host path kept) if they differ."""
         from .device_stretch import DeviceSAM2Input
 
         device = torch.device(device)
         if (device.type == "cpu" and not force) or not self.verified():
             return False
-        candidate = DeviceSAM2Input(self.sam2_table, self.sam2_size, device)
         rng = np.random.default_rng(17)
-        for shape in ((84, 56), (56, 84), (2 * self.patch_size, self.sam2_size)):
-            probe = rng.integers(0, 256, shape, dtype=np.uint8)
-            if not (self._device_fits(probe) and torch.equal(candidate(probe).cpu(), self.host_sam2_pixel_values(probe))):
-                log.warning("SAM2 input on %s differs from PIL's; it stays on the host", device)
-                return False
+        try:
+            candidate = DeviceSAM2Input(self.sam2_table, self.sam2_size, device)
+            for shape in ((84, 56), (56, 84), (2 * self.patch_size, self.sam2_size)):
+                probe = rng.integers(0, 256, shape, dtype=np.uint8)
+                if not (self._device_fits(probe) and torch.equal(candidate(probe).cpu(), self.host_sam2_pixel_values(probe))):
+                    log.warning("SAM2 input on %s differs from PIL's; it stays on the host", device)
+                    return False
+        except (RuntimeError, ValueError) as error:  # e.g. the device is out of memory: the host path still works
+            log.warning("SAM2 input stays on the host: %s", error)
+            return False
         self.on_device = candidate
         return True
 
