@@ -23,7 +23,7 @@ from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
 from .paths import writable_folder
 from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, open_engine, resolve_model_argument
-from .signals import SignalExit
+from .signals import SignalExit, exit_on_signals
 from .volume.arguments import add_volume_options, volume_options
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -185,9 +185,12 @@ def cmd_serve(args) -> int:
 
 def cmd_batch(args) -> int:
     """A folder of volumes, resumable; exit 0 all done, 1 some case failed (see citrusv_backend.batch.runner)."""
-    from .batch.runner import run_batch
+    # Until the batch installs its own handlers (importing it takes a moment), and after it restores them, a stop
+    # signal raises SignalExit: exit 130/143 with a message, never a traceback or death by the signal.
+    with exit_on_signals():
+        from .batch.runner import run_batch
 
-    return run_batch(args)
+        return run_batch(args)
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -28,18 +28,23 @@ class SignalExit(BaseException):
         self.code = SIGNAL_EXIT.get(number, 128 + int(number))
 
 
-def _raise(number, _frame) -> None:
-    raise SignalExit(number)
-
-
 @contextmanager
 def exit_on_signals(signals=STOP_SIGNALS):
     """While the block runs (work with nothing to finish cleanly: loading, planning), a stop signal raises
-    SignalExit in the main thread, so `finally` blocks run and the command exits 128 + the signal's number."""
+    SignalExit in the main thread, so `finally` blocks run and the command exits 128 + the signal's number.
+    Only the first one raises: a second signal (a Ctrl-C then a SIGTERM) must not break into the clean-up that
+    the first one started."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, _raise) for number in signals}
+    raised: list[int] = []
+
+    def stop(number, _frame) -> None:
+        if not raised:
+            raised.append(number)
+            raise SignalExit(number)
+
+    previous = {number: signal.signal(number, stop) for number in signals}
     try:
         yield
     finally:

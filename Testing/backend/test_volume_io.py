@@ -154,6 +154,19 @@ def test_memory_budget_is_checked_before_reading(tmp_path):
         read_volume(path, max_voxels=10_000)
 
 
+@pytest.mark.parametrize("dtype, refused", [(np.int16, False), (np.int32, True), (np.float32, True),
+                                             (np.float64, True)])
+def test_max_voxels_is_counted_in_bytes_of_the_stored_type(tmp_path, dtype, refused):
+    """8,000 voxels under a 10,000-voxel limit: as int16 they fit; as int32, float32 (32 KB) or float64 (64 KB)
+    they take more memory than 10,000 int16 voxels (20 KB), and are refused before they are read."""
+    path, _ = nifti_case(tmp_path, np.eye(4), shape=(20, 20, 20), dtype=dtype)
+    if refused:
+        with pytest.raises(InputError, match="counted in 2-byte voxels"):
+            read_volume(path, max_voxels=10_000)
+    else:
+        assert read_volume(path, max_voxels=10_000).voxels.dtype == dtype
+
+
 def test_dicom_series_folder(tmp_path):
     image = sitk.Image([16, 16, 6], sitk.sitkInt16) - 1000
     image.SetSpacing((0.8, 0.8, 2.0))

@@ -72,6 +72,16 @@ def test_writable_folder_names_what_is_in_the_way(tmp_path):
         writable_folder(blocker / "a" / "b")
     with pytest.raises(InputError, match="blocker is a file"):
         writable_folder(blocker / "a", create=False)
+    # Unwritable: a read-only folder (for a user; root writes anyway) and a file system that takes no folders.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        with pytest.raises(InputError, match="permission denied"):
+            writable_folder(locked / "out")
+    with pytest.raises(InputError, match="^--out /proc/citrusv-nowhere/out: "):
+        writable_folder("/proc/citrusv-nowhere/out")
+    with pytest.raises(InputError, match="^--out /proc/citrusv-nowhere: "):
+        writable_folder("/proc/citrusv-nowhere", create=False)
     assert writable_folder(tmp_path / "later", create=False) and not (tmp_path / "later").exists()
     assert writable_folder(tmp_path / "new" / "folder").is_dir()
 

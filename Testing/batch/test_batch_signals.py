@@ -135,3 +135,37 @@ def test_signals_while_the_model_loads_end_the_batch_cleanly(storm_inputs, tiny_
     if (out / "manifest.jsonl").exists():
         assert not manifest_entries(out), "no case can have run before the model was loaded"
     assert "not run" in (out / "summary.csv").read_text()
+
+
+# The moment before the batch's own handlers exist: `citrusv batch` importing the batch package. The signal is
+# sent from inside that import, so it lands there every time.
+WHILE_IMPORTING = r"""
+import builtins, os, signal, sys
+from citrusv_backend import cli
+
+real_import = builtins.__import__
+
+def importing(name, *args, **kwargs):
+    if name.endswith("batch.runner") or "batch.runner" in (args[2] if len(args) > 2 and args[2] else ()):
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+        for _ in range(1000):  # a few bytecodes: the handler runs here
+            pass
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = importing
+sys.exit(cli.main(["batch", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_before_the_batch_handlers_exist_exits_cleanly(storm_inputs, tiny_checkpoint, work_dir, name, code):
+    """SIGTERM there used to kill the process (-15), SIGINT to end as 'interrupted'; now both are the batch's
+    own stop: 143 / 130 and a message naming the signal."""
+    out = work_dir / "out"
+    run = subprocess.run([sys.executable, "-c", WHILE_IMPORTING, str(tiny_checkpoint), name,
+                          *batch_args(storm_inputs, out, tiny_checkpoint, "--workers", "0")],
+                         capture_output=True, encoding="utf-8", timeout=300, env=batch_env())
+    assert run.returncode == code, (run.returncode, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and f"stopped by signal {name}" in run.stderr, run.stderr[-2000:]
+    assert not out.exists(), "nothing may be written before the batch has started"

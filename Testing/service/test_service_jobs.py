@@ -12,31 +12,49 @@ from service_helpers import log_lines, png_base64, submit, upload, wait
 pytestmark = pytest.mark.service
 
 
-def test_cancel_a_running_job_and_the_next_one_still_runs(client, chest):
+def _job_events(log_path, job_ids) -> list[tuple[str, str, str | None]]:
+    """(message, job id, status) of the server's job log lines for these jobs, in the order they were logged."""
+    return [(line["message"], line["job_id"], line.get("status")) for line in log_lines(log_path)
+            if line.get("job_id") in job_ids and line.get("message") in ("job started", "job finished")]
+
+
+def test_cancel_a_running_job_and_the_next_one_still_runs(client, chest, session_dir):
+    """Behaviour, not speed (a loaded CI machine may take seconds per slice; bench/ measures how fast): a queued
+    job is cancelled by the request itself and never starts; a running one stops part-way with status
+    cancelled and no result; the worker then runs the next job."""
     volume_id = upload(client, chest)
     long_job = submit(client, volume_id, "segment", "segment the left lung", mode="per-slice")  # 34 slices, one by one
     queued_job = submit(client, volume_id, "segment", "segment the left lung", mode="per-slice")
-    wait(client, long_job, until=("running",))
-    deadline = time.monotonic() + 60
-    while client.get(f"/v1/jobs/{long_job}").json()["progress"]["fraction"] == 0 and time.monotonic() < deadline:
+    wait(client, long_job, until=("running",), timeout=120)
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{long_job}").json()["progress"]["fraction"] == 0:
+        assert time.monotonic() < deadline, "the long job never reported progress"
         time.sleep(0.05)
 
     # A queued job is cancelled at once, and never runs.
     response = client.delete(f"/v1/jobs/{queued_job}")
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
 
-    asked = time.monotonic()
     response = client.delete(f"/v1/jobs/{long_job}")
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
-    status = wait(client, long_job, timeout=10)
-    assert status["status"] == "cancelled" and time.monotonic() - asked < 5, status
-    assert status["progress"]["fraction"] < 1.0
+    status = wait(client, long_job, timeout=120)
+    assert status["status"] == "cancelled", status
+    assert status["progress"]["fraction"] < 1.0, status  # stopped part-way, not run to the end
     result = client.get(f"/v1/jobs/{long_job}/result")
     assert result.status_code == 409 and result.json()["error"]["type"] == "job_cancelled"
 
     next_job = submit(client, volume_id, "ask", "What organ is this?", max_new_tokens=2)
-    assert wait(client, next_job)["status"] == "done"
+    assert wait(client, next_job, timeout=120)["status"] == "done"
     assert client.get(f"/v1/jobs/{queued_job}").json()["timings"]["run_s"] == 0
+
+    expected = [("job started", long_job, None), ("job finished", long_job, "cancelled"),
+                ("job started", next_job, None), ("job finished", next_job, "done")]
+    jobs = {long_job, queued_job, next_job}
+    deadline = time.monotonic() + 60
+    while [event for event in _job_events(session_dir / "server.log", jobs) if event[1] != queued_job] != expected:
+        assert time.monotonic() < deadline, _job_events(session_dir / "server.log", jobs)
+        time.sleep(0.1)
+    assert ("job started", queued_job, None) not in _job_events(session_dir / "server.log", jobs)
 
 
 def test_eight_clients_at_once_each_job_runs_once_with_the_sequential_result(server, chest, ct_slice_rgb, session_dir):

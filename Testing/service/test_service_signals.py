@@ -57,3 +57,45 @@ def test_a_signal_during_the_model_load_still_cleans_up(tiny_checkpoint, tmp_pat
             process.kill()
     assert list(runtime.iterdir()) == [], "the token folder was left behind"
     assert "Traceback" not in log.read_text()
+
+
+# The moments between the model load and uvicorn's own handlers (setting up the app, the worker, the socket):
+# the signal is sent from inside that step, so it lands there every time, not by chance.
+BETWEEN_LOAD_AND_SERVING = r"""
+import os, shutil, signal, sys, time
+from citrusv_backend import cli
+from citrusv_backend.server import launch
+
+first, later = sys.argv[2], sys.argv[3:]
+real_rmtree = shutil.rmtree
+
+def state_set_up_while_signalled(*args, **kwargs):
+    os.kill(os.getpid(), getattr(signal, first))
+    time.sleep(30)  # the signal is handled during this sleep, or its default action kills the process
+    raise SystemExit("the signal was ignored")
+
+def rmtree_signalled(*args, **kwargs):  # a second signal lands in the middle of the clean-up
+    for name in later:
+        os.kill(os.getpid(), getattr(signal, name))
+    for _ in range(1000):
+        pass
+    return real_rmtree(*args, **kwargs)
+
+cli.open_engine = lambda *args, **kwargs: object()  # no model: the step after the load is what is tested
+launch.ServiceState = state_set_up_while_signalled
+shutil.rmtree = rmtree_signalled
+sys.exit(cli.main(["serve", "--model", sys.argv[1], "--device", "cpu", "--port", "0"]))
+"""
+
+
+@pytest.mark.parametrize("signals, code", [(["SIGTERM"], 143), (["SIGINT", "SIGTERM"], 130)])
+def test_a_signal_between_the_model_load_and_serving_still_cleans_up(tiny_checkpoint, tmp_path, signals, code):
+    """It used to meet the default handler there: killed by SIGTERM (-15), the token folder left behind. The
+    first signal decides the exit; a second one, arriving during the clean-up, must not break into it."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    run = subprocess.run([sys.executable, "-c", BETWEEN_LOAD_AND_SERVING, str(tiny_checkpoint), *signals],
+                         capture_output=True, encoding="utf-8", timeout=120, env=_environment(runtime))
+    assert run.returncode == code, (run.returncode, run.stderr[-2000:])
+    assert list(runtime.iterdir()) == [], "the token folder was left behind"
+    assert "Traceback" not in run.stderr

@@ -172,26 +172,29 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         sock.close()
         raise CitrusVError(f"refusing to listen on {settings.host} ({address}), which is reachable from other machines, "
                            f"with a generated token: pass --token-file FILE or set ${TOKEN_ENV} (and use a firewall)")
-    if token is not None and token.source == "generated":
-        token.file = write_private_token_file(token.value)
-    try:
-        log_event(log, "loading model")
-        with exit_on_signals():  # a stop while the model loads still runs the clean-up below (exit 128 + signal)
+    # From the token file to uvicorn's own handlers (and after them), a stop signal raises SignalExit, so the
+    # clean-up below runs on every exit path: while the model loads, and in the moments between the load and the
+    # server's start (setting up the app), not only while serving.
+    with exit_on_signals():
+        try:
+            if token is not None and token.source == "generated":
+                token.file = write_private_token_file(token.value)
+            log_event(log, "loading model")
             engine = load_engine()
-        state = ServiceState(engine, settings.config, None if token is None else token.value)
-        app = create_app(state)
-        sock.listen(2048)
-        ready = ready_line(state, address, port, token)
-        server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
-        server.run(sockets=[sock])
-        if server.exit_signal is not None:
-            log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)
-            return SIGNAL_EXIT[server.exit_signal]
-        return 0 if server.started else 1
-    finally:
-        sock.close()
-        if token is not None and token.source == "generated" and token.file is not None:
-            shutil.rmtree(token.file.parent, ignore_errors=True)
+            state = ServiceState(engine, settings.config, None if token is None else token.value)
+            app = create_app(state)
+            sock.listen(2048)
+            ready = ready_line(state, address, port, token)
+            server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
+            server.run(sockets=[sock])
+            if server.exit_signal is not None:
+                log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)
+                return SIGNAL_EXIT[server.exit_signal]
+            return 0 if server.started else 1
+        finally:
+            sock.close()
+            if token is not None and token.source == "generated" and token.file is not None:
+                shutil.rmtree(token.file.parent, ignore_errors=True)
 
 
 def uvicorn_config(app, config: ServiceConfig) -> uvicorn.Config:
