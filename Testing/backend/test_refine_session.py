@@ -14,7 +14,8 @@ from citrusv_backend.volume.io import read_volume
 from citrusv_backend.volume.pipeline import SliceSource
 from citrusv_backend.volume.refine import RefinementSession, RefineOptions
 from citrusv_backend.volume.refine_prompts import BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt
-from citrusv_backend.volume.slice_features import FeatureBudget, SliceFeatureStore
+from citrusv_backend.model.feature_cache import SAM2FeatureCache
+from citrusv_backend.volume.slice_features import SliceFeatureStore
 from citrusv_backend.volume.windowing import CT_PRESETS
 
 from sam2_reference import image_predictor_on
@@ -169,14 +170,14 @@ def test_features_of_a_slice_are_computed_once(tiny_engine, source, lung):
 
 def test_the_feature_budget_evicts_the_least_recently_used_slice(tiny_engine, source, store):
     one_slice = sum(t.numel() * t.element_size() for t in store.backbone(SLICE)["backbone_fpn"])
-    small = SliceFeatureStore(tiny_engine, source, TASK_PIXEL_BUDGETS["segment"], FeatureBudget(2 * one_slice))
+    small = SliceFeatureStore(tiny_engine, source, TASK_PIXEL_BUDGETS["segment"], SAM2FeatureCache(2 * one_slice))
     for index in (10, 11, 10, 12):
         small.backbone(index)
     assert small.cached_slices == [10, 12] and small.encoded == 3
-    assert small.memory.stats()["used_bytes"] == 2 * one_slice
+    assert small.cache.nbytes == 2 * one_slice
     assert torch.equal(small.backbone(10)["backbone_fpn"][0], store.backbone(10)["backbone_fpn"][0])
     small.close()
-    assert small.memory.stats()["used_bytes"] == 0 and small.cached_slices == []
+    assert small.cache.nbytes == 0 and small.cached_slices == []
 
 
 def test_repropagation_changes_neighbouring_slices_and_not_others(tiny_engine, store, source, lung):

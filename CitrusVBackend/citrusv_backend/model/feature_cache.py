@@ -109,6 +109,14 @@ class SAM2FeatureCache:
             while self._bytes > self.max_bytes:
                 self._bytes -= self._entries.popitem(last=False)[1].nbytes
 
+    def discard(self, keys) -> None:
+        """Forget these entries (those that are there)."""
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self._bytes -= entry.nbytes
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -117,4 +125,4 @@ class SAM2FeatureCache:
 
     def describe(self) -> dict:
         return {"entries": len(self._entries), "mb": round(self._bytes / 2**20, 1), "hits": self.hits,
-                "misses": self.misses}
+                "misses": self.misses, "used_bytes": self._bytes, "max_bytes": self.max_bytes}

@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..volume.refine import RefinementSession
-from ..volume.slice_features import FeatureBudget, SliceFeatureStore
+from ..model.feature_cache import SAM2FeatureCache
+from ..volume.slice_features import SliceFeatureStore
 from .errors import ApiError
 from .logs import log_event
 
@@ -41,7 +42,7 @@ class RefineSessions:
     def __init__(self, engine, feature_budget_bytes: int, max_sessions: int = 64, ttl_s: float = 3600.0,
                  clock=time.monotonic):
         self.engine = engine
-        self.memory = FeatureBudget(feature_budget_bytes)
+        self.memory = SAM2FeatureCache(feature_budget_bytes)  # the SAM2 features of every session's slices
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self.clock = clock
@@ -113,7 +114,7 @@ class RefineSessions:
     def stats(self) -> dict:
         with self._lock:
             return {"sessions": len(self._sessions), "max_sessions": self.max_sessions, "ttl_s": self.ttl_s,
-                    "features": self.memory.stats(),
+                    "features": self.memory.describe(),
                     "session_bytes": sum(e.session.nbytes for e in self._sessions.values())}
 
     # ------------------------------------------------------------------------------------------ internals
