@@ -1,7 +1,10 @@
 """CitrusV module: text-prompted segmentation, detection and reports with the Citrus-V model.
 
-This file stays thin (module description, parameter node, widget wiring, self-test); the work that can run
-without Qt lives in CitrusVSlicerLib so that it can be tested headlessly.
+This file stays thin (module description, parameter node, widget wiring, self-test); the work lives in CitrusVSlicerLib,
+which imports without Qt and is tested headlessly. All I/O is asynchronous and runs outside Slicer's process (the
+backend server, the installer, batch runs, and the HTTP courier that does every request): one timer on the main
+thread polls it, so the panel never waits on the network, a child process or a Python thread (PythonQt never
+releases the GIL while Qt's event loop runs). See CitrusVSlicerLib/transport.py for the design.
 """
 
 import os
@@ -14,7 +17,7 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -23,17 +26,17 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CitrusVSlicerLib.batch import BatchRun
-from CitrusVSlicerLib.client import BackendError
-from CitrusVSlicerLib.installer import explain_failure
-from CitrusVSlicerLib.manager import REMOTE, BackendManager
-from CitrusVSlicerLib.runner import ApplyRunner
-from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
+from CitrusVSlicerLib.apply import SceneApply, UploadCache
+from CitrusVSlicerLib.endpoints import BackendError, Target
+from CitrusVSlicerLib.installer import explain_failure, installed_summary
+from CitrusVSlicerLib.manager import session_manager
+from CitrusVSlicerLib.options import MAX_PIXELS, task_options
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
 BACKEND_MODES = ["Local (this computer)", "Remote (server)"]
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
-TIMER_MS = 200
+IDLE_TICK_MS = 200
+BACKEND_PYTHON_SETTING = "CitrusV/BackendPython"
 
 #
 # CitrusVSlicer
@@ -94,7 +97,8 @@ class CitrusVSlicerParameterNode:
     window: Annotated[str, Choice(["auto", "soft_tissue", "lung", "bone", "brain", "liver"])] = "auto"
     sliceAxis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
     sliceRange: str = ""
-    maxPixels: int = 0
+    # Bounded: without WithinRange Slicer's connector gives the spin box -2**31..2**31-1.
+    maxPixels: Annotated[int, WithinRange(0, MAX_PIXELS)] = 0
 
 
 #
@@ -103,7 +107,7 @@ class CitrusVSlicerParameterNode:
 
 
 class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: widgets bound to the parameter node; a timer moves backend news onto the main thread."""
+    """The panel: widgets bound to the parameter node; one timer advances everything that runs outside Slicer."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -111,10 +115,11 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._runner = None
-        self._batch = None
         self._consentedUrls = set()
         self._promptHistory = []
+        self._statusShownFor = None
+        self._pendingInstall = None
+        self._installReported = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -138,22 +143,28 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.restartBackendButton.clicked.connect(self.onRestartBackend)
         self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self.ui.modelBrowseButton.clicked.connect(self.onBrowseModel)
-        self.ui.backendModeComboBox.connect("currentIndexChanged(int)", lambda index: self.updateGui())
+        self.ui.backendPythonBrowseButton.clicked.connect(self.onBrowseBackendPython)
+        self.ui.backendPythonLineEdit.text = qt.QSettings().value(BACKEND_PYTHON_SETTING, "")
+        self.ui.backendPythonLineEdit.connect("editingFinished()", self.onBackendPythonEdited)
+        self.ui.backendModeComboBox.connect("currentIndexChanged(int)", self.onBackendModeChanged)
         self.ui.batchInputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchInputLineEdit))
         self.ui.batchOutputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchOutputLineEdit))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
 
+        # One single-shot timer, re-armed after every tick with the delay the work asks for: 0 ms while there is
+        # local work (writing a volume, decoding a result), a few ms while an answer is due, 200 ms when idle.
         self.timer = qt.QTimer()
-        self.timer.setInterval(TIMER_MS)
+        self.timer.setSingleShot(True)
         self.timer.timeout.connect(self.onTimer)
-        self.timer.start()
-        slicer.app.aboutToQuit.connect(self.logic.shutdown)  # the backend stops with Slicer
+        self.timer.start(0)
+        self.logic.installQuitHook()
         self.initializeParameterNode()
         self.updateGui()
 
     def cleanup(self) -> None:
+        # Reload calls this: the backend, batch and courier belong to the session manager and keep running.
         self.timer.stop()
         self.removeObservers()
 
@@ -166,6 +177,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A running Apply cancels itself when the scene closes (SceneApply observes the scene).
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -192,22 +204,31 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def isRemote(self) -> bool:
         return self.ui.backendModeComboBox.currentIndex == 1
 
+    def currentTarget(self) -> Target:
+        """Where a request goes now: decided by the mode shown in the panel at this moment."""
+        node = self._parameterNode
+        return self.logic.backend.target(self.isRemote(), node.remoteUrl if node else "", self.ui.remoteTokenLineEdit.text)
+
     def updateGui(self) -> None:
-        busy = self._runner is not None and self._runner.state in ("running", "cancelling")
+        busy = self.logic.applying
         state = self.logic.backend.state
-        ready = state in ("running", REMOTE) or self.isRemote()
+        ready = self.isRemote() or state == "running"
         self.ui.applyButton.enabled = ready and not busy
         self.ui.applyButton.toolTip = "" if ready else _("Start the backend first (Backend section)")
         self.ui.cancelButton.enabled = busy
         local = not self.isRemote()
         for widget in (self.ui.modelLineEdit, self.ui.modelBrowseButton, self.ui.deviceComboBox, self.ui.installBackendButton,
-                       self.ui.startBackendButton, self.ui.stopBackendButton, self.ui.restartBackendButton):
+                       self.ui.startBackendButton, self.ui.backendPythonLineEdit, self.ui.backendPythonBrowseButton):
             widget.enabled = local
+        installing = self.logic.backend.installer is not None and self.logic.backend.installer.is_running()
+        self.ui.installBackendButton.enabled = local and not installing
+        self.ui.startBackendButton.enabled = local and not installing and state in ("stopped", "exited", "crashed")
         self.ui.remoteUrlLineEdit.enabled = not local
         self.ui.remoteTokenLineEdit.enabled = not local
         self.ui.stopBackendButton.enabled = local and state in ("starting", "running")
         self.ui.restartBackendButton.enabled = local and state in ("running", "crashed", "exited")
-        batchBusy = self._batch is not None and self._batch.is_running()
+        batch = self.logic.backend.batch
+        batchBusy = batch is not None and batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
 
@@ -216,29 +237,41 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
 
     def onTimer(self) -> None:
-        for line in self.logic.backend.drain_logs():
-            self.ui.backendLogTextEdit.appendPlainText(line)
-        self.updateBackendStatus()
-        if self._runner is not None:
-            for event in self._runner.events():
-                self.onRunnerEvent(event)
-        if self._batch is not None:
+        delay = IDLE_TICK_MS / 1000.0
+        try:
+            delay = self.logic.poll()
+            for line in self.logic.backend.drain_logs():
+                self.ui.backendLogTextEdit.appendPlainText(line)
+            for event in self.logic.applyEvents():
+                self.onApplyEvent(event)
+            self.updateBackendStatus()
+            self.updateInstall()
             self.updateBatch()
-        self.updateGui()
+            self.updateGui()
+        finally:  # re-armed even if a step failed, so the panel never freezes silently
+            self.timer.start(int(1000 * min(delay, IDLE_TICK_MS / 1000.0)))
 
     def updateBackendStatus(self) -> None:
-        state = self.logic.backend.state
-        if state == "crashed" and self.ui.deviceStatusLabel.text != "crashed":
+        if self.isRemote():
+            return  # the remote status line is what the last Test connection said; nothing overwrites it
+        backend = self.logic.backend
+        state = backend.state
+        if state == "running":
+            if self._statusShownFor is not backend.process:
+                self._statusShownFor = backend.process
+                self.ui.deviceStatusLabel.text = _("running (asking the backend which device it uses...)")
+                self.setStatus(_("Backend ready."))
+                backend.request_status(backend.local_target(), self.onDeviceStatus)
+            return
+        if state == "crashed" and self._statusShownFor is not None:
             self.setStatus(_("The backend stopped unexpectedly: see its log below, then press Restart."), error=True)
-        if state == "running" and not getattr(self, "_statusShownFor", None) == self.logic.backend.process:
-            self._statusShownFor = self.logic.backend.process
-            try:
-                self.ui.deviceStatusLabel.text = self.logic.backend.device_status()
-            except BackendError as error:
-                self.ui.deviceStatusLabel.text = str(error)
-            self.setStatus(_("Backend ready."))
-        elif state not in ("running",):
-            self.ui.deviceStatusLabel.text = state
+        self._statusShownFor = None
+        self.ui.deviceStatusLabel.text = state
+
+    def onDeviceStatus(self, text, error) -> None:
+        if self.isRemote():
+            return
+        self.ui.deviceStatusLabel.text = text if text else str(error)
 
     # ------------------------------------------------------------------------------------------ Apply
 
@@ -253,7 +286,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.examplesComboBox.insertItem(1, prompt)
 
     def onApply(self) -> None:
-        if self._runner is not None and self._runner.state in ("running", "cancelling"):
+        if self.logic.applying:
             return
         node = self._parameterNode
         if not node.inputVolume:
@@ -263,18 +296,20 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_("Type a prompt, e.g. 'segment the liver'."), error=True)
             return
         try:
-            if self.isRemote():
-                self.logic.backend.use_remote(node.remoteUrl, self.ui.remoteTokenLineEdit.text)
-                if self.logic.backend.remote_needs_consent() and not self.askConsent(node.remoteUrl):
-                    self.setStatus(_("Cancelled: no image data was sent."))
-                    return
-            self._runner = self.logic.startTask(node.inputVolume, node.task.lower(), node.prompt, self.logic.taskOptions(node))
+            target = self.currentTarget()
+            if self.logic.backend.needs_consent(target) and not self.askConsent(target.url):
+                self.setStatus(_("Cancelled: no image data was sent."))
+                return
+            # The nodes are captured here: changing the selection while the job runs changes nothing.
+            self.logic.startApply(target, node.inputVolume, node.task.lower(), node.prompt, self.logic.taskOptions(node),
+                                  node.outputSegmentation, node.outputTable, node.replaceExistingSegments)
         except (BackendError, ValueError) as error:
             self.setStatus(str(error), error=True)
             return
         self.rememberPrompt(node.prompt)
         self.ui.progressBar.value = 0
         self.setStatus(_("Working..."))
+        self.timer.start(0)
         self.updateGui()
 
     def askConsent(self, url: str) -> bool:
@@ -290,64 +325,79 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onCancel(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            self.setStatus(_("Cancelling..."))
+        self.logic.cancelApply()
+        self.setStatus(_("Cancelling..."))
 
-    def onRunnerEvent(self, event) -> None:
+    def onApplyEvent(self, event) -> None:
         if event.kind == "progress":
             self.ui.progressBar.value = int(100 * event.fraction)
             self.setStatus(f"{event.stage}: {event.message}" if event.message else event.stage)
         elif event.kind == "done":
+            written = event.written
             node = self._parameterNode
-            with slicer.util.tryWithErrorDisplay(_("Writing the results failed."), waitCursor=True):
-                written = self.logic.writeResult(node.inputVolume, event.result, node.outputSegmentation,
-                                                 node.outputTable, node.replaceExistingSegments)
+            if node is not None:  # show the nodes written to (those captured at Apply, or new ones)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
-            found = len(event.result.segments)
             self.setStatus(_("Done: {n} segment(s), {f} finding(s), {b} box(es).").format(
-                n=found, f=len(event.result.findings), b=len(event.result.boxes))
+                n=len(event.result.segments), f=len(event.result.findings), b=len(event.result.boxes))
                 + (" " + _("RANDOM TEST WEIGHTS: results are noise.") if event.result.random_weights else ""))
         elif event.kind == "error":
             self.ui.progressBar.value = 0
             self.setStatus(event.message, error=True)
         elif event.kind == "cancelled":
             self.ui.progressBar.value = 0
-            self.setStatus(_("Cancelled."))
+            self.setStatus(_("Cancelled.") if event.message == "cancelled" else event.message)
 
     # ------------------------------------------------------------------------------------------ Backend
 
-    def onInstall(self) -> None:
-        try:
-            plan = self.logic.backend.install_plan()
-        except BackendError as error:
-            self.setStatus(str(error), error=True)
-            return
-        if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install the CitrusV backend?")):
-            return
-        try:
-            self.logic.backend.start_install(plan)
-        except BackendError as error:
-            self.setStatus(str(error), error=True)
-            return
-        self._installPlan = plan
-        self.setStatus(_("Installing the backend (progress in the log below)..."))
-        qt.QTimer.singleShot(1000, self.checkInstall)
+    def onBackendModeChanged(self, index: int) -> None:
+        self.ui.deviceStatusLabel.text = _("press Test connection") if self.isRemote() else self.logic.backend.state
+        self._statusShownFor = None
+        self.updateGui()
 
-    def checkInstall(self) -> None:
-        installer = self.logic.backend.installer
-        if installer is None:
+    def onBrowseBackendPython(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a Python 3.10+ executable"),
+                                              self.ui.backendPythonLineEdit.text)
+        if path:
+            self.ui.backendPythonLineEdit.text = path
+            self.onBackendPythonEdited()
+
+    def onBackendPythonEdited(self) -> None:
+        qt.QSettings().setValue(BACKEND_PYTHON_SETTING, self.ui.backendPythonLineEdit.text.strip())
+
+    def onInstall(self) -> None:
+        """Probe the GPU (a child process), then ask; the timer shows the dialog once the probe has finished."""
+        if self.logic.backend.backend_dir is None:
+            self.setStatus(_("The CitrusV backend is not bundled with this module: reinstall the extension."), error=True)
             return
-        if installer.is_running():
-            qt.QTimer.singleShot(1000, self.checkInstall)
+        self._pendingInstall = self.logic.backend.probe_gpu()
+        self.setStatus(_("Checking this computer's GPU..."))
+
+    def updateInstall(self) -> None:
+        backend = self.logic.backend
+        if self._pendingInstall is not None and self._pendingInstall.finished:
+            probe, self._pendingInstall = self._pendingInstall, None
+            try:
+                plan = backend.install_plan(probe.gpu_name, self.ui.backendPythonLineEdit.text.strip() or None)
+                if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install the CitrusV backend?")):
+                    self.setStatus(_("Installation cancelled: nothing was installed."))
+                    return
+                backend.start_install(plan)
+            except BackendError as error:
+                self.setStatus(str(error), error=True)
+                return
+            self._installReported = None
+            self.setStatus(_("Installing the backend (progress in the log below)..."))
+        installer = backend.installer
+        if installer is None or installer.is_running() or self._installReported is installer:
             return
+        self._installReported = installer
         if installer.returncode == 0:
-            self.setStatus(_("Backend installed. Press Start."))
-        else:
-            self.setStatus(explain_failure(list(installer.lines), self._installPlan), error=True)
+            self.setStatus(_("Backend installed ({what}). Press Start.").format(what=installed_summary(backend.env_dir)))
+        elif installer.state != "cancelled":
+            self.setStatus(explain_failure(list(installer.lines), installer.plan), error=True)
 
     def onStartBackend(self) -> None:
         node = self._parameterNode
@@ -362,8 +412,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setStatus(_("Starting the backend (loading the model can take a minute)..."))
 
     def onStopBackend(self) -> None:
-        self.logic.backend.stop()
-        self.setStatus(_("Backend stopped."))
+        self.logic.backend.stop()  # returns at once; the timer sees it exit (and kills it if it does not)
+        self.setStatus(_("Stopping the backend..."))
 
     def onRestartBackend(self) -> None:
         try:
@@ -372,15 +422,23 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(str(error), error=True)
 
     def onTestConnection(self) -> None:
+        """A throwaway request to the backend the panel shows now; the local backend and the mode are untouched."""
         try:
-            if self.isRemote():
-                self.logic.backend.use_remote(self._parameterNode.remoteUrl, self.ui.remoteTokenLineEdit.text)
-            status = self.logic.backend.device_status()
+            target = self.currentTarget()
         except BackendError as error:
             self.setStatus(str(error), error=True)
             return
-        self.ui.deviceStatusLabel.text = status
-        self.setStatus(_("Connection works: ") + status)
+        self.setStatus(_("Testing the connection to {url}...").format(url=target.url))
+        self.logic.backend.request_status(target, self.onTestConnectionDone)
+        self.timer.start(0)
+
+    def onTestConnectionDone(self, text, error) -> None:
+        if error is not None:
+            self.ui.deviceStatusLabel.text = _("connection failed")
+            self.setStatus(str(error), error=True)
+            return
+        self.ui.deviceStatusLabel.text = text
+        self.setStatus(_("Connection works: ") + text)
 
     def onBrowseModel(self) -> None:
         self.browseFolder(self.ui.modelLineEdit)
@@ -394,10 +452,20 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunBatch(self) -> None:
         node = self._parameterNode
+        backend = self.logic.backend
+        conflict = backend.batch_conflict(node.device)
+        if conflict:
+            choice = qt.QMessageBox.question(
+                slicer.util.mainWindow(), _("A second model on the same GPU?"),
+                conflict + "\n\n" + _("Stop the interactive backend and run the batch?"),
+                qt.QMessageBox.Yes | qt.QMessageBox.Ignore | qt.QMessageBox.Cancel, qt.QMessageBox.Yes)
+            if choice == qt.QMessageBox.Cancel:
+                return
+            if choice == qt.QMessageBox.Yes:
+                backend.stop()
         try:
-            self._batch = self.logic.startBatch(node.batchInputFolder, node.batchOutputFolder, node.task.lower(),
-                                                node.prompt, node.model.strip() or DEFAULT_MODEL, node.device,
-                                                self.logic.taskOptions(node))
+            backend.start_batch(node.batchInputFolder, node.batchOutputFolder, node.task.lower(), node.prompt,
+                                node.model.strip() or DEFAULT_MODEL, node.device, self.logic.taskOptions(node))
         except (BackendError, ValueError) as error:
             self.ui.batchStatusLabel.text = str(error)
             return
@@ -405,21 +473,24 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchStatusLabel.text = _("Starting the batch...")
 
     def onCancelBatch(self) -> None:
-        if self._batch is not None:
-            self._batch.stop()
+        if self.logic.backend.batch is not None:
+            self.logic.backend.batch.request_stop()
 
     def updateBatch(self) -> None:
-        for line in self._batch.drain():
-            self.ui.backendLogTextEdit.appendPlainText(line)
-        progress = self._batch.progress
+        batch = self.logic.backend.batch
+        if batch is None:
+            return
+        progress = batch.progress
         if progress.total:
             self.ui.batchProgressBar.value = int(100 * (progress.done + progress.failed) / progress.total)
         self.ui.batchStatusLabel.text = progress.summary()
-        if not self._batch.is_running():
-            self.ui.batchOpenResultsButton.enabled = bool(self._parameterNode.batchOutputFolder)
+        # The run knows its own output folder: no parameter node needed (there is none after a scene close).
+        self.ui.batchOpenResultsButton.enabled = not batch.is_running() and bool(batch.output_folder)
 
     def onOpenBatchResults(self) -> None:
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self._parameterNode.batchOutputFolder))
+        batch = self.logic.backend.batch
+        if batch is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(batch.output_folder))
 
 
 #
@@ -432,64 +503,93 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.backend = BackendManager(os.path.dirname(os.path.abspath(__file__)))
-        self._uploads = {}
+        # One manager per Slicer session: a Reload of the module finds the running backend instead of a new one.
+        self.backend = session_manager(os.path.dirname(os.path.abspath(__file__)))
+        self._apply = None
+        if not hasattr(self.backend, "uploads"):
+            self.backend.uploads = UploadCache()
 
     def getParameterNode(self) -> CitrusVSlicerParameterNode:
         return CitrusVSlicerParameterNode(super().getParameterNode())
 
+    def installQuitHook(self) -> None:
+        """Stop everything with Slicer (once per session, however often the module is reloaded)."""
+        if not getattr(self.backend, "quit_hook_installed", False):
+            slicer.app.aboutToQuit.connect(self.backend.shutdown)
+            self.backend.quit_hook_installed = True
+
     @staticmethod
     def taskOptions(node: CitrusVSlicerParameterNode) -> dict:
-        options = {"mode": node.mode, "window": node.window, "axis": node.sliceAxis}
-        if node.sliceRange.strip():
-            try:
-                first, last = (int(part) for part in node.sliceRange.split(":"))
-            except ValueError:
-                raise ValueError(_("Slice range must be FIRST:LAST, e.g. 10:40.")) from None
-            options["slice_range"] = [first, last]
-        if node.maxPixels:
-            options["max_pixels"] = node.maxPixels
-        return options
+        return task_options(node.mode, node.window, node.sliceAxis, node.sliceRange, node.maxPixels)
 
-    def startTask(self, volumeNode, task: str, prompt: str, options: dict) -> ApplyRunner:
-        """Upload (once per volume content and backend), submit, follow: all in a background thread."""
-        client = self.backend.client()
-        voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        key = (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes())
-        runner = ApplyRunner(client, voxels.copy(), ijkToRas, volumeNode.GetName(), task, prompt, options,
-                             volume_id=self._uploads.get(key))
-        runner.on_uploaded = lambda volumeId: self._uploads.__setitem__(key, volumeId)
-        runner.start()
-        return runner
+    @property
+    def applying(self) -> bool:
+        return self._apply is not None and self._apply.active
 
-    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False) -> dict:
-        return write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
+    def startApply(self, target, volumeNode, task: str, prompt: str, options: dict, segmentationNode=None,
+                   tableNode=None, replaceExisting: bool = False) -> SceneApply:
+        """Upload (once per volume content and backend), submit, follow, write: driven by poll()."""
+        if self.applying:
+            raise BackendError(_("An Apply is already running: wait for it or press Cancel."))
+        self._apply = SceneApply(slicer.mrmlScene, self.backend.transport, target, volumeNode, task, prompt, options,
+                                 segmentationNode, tableNode, replaceExisting, self.backend.uploads)
+        self._apply.start()
+        return self._apply
 
-    def process(self, volumeNode, task: str, prompt: str, options: Optional[dict] = None, timeout: float = 600.0) -> dict:
-        """Blocking run for scripts and the self-test: returns the written nodes."""
-        runner = self.startTask(volumeNode, task, prompt, options or {})
+    def cancelApply(self) -> None:
+        if self._apply is not None:
+            self._apply.cancel()
+
+    def applyEvents(self) -> list:
+        return self._apply.events() if self._apply is not None else []
+
+    def poll(self) -> float:
+        """Advance the backend, the courier and the running Apply; seconds until the next poll is useful."""
+        self.backend.poll()
+        delay = IDLE_TICK_MS / 1000.0
+        if self._apply is not None:
+            delay = min(delay, self._apply.poll())
+        if self.backend.transport.busy:
+            delay = min(delay, 0.01)
+        return delay
+
+    def process(self, volumeNode, task: str, prompt: str, options: Optional[dict] = None, timeout: float = 600.0,
+                target=None) -> dict:
+        """Blocking run for scripts and the self-test (keeps Slicer's events flowing): returns the written nodes."""
+        self.startApply(target or self.backend.local_target(), volumeNode, task, prompt, options or {})
+        self.longestPollSeconds = 0.0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for event in runner.events():
+            tick = time.perf_counter()
+            delay = self.poll()
+            self.longestPollSeconds = max(self.longestPollSeconds, time.perf_counter() - tick)
+            for event in self.applyEvents():
                 if event.kind == "done":
-                    return self.writeResult(volumeNode, event.result)
+                    return event.written
                 if event.kind in ("error", "cancelled"):
                     raise RuntimeError(event.message)
             slicer.app.processEvents()
-            time.sleep(0.1)
-        runner.cancel()
+            time.sleep(min(delay, 0.05))
+        self.cancelApply()
         raise RuntimeError(f"no result within {timeout:.0f} s")
 
-    def startBatch(self, inputFolder: str, outputFolder: str, task: str, prompt: str, model: str, device: str,
-                   options: dict) -> BatchRun:
-        if self.backend.needs_install():
-            raise BackendError(_("Install the backend first (Backend section)."))
-        run = BatchRun(self.backend.python, inputFolder, outputFolder, task, prompt, model, device, options)
-        run.start()
-        return run
+    def waitForBackend(self, timeout: float = 300.0) -> None:
+        """Blocking (scripts, self-test): until the local backend is running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            state = self.backend.state
+            if state == "running":
+                return
+            if state in ("crashed", "exited", "stopped"):
+                raise RuntimeError("the backend did not start:\n" + "\n".join(list(self.backend.process.lines)[-30:])
+                                   if self.backend.process else "the backend was not started")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        raise RuntimeError(f"the backend did not start within {timeout:.0f} s")
 
     def shutdown(self) -> None:
-        self.backend.stop()
+        self.backend.shutdown()
 
 
 #
@@ -498,7 +598,11 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class CitrusVSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer. The full flow needs the installed backend (or CITRUSV_TEST_PYTHON)."""
+    """Self-test inside Slicer (run by .github/workflows/slicer.yml against Slicer 5.10 on Linux).
+
+    The full flow needs the backend environment: CITRUSV_TEST_PYTHON names an existing one's python, or with
+    CITRUSV_TEST_INSTALL=1 the module installs it (CITRUSV_BASE_PYTHON: the Python to build it with). The model is
+    CITRUSV_TEST_MODEL (default: the random tiny one, made by the backend itself)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -506,6 +610,8 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_ParameterNodeKeepsSettings()
+        self.setUp()
+        self.test_PanelBindingsAndSessionManager()
         self.setUp()
         self.test_FullFlowWithTinyModel()
 
@@ -524,29 +630,60 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.RemoveNode(volumeNode)
         self.assertIsNone(reloaded.inputVolume)
 
+    def test_PanelBindingsAndSessionManager(self):
+        self.delayDisplay("Panel")
+        slicer.util.selectModule("CitrusVSlicer")
+        widget = slicer.modules.CitrusVSlicerWidget
+        spinBox = widget.ui.maxPixelsSpinBox
+        self.assertEqual((spinBox.minimum, spinBox.maximum), (0, MAX_PIXELS))  # the connector kept the bounds
+        self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session
+
     def test_FullFlowWithTinyModel(self):
-        """Start the backend with the random tiny model, segment a phantom, check the segmentation's geometry."""
+        """Install if asked, start the backend with the tiny model, segment a phantom, check what was written."""
         import numpy as np
 
         logic = CitrusVSlicerLogic()
-        python = os.environ.get("CITRUSV_TEST_PYTHON")
-        if python:
-            logic.backend = BackendManager(logic.backend.module_dir, python=python)
-        if logic.backend.needs_install():
-            self.delayDisplay("Backend not installed: full-flow test skipped (set CITRUSV_TEST_PYTHON to run it)")
+        backend = logic.backend
+        if os.environ.get("CITRUSV_TEST_PYTHON"):
+            backend._python_override = os.environ["CITRUSV_TEST_PYTHON"]
+        if backend.needs_install() and os.environ.get("CITRUSV_TEST_INSTALL") == "1":
+            self.delayDisplay("Installing the backend")
+            run = backend.start_install(backend.install_plan(None, os.environ.get("CITRUSV_BASE_PYTHON")))
+            deadline = time.monotonic() + 3600
+            while run.is_running() and time.monotonic() < deadline:
+                for line in backend.drain_logs():
+                    print(line)
+                slicer.app.processEvents()
+                time.sleep(0.1)
+            for line in backend.drain_logs():
+                print(line)
+            self.assertEqual(run.returncode, 0, explain_failure(run.lines, run.plan))
+        if backend.needs_install():
+            self.delayDisplay("Backend not installed: full-flow test skipped (set CITRUSV_TEST_PYTHON or "
+                              "CITRUSV_TEST_INSTALL=1 to run it)")
             return
         phantom = np.full((24, 64, 64), -1000, np.int16)
         phantom[8:16, 20:44, 16:40] = 60
         ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 4, -50], [0, 0, 0, 1]])
         volumeNode = slicer.util.addVolumeFromArray(phantom, ijkToRAS=ijkToRAS, name="CitrusVPhantom")
-        logic.backend.start_local("tiny", "cpu")
+        backend.start_local(os.environ.get("CITRUSV_TEST_MODEL", "tiny"), "cpu")
         try:
-            self.assertTrue(logic.backend.process.wait_ready(300), "the backend did not start")
-            written = logic.process(volumeNode, "segment", "segment the liver", {"slice_range": [8, 12]})
+            logic.waitForBackend(600)
+            started = time.monotonic()
+            written = logic.process(volumeNode, "segment", "segment the liver",
+                                    {"slice_range": [8, 12], "mode": "per-slice"})
+            print(f"CitrusV self-test: Apply took {time.monotonic() - started:.1f} s; longest main-thread step "
+                  f"{1000 * logic.longestPollSeconds:.1f} ms")
             segmentation = written["segmentation"]
             self.assertIsNotNone(segmentation)
+            self.assertIsNotNone(segmentation.GetDisplayNode())
             self.assertEqual(segmentation.GetNodeReference("CitrusVSourceVolume").GetID(), volumeNode.GetID())
             self.assertIsNotNone(written["table"])
+            self.assertIn("RANDOM WEIGHTS", written["report"].GetText())
         finally:
-            logic.shutdown()
+            backend.stop()
+            deadline = time.monotonic() + 30
+            while backend.process.is_running() and time.monotonic() < deadline:
+                backend.poll()
+                time.sleep(0.1)
         self.delayDisplay("Full flow passed")

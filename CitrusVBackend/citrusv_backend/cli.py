@@ -225,6 +225,10 @@ def _segment_names(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- serve
 
+EXIT_WITH_PARENT_HELP = ("stop when the launcher goes away: stdin must be a pipe from the launcher, which closes it "
+                         "to stop this process (used by the Slicer module)")
+
+
 def cmd_serve(args) -> int:
     """The backend service; stdout carries only its JSON ready line, logs are JSON lines on stderr."""
     from .server.launch import ServeSettings, serve
@@ -372,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
+    serve.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
     serve.set_defaults(handler=cmd_serve)
 
     batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "
@@ -380,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch.options import add_batch_options
 
     add_batch_options(batch)
+    batch.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
     batch.set_defaults(handler=cmd_batch)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
@@ -413,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "exit_with_parent", False):
+        from .parent_watch import watch_parent
+
+        watch_parent()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -26,6 +26,7 @@ import uvicorn
 from ..errors import CitrusVError
 from .app import MiB, ServiceConfig, ServiceState, create_app
 from .logs import configure_logging, log_event
+from .raw_upload import ready_fields
 
 log = logging.getLogger("citrusv.server")
 
@@ -140,7 +141,7 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         ready = ready_line(state, address, port, token)
         server = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
                                            timeout_keep_alive=5, timeout_graceful_shutdown=5),
-                             on_ready=lambda: _announce(ready, stdout))
+                             on_ready=lambda: _announce(ready | ready_fields(state), stdout))
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:

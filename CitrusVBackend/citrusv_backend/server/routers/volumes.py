@@ -1,5 +1,5 @@
-"""POST /v1/volumes (upload once: compressed voxels + IJK->RAS as JSON, or a NIfTI/NRRD/MHA file as multipart),
-GET and DELETE /v1/volumes/{id}."""
+"""POST /v1/volumes (upload once: compressed voxels + IJK->RAS as JSON, raw voxel bytes with the geometry in a header
+(see ../raw_upload.py), or a NIfTI/NRRD/MHA file as multipart), GET and DELETE /v1/volumes/{id}."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from ...volume.io import NIFTI_SUFFIXES, Volume, case_name, read_volume
+from .. import raw_upload
 from ..codec import b64decode, voxels_from_bytes
 from ..errors import ApiError
 from ..schemas import VolumeInfo, VolumeUpload
@@ -26,6 +27,9 @@ router = APIRouter(tags=["volumes"])
 FILE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".mha")
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": VolumeUpload.model_json_schema()},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+        "the little-endian voxel bytes, C order [k, j, i]; geometry in the X-CitrusV-Volume header (JSON: "
+        + ", ".join(raw_upload.RawVolumeHeader.model_fields) + ")")}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
         "modality": {"type": "string", "enum": ["CT", "MR", "PET"]}}}}}}}
@@ -37,10 +41,13 @@ async def upload_volume(request: Request, state: Service) -> dict:
     try:
         if kind == "application/json":
             volume = await _from_json(request, state)
+        elif kind == "application/octet-stream":
+            volume = await raw_upload.from_raw(request, state)
         elif kind == "multipart/form-data":
             volume = await _from_file(request, state)
         else:
-            raise ApiError(415, "send the volume as application/json (voxels + ijk_to_ras) or as multipart/form-data "
+            raise ApiError(415, "send the volume as application/json (voxels + ijk_to_ras), as application/octet-stream "
+                                "(raw voxels, geometry in the X-CitrusV-Volume header) or as multipart/form-data "
                                 "with a NIfTI/NRRD/MHA file in the field 'file'")
     except ClientDisconnect:
         raise ApiError(400, "the client disconnected before the upload was complete", type="client_disconnected") from None
