@@ -420,9 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "exit_with_parent", False):
+        import signal
+
         from .parent_watch import watch_parent
 
-        watch_parent()
+        # serve: uvicorn's graceful shutdown (SIGINT); batch: cancel the current case now (SIGTERM).
+        watch_parent(signal.SIGINT if args.handler is cmd_serve else signal.SIGTERM)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

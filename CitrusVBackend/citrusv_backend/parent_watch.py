@@ -5,9 +5,10 @@ it open. When the launcher exits for any reason, crash included, the operating s
 reads end-of-file: the same signal on Linux, macOS and Windows, and also the launcher's graceful "stop" (it simply
 closes the pipe). On POSIX a change of parent process (re-parenting to init or a subreaper) counts too.
 
-The child then stops as on SIGTERM (delivered to its own handler in the main thread: uvicorn shuts down gracefully, a
-batch cancels the current case and keeps every finished one; without a handler, as on Ctrl+C); if it is still alive
-`grace_s` later, it exits hard, since nobody is left to stop it.
+The child then stops as on `stop_signal`, delivered to its own handler in the main thread (`citrusv serve`: SIGINT,
+so uvicorn shuts down gracefully and the KeyboardInterrupt it re-raises unwinds the clean-up; `citrusv batch`:
+SIGTERM, which cancels the current case and keeps every finished one); without a handler, as on Ctrl+C. If it is
+still alive `grace_s` later, it exits hard, since nobody is left to stop it.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ log = logging.getLogger("citrusv")
 GRACE_S = 30.0
 
 
-def watch_parent(on_gone=None, grace_s: float = GRACE_S, stdin_fd: int = 0) -> threading.Thread:
-    """Start the watch (daemon threads); `on_gone` defaults to `stop_main_thread`."""
+def watch_parent(stop_signal: int = signal.SIGTERM, grace_s: float = GRACE_S, stdin_fd: int = 0,
+                 on_gone=None) -> threading.Thread:
+    """Start the watch (daemon threads); `on_gone` defaults to `stop_main_thread(stop_signal)`."""
     fired = threading.Event()
     parent = os.getppid() if os.name != "nt" else None
 
@@ -34,7 +36,7 @@ def watch_parent(on_gone=None, grace_s: float = GRACE_S, stdin_fd: int = 0) -> t
             return
         fired.set()
         print(f"[citrusv] {reason}: stopping", file=sys.stderr, flush=True)
-        (on_gone or stop_main_thread)()
+        (on_gone or (lambda: stop_main_thread(stop_signal)))()
         time.sleep(grace_s)
         print(f"[citrusv] still running {grace_s:g} s after the parent went away: exiting", file=sys.stderr, flush=True)
         os._exit(3)
@@ -62,10 +64,9 @@ def watch_parent(on_gone=None, grace_s: float = GRACE_S, stdin_fd: int = 0) -> t
     return reader
 
 
-def stop_main_thread() -> None:
-    """Run the main thread's SIGTERM handler (uvicorn's, the batch's), or raise KeyboardInterrupt there if none."""
-    handler = signal.getsignal(signal.SIGTERM)
-    if callable(handler):
-        _thread.interrupt_main(signal.SIGTERM)
+def stop_main_thread(stop_signal: int = signal.SIGTERM) -> None:
+    """Run the main thread's handler of `stop_signal` (uvicorn's, the batch's), or raise KeyboardInterrupt there."""
+    if callable(signal.getsignal(stop_signal)):
+        _thread.interrupt_main(stop_signal)
     else:
         _thread.interrupt_main()

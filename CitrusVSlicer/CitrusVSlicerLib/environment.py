@@ -92,17 +92,22 @@ def isolated(python: str) -> list[str]:
     return [str(python), "-I", "-u", "-X", "utf8"]
 
 
+def platform_name() -> str:
+    """os.name, behind a function so that the Windows branches can be tested on any platform."""
+    return os.name
+
+
 def popen_options() -> dict:
     """No console window on Windows (closing it would kill the child), and a process group of its own everywhere, so
     that stopping a child stops everything it started."""
-    if os.name == "nt":
+    if platform_name() == "nt":
         return {"creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
 
 
 def kill_tree(pid: int) -> None:
     """Kill `pid` and every process it started (it leads its own group / job)."""
-    if os.name == "nt":
+    if platform_name() == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True,
                        creationflags=CREATE_NO_WINDOW)
         return

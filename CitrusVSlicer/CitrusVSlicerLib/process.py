@@ -24,7 +24,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .environment import isolated, kill_tree, popen_options, startup_environment
+from . import environment
+from .environment import isolated, popen_options, startup_environment
 
 READY_EVENT = "ready"
 KEEP_LOGS = 10
@@ -100,7 +101,7 @@ class StreamingProcess:
                     self._new.append(line)
                     self.on_line(line)
         if self._kill_at is not None and self.is_running() and time.monotonic() >= self._kill_at:
-            kill_tree(self._process.pid)
+            environment.kill_tree(self._process.pid)
             self._kill_at = None
 
     def on_line(self, line: str) -> None:
@@ -122,7 +123,7 @@ class StreamingProcess:
         self._stop_requested = True
         self._close_stdin()
         if self.graceful == "terminate":
-            if os.name == "nt":
+            if environment.platform_name() == "nt":  # no SIGTERM (and CTRL_BREAK_EVENT fails without a console)
                 grace_seconds = 0.0
             else:
                 try:
@@ -138,7 +139,7 @@ class StreamingProcess:
             try:
                 self._process.wait(grace_seconds)
             except subprocess.TimeoutExpired:
-                kill_tree(self._process.pid)
+                environment.kill_tree(self._process.pid)
                 self._process.wait(5)
         self.poll()
 

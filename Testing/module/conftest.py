@@ -37,16 +37,3 @@ def module_backend(tiny_checkpoint, session_dir):
     yield manager
     manager.shutdown()
 
-
-@pytest.fixture(scope="session")
-def remote_server(tiny_checkpoint, session_dir):
-    """A second, independent `citrusv serve` that the module reaches as a "remote" backend (its own token)."""
-    import os
-
-    from citrusv_backend.server.process import start_server
-
-    env = {k: v for k, v in os.environ.items() if k != "CITRUSV_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
-    process = start_server(tiny_checkpoint, "--device", "cpu", env=env, log_path=session_dir / "remote.log", timeout=300)
-    yield process
-    process.stop()
-
