@@ -633,7 +633,7 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
     def test_PanelBindingsAndSessionManager(self):
         self.delayDisplay("Panel")
         slicer.util.selectModule("CitrusVSlicer")
-        widget = slicer.modules.CitrusVSlicerWidget
+        widget = slicer.modules.citrusvslicer.widgetRepresentation().self()
         spinBox = widget.ui.maxPixelsSpinBox
         self.assertEqual((spinBox.minimum, spinBox.maximum), (0, MAX_PIXELS))  # the connector kept the bounds
         self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session

@@ -149,10 +149,10 @@ class Courier:
     def _run(self, number: int, request: dict) -> None:
         cancel = self._cancelled[number]
         try:
-            status, body = self._exchange(number, request, cancel)
+            event = self._exchange(number, request, cancel)
             if cancel.is_set():
                 raise Cancelled()
-            self.emit(self._response_event(number, status, body, request.get("response_file")))
+            self.emit(event)
         except Cancelled:
             self.emit({"id": number, "event": "error", "kind": "cancelled", "message": "cancelled"})
         except ssl.SSLError as error:
@@ -168,7 +168,7 @@ class Courier:
             self._cancelled.pop(number, None)
             self._active.pop(number, None)
 
-    def _exchange(self, number: int, request: dict, cancel: threading.Event, fresh: bool = False) -> tuple[int, bytes]:
+    def _exchange(self, number: int, request: dict, cancel: threading.Event, fresh: bool = False) -> dict:
         url = request["url"]
         timeout = float(request.get("timeout") or 30)
         key, connection, reused = self.connections.take(url, timeout, request.get("ca_bundle"), fresh)
@@ -184,9 +184,9 @@ class Courier:
                     raise
                 connection.close()
                 return self._exchange(number, request, cancel, fresh=True)
-            body = response.read()  # whole: one large read, not a trickle of small chunks
+            event = self._receive(number, response, request.get("response_file"), cancel)
             reusable = not response.will_close
-            return response.status, body
+            return event
         finally:
             if reusable and not cancel.is_set():
                 self.connections.give_back(key, connection)
@@ -252,12 +252,27 @@ class Courier:
             connection.sock.sendall(b"0\r\n\r\n")
 
     @staticmethod
-    def _response_event(number: int, status: int, body: bytes, response_file: str | None) -> dict:
-        if response_file and len(body) > INLINE_LIMIT:
+    def _receive(number: int, response, response_file: str | None, cancel: threading.Event) -> dict:
+        """The response as an event: a small body inline; a large one (when the caller gave a file) streamed into the
+        file through one reused buffer, in large reads, so it is never held whole in this process."""
+        length = response.length
+        if response_file and (length is None or length > INLINE_LIMIT):
+            buffer = bytearray(BLOCK)
+            view = memoryview(buffer)
+            total = 0
             with open(response_file, "wb") as handle:
-                handle.write(body)
-            return {"id": number, "event": "response", "status": status, "body_file": response_file, "bytes": len(body)}
-        return {"id": number, "event": "response", "status": status, "body": body.decode("utf-8", "replace")}
+                while True:
+                    if cancel.is_set():
+                        raise Cancelled()
+                    count = response.readinto(view)
+                    if not count:
+                        break
+                    handle.write(view[:count])
+                    total += count
+            return {"id": number, "event": "response", "status": response.status, "body_file": response_file,
+                    "bytes": total}
+        body = response.read()
+        return {"id": number, "event": "response", "status": response.status, "body": body.decode("utf-8", "replace")}
 
 
 def _send_chunk(connection, data: bytes) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -48,6 +49,7 @@ class Call:
         self.started = time.monotonic()
         self._body: bytes | None = None
         self._body_file: str | None = None
+        self._mapping = None
         self._failure: str | None = None
 
     @property
@@ -70,12 +72,35 @@ class Call:
         return BackendError(http_error_message(self.status, self.text()))
 
     def body(self) -> bytes:
+        """The response body (a large one is read from the file the courier wrote it into, then the file is removed)."""
         if self._body is None and self._body_file is not None:
             with open(self._body_file, "rb") as handle:
                 self._body = handle.read()
-            os.unlink(self._body_file)
-            self._body_file = None
+            self.release()
         return self._body or b""
+
+    def body_view(self) -> memoryview:
+        """The response body without a copy: a large one is the courier's file mapped into memory (call `release()`
+        when done with it); a small one, the bytes."""
+        if self._body_file is None:
+            return memoryview(self.body())
+        if self._mapping is None:
+            with open(self._body_file, "rb") as handle:
+                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(
+                    self._body_file) else b""
+        return memoryview(self._mapping)
+
+    def release(self) -> None:
+        """Forget a large body's file (and its mapping)."""
+        if self._mapping is not None and not isinstance(self._mapping, bytes):
+            self._mapping.close()
+        self._mapping = None
+        if self._body_file is not None:
+            try:
+                os.unlink(self._body_file)
+            except OSError:
+                pass
+            self._body_file = None
 
     def text(self) -> str:
         return self.body().decode("utf-8", "replace")

@@ -295,7 +295,7 @@ def test_every_bound_number_has_the_range_the_backend_accepts():
 
 # ---------------------------------------------------------------------------------------------- 9: nothing blocks
 
-@pytest.mark.unit
+@pytest.mark.service
 def test_gpu_probe_status_and_stop_return_at_once(tmp_path, monkeypatch, module_backend):
     from CitrusVSlicerLib.installer import plan_install
     from CitrusVSlicerLib.manager import BackendManager
