@@ -32,19 +32,25 @@ class GilHoldingLoop:
         self.ticks: list[float] = []
 
     def run(self, tick, done, timeout: float) -> float:
-        """Call `tick()` (it returns the seconds until it wants the next call) until `done()`; the wall time."""
-        started = time.perf_counter()
+        """Call `tick()` (it returns the seconds until it wants the next call) until `done()`; the wall time.
+
+        A tick's stall is all the time between two waits, not just `tick()` itself: another Python thread that
+        takes the GIL for a long C call (base64, JSON, zlib) when the main thread runs Python also freezes the UI."""
+        started = last = time.perf_counter()
         while not done():
             if time.perf_counter() - started > timeout:
                 raise TimeoutError(f"not done after {timeout:.0f} s ({len(self.ticks)} ticks)")
-            begin = time.perf_counter()
             delay = tick()
-            self.ticks.append(time.perf_counter() - begin)
             wait = max(EVENT_PROCESSING_S, min(delay if delay is not None else self.max_interval_s, self.max_interval_s))
+            before_wait = time.perf_counter()
+            self.ticks.append(before_wait - last)
             if self.plain:
                 time.sleep(wait)
             else:
                 hold_gil_for(wait)
+            # The wait ends when usleep does; anything after it (a GIL hand-over at the next bytecode, before even
+            # perf_counter could run) belongs to the next tick's stall, so the end is not read from the clock here.
+            last = before_wait + wait
         return time.perf_counter() - started
 
     @property
