@@ -9,6 +9,7 @@ releases the GIL while Qt's event loop runs). See CitrusVSlicerLib/transport.py 
 
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -27,10 +28,13 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CitrusVSlicerLib.apply import SceneApply, UploadCache
+from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
 from CitrusVSlicerLib.endpoints import BackendError, Target
 from CitrusVSlicerLib.installer import explain_failure, installed_summary
 from CitrusVSlicerLib.manager import session_manager
 from CitrusVSlicerLib.options import MAX_PIXELS, task_options
+from CitrusVSlicerLib.transport import Fetched, fetch_all
+from CitrusVSlicerLib.writers import ijk_to_ras_matrix
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
 BACKEND_MODES = ["Local (this computer)", "Remote (server)"]
@@ -115,6 +119,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._lastResult = None   # the last Apply's SceneResult (its DICOM objects for the export button)
         self._consentedUrls = set()
         self._promptHistory = []
         self._statusShownFor = None
@@ -152,6 +157,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
+        self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
 
         # One single-shot timer, re-armed after every tick with the delay the work asks for: 0 ms while there is
         # local work (writing a volume, decoding a result), a few ms while an answer is due, 200 ms when idle.
@@ -231,6 +237,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         batchBusy = batch is not None and batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
+        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
 
     def setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text
@@ -338,6 +345,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if node is not None:  # show the nodes written to (those captured at Apply, or new ones)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
+            self._lastResult = event.result
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
             self.setStatus(_("Done: {n} segment(s), {f} finding(s), {b} box(es).").format(
@@ -349,6 +357,19 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif event.kind == "cancelled":
             self.ui.progressBar.value = 0
             self.setStatus(_("Cancelled.") if event.message == "cancelled" else event.message)
+
+    def onExportDicom(self) -> None:
+        node = self._parameterNode
+        self.setStatus(_("Exporting to DICOM..."))
+        self.logic.exportDicom(self._lastResult, node.outputSegmentation if node else None, self.onExportDicomDone)
+        self.timer.start(0)
+
+    def onExportDicomDone(self, done, error) -> None:
+        if error is not None:
+            self.setStatus(_("DICOM export failed: ") + str(error), error=True)
+            return
+        self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
+            n=len(done["files"]), route=done["segmentation_exported_by"]))
 
     # ------------------------------------------------------------------------------------------ Backend
 
@@ -506,6 +527,7 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         # One manager per Slicer session: a Reload of the module finds the running backend instead of a new one.
         self.backend = session_manager(os.path.dirname(os.path.abspath(__file__)))
         self._apply = None
+        self.lastResultTarget = None
         if not hasattr(self.backend, "uploads"):
             self.backend.uploads = UploadCache()
 
@@ -531,17 +553,50 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
         """Upload (once per volume content and backend), submit, follow, write: driven by poll()."""
         if self.applying:
             raise BackendError(_("An Apply is already running: wait for it or press Cancel."))
+        # From Slicer's DICOM database: the upload says which series it is, so the backend makes DICOM SEG/SR.
+        reference = dicom_reference(volumeNode, ijk_to_ras_matrix(volumeNode), getattr(slicer, "dicomDatabase", None))
         self._apply = SceneApply(slicer.mrmlScene, self.backend.transport, target, volumeNode, task, prompt, options,
-                                 segmentationNode, tableNode, replaceExisting, self.backend.uploads)
+                                 segmentationNode, tableNode, replaceExisting, self.backend.uploads, reference)
         self._apply.start()
         return self._apply
+
+    def exportDicom(self, result, segmentationNode, onDone) -> None:
+        """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
+        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG. The
+        objects are downloaded without waiting (the courier); `onDone(done, error)` runs once they are written."""
+        from DICOMLib import DICOMUtils
+
+        files = ((result.dicom or {}).get("files") or {}) if result else {}
+        exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
+        item = None
+        if exporter is not None and segmentationNode is not None:
+            item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
+        directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def fetched(bodies, error) -> None:
+            if error is not None:
+                onDone(None, error)
+                return
+            try:  # copyFiles: the database keeps its own copies, the temporary folder may go.
+                onDone(export_result(Fetched(bodies), result.dicom if result else None, directory,
+                                     lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item), None)
+            except Exception as failure:  # shown in the panel, as tryWithErrorDisplay did
+                onDone(None, failure)
+
+        if not files or self.lastResultTarget is None:
+            fetched({}, None)  # export_result says why there is nothing to export
+            return
+        fetch_all(self.backend.transport, self.lastResultTarget, list(files.values()), fetched)
 
     def cancelApply(self) -> None:
         if self._apply is not None:
             self._apply.cancel()
 
     def applyEvents(self) -> list:
-        return self._apply.events() if self._apply is not None else []
+        events = self._apply.events() if self._apply is not None else []
+        if any(event.kind == "done" for event in events):
+            self.lastResultTarget = self._apply.runner.target  # where its DICOM objects are
+        return events
 
     def poll(self) -> float:
         """Advance the backend, the courier and the running Apply; seconds until the next poll is useful."""

@@ -160,20 +160,38 @@ def volume_options(args):
                          max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4))
 
 
+def check_not_inside_input(volume: Path, out: Path) -> None:
+    """A DICOM folder is never written into: a SEG among its files would make it a folder of two series."""
+    source, target = volume.resolve(), out.resolve()
+    if source.is_dir() and (target == source or target.is_relative_to(source)):
+        raise CitrusVError(f"--out {out} is inside the input folder {volume}; the input is never written, choose an "
+                           f"output folder outside it")
+
+
 def cmd_volume_task(args) -> int:
+    from .volume.dicom_out import check_dicom_possible, wants_dicom
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
     from .volume.pipeline import VolumePipeline
 
-    volume = read_volume(args.volume, max_voxels=args.max_voxels)  # a bad file fails before the model loads
+    check_not_inside_input(Path(args.volume), Path(args.out))
+    # a bad file (or a DICOM series that is not a regular volume) fails before the model loads
+    volume = read_volume(args.volume, max_voxels=args.max_voxels, on_bad_dicom=args.on_bad_dicom)
     options = volume_options(args)
     say(f"read {args.volume}: {' x '.join(map(str, volume.shape[::-1]))} voxels, spacing "
         f"{' x '.join(f'{s:.3g}' for s in volume.geometry.spacing)} mm, {volume.modality}")
+    input_warnings = volume.dicom.warnings if volume.dicom is not None else []
+    for warning in input_warnings:
+        say(f"warning: {warning}")
+    if wants_dicom(args.dicom_out, volume):
+        check_dicom_possible(volume)
     engine = load_engine(args)
     pipeline = VolumePipeline(engine, progress=ProgressPrinter())
     result = pipeline.run(volume, args.prompt or "", task=args.command, options=options)
+    result.problems.extend(f"input: {warning}" for warning in input_warnings)
     files = write_outputs(result, Path(args.out),
-                          extra={"model": engine.loaded.describe(), "version": __version__, "input": str(args.volume)})
+                          extra={"model": engine.loaded.describe(), "version": __version__, "input": str(args.volume)},
+                          dicom=args.dicom_out)
     if result.random_weights:
         say(random_weights_banner(engine.loaded.checkpoint_dir))
     for segment in result.segments:
@@ -316,6 +334,13 @@ def add_volume_options(parser, segment_options: bool = True) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4, help="slices per batched prefill / SAM2 encoding")
     parser.add_argument("--max-voxels", type=int, default=1024**3, help="refuse larger volumes (memory budget)")
+    parser.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
+                        help="also write a DICOM SEG and a TID 1500 SR (default: only for a DICOM series input; "
+                             "for other inputs they get a new study without patient identity)")
+    parser.add_argument("--on-bad-dicom", choices=["refuse", "skip"], default="refuse",
+                        help="a DICOM series with unreadable files, mixed orientations or stray images: refuse it "
+                             "(default) or leave those files out with a warning (gaps and uneven spacing are always "
+                             "refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
     demo.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on")
     demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
-                      max_voxels=1024**3, batch_size=4)
+                      max_voxels=1024**3, batch_size=4, dicom_out=None, on_bad_dicom="refuse")
 
     bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
     add_model_options(bench)

@@ -19,8 +19,8 @@ class UploadCache:
         self._ids: dict[tuple, str] = {}
 
     @staticmethod
-    def key(target, volume_node, ijk_to_ras) -> tuple:
-        return (target.url, volume_node.GetID(), volume_node.GetImageData().GetMTime(), ijk_to_ras.tobytes())
+    def key(target, volume_node, ijk_to_ras, with_dicom: bool = False) -> tuple:
+        return (target.url, volume_node.GetID(), volume_node.GetImageData().GetMTime(), ijk_to_ras.tobytes(), with_dicom)
 
     def get(self, key: tuple) -> str | None:
         return self._ids.get(key)
@@ -34,7 +34,7 @@ class SceneApply:
 
     def __init__(self, scene, transport, target, volume_node, task: str, prompt: str, options: dict | None = None,
                  segmentation_node=None, table_node=None, replace_existing: bool = False,
-                 uploads: UploadCache | None = None):
+                 uploads: UploadCache | None = None, dicom_reference: dict | None = None):
         self.scene = scene
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
@@ -44,9 +44,10 @@ class SceneApply:
         image = volume_node.GetImageData()
         mtime = image.GetMTime()
         uploads = uploads or UploadCache()
-        key = UploadCache.key(target, volume_node, ijk_to_ras)
+        key = UploadCache.key(target, volume_node, ijk_to_ras, dicom_reference is not None)
         self.runner = ApplyRunner(transport, target, voxels, ijk_to_ras, volume_node.GetName(), task, prompt, options,
-                                  volume_id=uploads.get(key), source_changed=lambda: image.GetMTime() != mtime)
+                                  volume_id=uploads.get(key), source_changed=lambda: image.GetMTime() != mtime,
+                                  dicom_reference=dicom_reference)
         self.runner.on_uploaded = lambda volume_id: uploads.remember(key, volume_id)
         self._events: list[Event] = []
         self._observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)

@@ -35,11 +35,14 @@ def uploadable(voxels: np.ndarray) -> np.ndarray:
 
 
 def upload_headers(voxels: np.ndarray, ijk_to_ras, name: str, modality: str | None = None,
-                   handover: str | None = None) -> dict:
-    """Headers of POST /v1/volumes for the raw form (the body, or the handover file, holds the voxel bytes)."""
+                   handover: str | None = None, dicom: dict | None = None) -> dict:
+    """Headers of POST /v1/volumes for the raw form (the body, or the handover file, holds the voxel bytes). `dicom`:
+    the source series (dicom_export.dicom_reference), whose modality wins; the reference itself follows the upload
+    (PUT /v1/volumes/{id}/dicom: a header would be too small for one SOP instance UID per slice)."""
+    modality = modality or (dicom or {}).get("modality") or guess_modality(voxels)
     description = {"dtype": voxels.dtype.name, "shape": [int(n) for n in voxels.shape],
                    "ijk_to_ras": np.asarray(ijk_to_ras, float).tolist(), "name": (name or "volume")[:200],
-                   "modality": modality or guess_modality(voxels)}
+                   "modality": "PET" if modality == "PT" else modality}
     if handover:
         description["handover"] = handover
     # ensure_ascii: a header is Latin-1 on the wire; non-ASCII names travel as \\u escapes.
@@ -95,7 +98,7 @@ class ResultDecoder:
                            report_findings=report.get("findings", "") or "",
                            report_impression=report.get("impression", "") or "",
                            answer=answer or "", problems=payload.get("problems", []),
-                           random_weights=bool(payload.get("random_weights")))
+                           random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"))
 
 
 def scene_result_from_payload(payload: dict, shape_kji) -> SceneResult:

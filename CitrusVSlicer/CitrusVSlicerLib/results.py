@@ -43,6 +43,7 @@ class SceneResult:
     answer: str = ""                                          # free text (Ask)
     problems: list[str] = field(default_factory=list)
     random_weights: bool = False
+    dicom: dict | None = None                                 # the backend's DICOM SEG / SR (URLs, UIDs)
 
     @property
     def report_text(self) -> str:

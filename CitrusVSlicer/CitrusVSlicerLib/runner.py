@@ -40,7 +40,8 @@ class ApplyRunner:
     """Runs one task on one volume; `state` is idle / running / cancelling / done / failed / cancelled."""
 
     def __init__(self, transport: Transport, target: Target, voxels, ijk_to_ras, volume_name: str, task: str,
-                 prompt: str, options: dict | None = None, volume_id: str | None = None, source_changed=None):
+                 prompt: str, options: dict | None = None, volume_id: str | None = None, source_changed=None,
+                 dicom_reference: dict | None = None):
         self.transport = transport
         self.target = target
         self.voxels = uploadable(voxels)
@@ -50,6 +51,7 @@ class ApplyRunner:
         self.prompt = prompt
         self.options = options or {}
         self.volume_id = volume_id               # reuse an upload of the same volume
+        self.dicom_reference = dicom_reference   # the source DICOM series, attached to the upload
         self.on_uploaded = lambda volume_id: None  # lets the caller remember the upload
         self.source_changed = source_changed     # () -> bool: the volume was modified while it was being written
         self.job_id: str | None = None
@@ -140,7 +142,8 @@ class ApplyRunner:
             self._writer.discard()
             raise BackendError("the volume changed while it was being sent; press Apply again")
         handover = self._writer.name if self.target.handover_dir else None
-        headers = upload_headers(self.voxels, self.ijk_to_ras, self.volume_name, handover=handover)
+        headers = upload_headers(self.voxels, self.ijk_to_ras, self.volume_name, handover=handover,
+                                 dicom=self.dicom_reference)
         body = None if handover else str(self._writer.path)
         # Compressing pays over a network, not on this machine (it costs more than the copy it saves).
         compress = None if handover or self.target.loopback else "gzip"
@@ -158,6 +161,21 @@ class ApplyRunner:
         if call.error:
             return self._fail(str(call.error))
         self.volume_id = call.json()["volume_id"]
+        if self.dicom_reference:
+            self._call = self.transport.request(self.target, "PUT", f"/v1/volumes/{self.volume_id}/dicom",
+                                                json_body=self.dicom_reference, on_done=self._described)
+            return
+        self._uploaded_and_described()
+
+    def _described(self, call: Call) -> None:
+        self._call = None
+        if not self.active:
+            return
+        if call.error:
+            return self._fail(str(call.error))
+        self._uploaded_and_described()
+
+    def _uploaded_and_described(self) -> None:
         self.on_uploaded(self.volume_id)
         if self.state == "cancelling":
             return self._finish_cancelled()

@@ -268,6 +268,42 @@ class Transport:
             call.on_done(call)
 
 
+class Fetched:
+    """Bodies already downloaded, for code written against a client's `download(path) -> bytes` (dicom_export)."""
+
+    def __init__(self, bodies: dict):
+        self.bodies = bodies
+
+    def download(self, path: str) -> bytes:
+        if path not in self.bodies:
+            raise BackendError(f"{path} was not downloaded")
+        return self.bodies[path]
+
+
+def fetch_all(transport: Transport, target: Target, paths: list[str], on_done) -> list[Call]:
+    """GET every path at once; `on_done(bodies, error)` on the main thread when all have answered (bodies: path ->
+    bytes), or at the first failure."""
+    bodies: dict = {}
+    state = {"failed": False}
+
+    def answered(call: Call) -> None:
+        if state["failed"]:
+            return
+        if call.error is not None:
+            state["failed"] = True
+            on_done(None, call.error)
+            return
+        bodies[call.path] = call.body()
+        if len(bodies) == len(paths):
+            on_done(dict(bodies), None)
+
+    if not paths:
+        on_done({}, None)
+        return []
+    return [transport.request(target, "GET", path, timeout=120, large_response=True, on_done=answered)
+            for path in paths]
+
+
 def failure_message(target: Target, kind: str | None, detail: str) -> str:
     if kind == "tls":
         return (f"the backend's TLS certificate could not be verified ({detail}); give the CA bundle of your "

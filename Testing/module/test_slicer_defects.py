@@ -611,3 +611,12 @@ def test_terminology_uses_slicers_anatomy_list_with_laterality_modifiers():
     assert terminology_entry("urinary bladder").split("~")[2] == "SCT^89837001^Bladder"
     assert terminology_entry("the lesion") is None
     assert "44029006" not in (MODULE_DIR / "CitrusVSlicerLib" / "terminology.py").read_text()
+    # The backend codes its DICOM SEG from DICOM's own context groups: the same SNOMED codes for the same names.
+    from citrusv_backend.volume.terminology import segment_codes
+
+    for name, (code, _, sided) in TYPES.items():
+        coded = segment_codes(("left " if sided else "") + name)
+        if coded.type.value != "85756007":  # names DICOM's groups do not hold fall back to Tissue there
+            assert coded.type.value == code, f"{name}: the DICOM SEG says {coded.type}, the scene SCT {code}"
+        if sided:
+            assert coded.modifier is not None and coded.modifier.value == "7771000"

@@ -32,6 +32,8 @@ class CaseTask:
     prompt: str
     skip_digest: str | None = None  # checksum of the done entry that may be kept: equal -> skip the case
     attempts: int = 0
+    dicom_out: bool | None = None   # DICOM SEG + SR: None = for DICOM series inputs only
+    on_bad_dicom: str = "refuse"    # or "skip" (volume.dicom_series)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class CaseOutcome:
     random_weights: bool = False
     worker: str = ""
     attempts: int = 1
+    warnings: list = field(default_factory=list)     # what reading the input left out (--on-bad-dicom skip)
 
 
 def describe_failure(error: BaseException) -> tuple[str, str]:
@@ -81,6 +84,7 @@ def worker_name(device: str = "") -> str:
 
 def load_case(task: CaseTask, max_voxels: int) -> LoadedCase:
     """Checksum the input; unless it matches `skip_digest`, read it as a 3D volume named after the case."""
+    from ..volume.dicom_out import check_dicom_possible, wants_dicom
     from ..volume.io import read_volume
 
     started = time.perf_counter()
@@ -90,8 +94,10 @@ def load_case(task: CaseTask, max_voxels: int) -> LoadedCase:
         if task.skip_digest and task.skip_digest == loaded.digest:
             loaded.skipped = True
             return loaded
-        loaded.volume = read_volume(task.path, max_voxels=max_voxels)
+        loaded.volume = read_volume(task.path, max_voxels=max_voxels, on_bad_dicom=task.on_bad_dicom)
         loaded.volume.name = task.case
+        if wants_dicom(task.dicom_out, loaded.volume):
+            check_dicom_possible(loaded.volume)  # before the model runs
     except Exception as error:  # a bad input is a failed case, never a failed batch
         loaded.error_type, loaded.error = describe_failure(error)
     finally:
@@ -161,9 +167,11 @@ class CaseProcessor:
         volume, prompt = loaded.volume, loaded.task.prompt
         result = self.pipeline.run(volume, prompt, task=self.task, options=self.options)
         outcome.timings["pipeline_s"] = round(time.perf_counter() - started, 3)
+        outcome.warnings = list(volume.dicom.warnings) if volume.dicom is not None else []
+        result.problems.extend(f"input: {warning}" for warning in outcome.warnings)
         started = time.perf_counter()
-        files = write_outputs(result, out_dir,
-                              extra=self.extra | {"input": loaded.task.relative})
+        files = write_outputs(result, out_dir, extra=self.extra | {"input": loaded.task.relative},
+                              dicom=loaded.task.dicom_out)
         outcome.timings["write_s"] = round(time.perf_counter() - started, 3)
         outcome.files = {kind: path.name for kind, path in files.items()}
         outcome.segments = summarise_segments(result)

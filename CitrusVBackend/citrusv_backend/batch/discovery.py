@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..volume.dicom_series import has_dicom_marker
 from ..volume.io import VOLUME_SUFFIXES, case_name
 
 RESERVED_NAMES = {"manifest.jsonl", "summary.csv", "index.html", ".staging", ".lock"}
@@ -37,13 +38,7 @@ def is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
+is_dicom_file = has_dicom_marker
 
 
 def is_dicom_folder(folder: Path, names: list[str]) -> bool:

@@ -14,7 +14,7 @@ from ..volume.outputs import write_text
 SUMMARY_NAME = "summary.csv"
 INDEX_NAME = "index.html"
 SUMMARY_COLUMNS = ["case", "input", "status", "seconds", "segment", "label", "volume_ml", "long_axis_mm",
-                   "short_axis_mm", "laterality", "error"]
+                   "short_axis_mm", "laterality", "dicom_seg", "dicom_sr", "warnings", "error"]
 
 
 def _number(value, digits: int = 2) -> str:
@@ -26,7 +26,10 @@ def summary_rows(entries: list[dict]) -> list[dict]:
     rows = []
     for entry in entries:
         base = {"case": entry["case"], "input": entry.get("input", ""), "status": entry.get("status", "not run"),
-                "seconds": _number(entry.get("timings", {}).get("total_s"), 1), "error": entry.get("error") or ""}
+                "seconds": _number(entry.get("timings", {}).get("total_s"), 1), "error": entry.get("error") or "",
+                "dicom_seg": (entry.get("outputs") or {}).get("dicom_seg", ""),
+                "dicom_sr": (entry.get("outputs") or {}).get("dicom_sr", ""),
+                "warnings": "; ".join(entry.get("warnings") or [])}
         segments = entry.get("segments") or [{}]
         for segment in segments:
             rows.append(base | {"segment": segment.get("name", ""), "label": segment.get("label", ""),

@@ -162,7 +162,8 @@ def plan_cases(args, source: Path, out_dir: Path, options: dict, model: dict, pr
         keys[case.case] = settings_key(args.task, prompt, options, model)
         keep = args.resume and is_kept(prior.get(case.case), case, keys[case.case], out_dir)
         tasks.append(CaseTask(case.case, str(case.path), case.relative, case.kind, prompt,
-                              skip_digest=prior[case.case]["input_sha256"] if keep else None))
+                              skip_digest=prior[case.case]["input_sha256"] if keep else None,
+                              dicom_out=args.dicom_out, on_bad_dicom=args.on_bad_dicom))
     return Plan(cases, prompts, tasks, keys, ignored)
 
 
@@ -285,7 +286,8 @@ class BatchRun:
             "model": self.model | {"device": self.args.device, "dtype": self.args.dtype},
             "code_version": __version__, "engine": self.engine_name, "worker": outcome.worker,
             "attempts": outcome.attempts, "finished_at": utc_now(), "timings": timings, "outputs": outputs,
-            "segments": outcome.segments,
+            "segments": outcome.segments, "warnings": outcome.warnings,
+            "dicom": {kind: path for kind, path in outputs.items() if kind.startswith("dicom_")},
             "boxes": outcome.boxes, "random_weights": outcome.random_weights,
             "error": outcome.error, "error_type": outcome.error_type,
         }
@@ -332,7 +334,8 @@ def run_batch(args, figures: dict | None = None) -> int:
     validate_arguments(args)
     source, out_dir = check_folders(args.input_dir, args.out)
     options = volume_options(args)
-    options_dict = dataclasses.asdict(options)
+    # What decides the outputs beyond the pipeline's options (and so the resume key): the DICOM settings.
+    options_dict = dataclasses.asdict(options) | {"dicom_out": args.dicom_out, "on_bad_dicom": args.on_bad_dicom}
     with OutputLock(out_dir):
         manifest = Manifest(out_dir)
         manifest.repair_tail()

@@ -42,6 +42,7 @@ class Job:
     message: str = ""
     error: dict | None = None
     result: Any = None
+    attachments: dict = field(default_factory=dict)   # name -> bytes served beside the result (DICOM objects)
     cancel_requested: bool = False
     created_at: float = field(default_factory=time.time)
     created: float = field(default_factory=time.monotonic)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..inference.engine import FORCED_SEGMENT_ANSWER
+from ..volume.dicom_series import IDENTITY_KEYWORDS
 from ..volume.pipeline import VolumeOptions
 from .codec import COMPRESSIONS, VOXEL_DTYPES
 
@@ -23,6 +24,29 @@ class Strict(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- volumes
 
+Uid = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+IdentityKeyword = Literal[IDENTITY_KEYWORDS]
+
+
+class DicomReference(Strict):
+    """Which DICOM series the uploaded voxels are (e.g. from Slicer's DICOM database): what the DICOM SEG and SR
+    reference. One SOP Instance UID per slice k, in the uploaded volume's order; `positions`, when given, are
+    each slice's Image Position (Patient) and must be where the volume's geometry puts it."""
+
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    frame_of_reference_uid: Uid
+    sop_class_uid: Uid
+    sop_instance_uids: Annotated[list[Uid], Field(min_length=1, max_length=100_000)]
+    positions: Annotated[list[Annotated[list[float], Field(min_length=3, max_length=3)]],
+                         Field(max_length=100_000)] | None = None
+    modality: Literal["CT", "MR", "PT"] | None = None
+    series_description: Annotated[str, Field(max_length=64)] = ""
+    series_number: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    identity: dict[IdentityKeyword, Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=dict, description="patient/study attributes copied into the outputs (only these keywords)")
+
+
 class VolumeUpload(Strict):
     """A volume as a Slicer volume node holds it: voxels in (k, j, i) order plus the IJK->RAS matrix."""
 
@@ -34,6 +58,7 @@ class VolumeUpload(Strict):
                           Field(min_length=4, max_length=4)]
     name: Annotated[str, Field(min_length=1, max_length=200)] = "volume"
     modality: Literal["CT", "MR", "PET"] = "CT"
+    dicom: DicomReference | None = Field(None, description="the DICOM series these voxels are, for DICOM SEG/SR output")
 
 
 class VolumeInfo(BaseModel):
@@ -47,6 +72,7 @@ class VolumeInfo(BaseModel):
     ijk_to_ras: list[list[float]]
     bytes: int
     expires_in_s: float
+    dicom_series_instance_uid: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -70,6 +96,8 @@ class JobOptions(Strict):
     report_slices: Annotated[int, Field(ge=1, le=64)] = 3
     detect_slices: Annotated[int, Field(ge=1, le=512)] = 16
     batch_size: Annotated[int, Field(ge=1, le=64)] = 4
+    dicom_out: bool | None = Field(None, description="also make a DICOM SEG and SR (default: when the volume was "
+                                                     "uploaded with a DICOM reference)")
 
     @model_validator(mode="after")
     def _ordered(self):

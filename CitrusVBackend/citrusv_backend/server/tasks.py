@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..inference.engine import CitrusVEngine, InferenceResult
 from ..model.processor import check_prompt_and_answer
 from ..serialization import json_default
+from ..volume.dicom_out import check_dicom_possible, dataset_bytes, describe_objects, dicom_objects, model_name, wants_dicom
 from ..volume.io import Volume
 from ..volume.outputs import report_markdown, segment_color
 from ..volume.orientation import display_orientation
@@ -44,6 +45,8 @@ def validate_volume_job(request: JobRequest, volume: Volume, max_new_tokens: int
         parse_targets(request.prompt)
     if options.window not in (None, "", "auto"):
         parse_window(options.window, request.prompt, volume.modality)
+    if wants_dicom(request.options.dicom_out, volume) and request.task != "ask":
+        check_dicom_possible(volume)
     depth = volume.shape[display_orientation(volume.geometry.direction, options.plane).slice_axis]
     options.validate(depth)
     if request.options.slice is not None and request.options.slice >= depth:
@@ -60,10 +63,22 @@ def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request
             pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
             payload = volume_result_payload(result, volume)
+            if wants_dicom(request.options.dicom_out, volume):
+                job.progress("DICOM", 0.98, "writing the DICOM SEG and SR")
+                payload["dicom"] = dicom_attachments(job, result, volume, model_name(engine.loaded.describe()))
         job.progress("packing the result", 0.99, "compressing the masks")
         return to_json_bytes(payload | {"job_id": job.id, "volume_id": volume_id})
 
     return run
+
+
+def dicom_attachments(job: Job, result: VolumeResult, volume: Volume, model: str) -> dict:
+    """The DICOM objects as the job's attachments (GET /v1/jobs/{id}/dicom/{name}); their UIDs and URLs."""
+    objects = dicom_objects(result, volume, model)
+    named = ([("seg", objects.seg)] if objects.seg is not None else []) + [("sr", objects.sr)]
+    named += [(f"image_{k + 1:04d}", dataset) for k, dataset in enumerate(objects.images)]
+    job.attachments = {name: dataset_bytes(dataset) for name, dataset in named}
+    return describe_objects(objects) | {"files": {name: f"/v1/jobs/{job.id}/dicom/{name}" for name, _ in named}}
 
 
 def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, options: VolumeOptions, job: Job) -> dict:

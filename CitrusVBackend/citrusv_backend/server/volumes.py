@@ -32,7 +32,8 @@ class StoredVolume:
         return {"volume_id": self.id, "name": volume.name, "modality": volume.modality, "shape": list(volume.shape),
                 "dtype": str(volume.voxels.dtype.newbyteorder("=")), "spacing": list(volume.geometry.spacing),
                 "origin_lps": list(volume.geometry.origin), "ijk_to_ras": volume.geometry.ijk_to_ras().tolist(),
-                "bytes": self.nbytes, "expires_in_s": round(max(0.0, self.last_used + ttl_s - now), 1)}
+                "bytes": self.nbytes, "expires_in_s": round(max(0.0, self.last_used + ttl_s - now), 1),
+                "dicom_series_instance_uid": volume.dicom.series_instance_uid if volume.dicom else None}
 
 
 class VolumeStore:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError
 from .quantify import VoxelGeometry
+
+if TYPE_CHECKING:
+    from .dicom_series import DicomSeries
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -32,6 +36,7 @@ class Volume:
     source_path: Path | None = None
     modality: str = "CT"
     metadata: dict = field(default_factory=dict)
+    dicom: "DicomSeries | None" = None   # the source series, when it is one (volume.dicom_series)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -79,19 +84,13 @@ def _guess_modality(voxels: np.ndarray, metadata: dict) -> str:
     return "MR"
 
 
-def _read_image(path: Path, max_voxels: int):
+def _read_image(path: Path, max_voxels: int, on_bad_dicom: str = "refuse"):
     import SimpleITK as sitk
 
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        series = reader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise InputError(f"{path}: a folder, but it holds no DICOM series")
-        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-        reader.SetFileNames(files)
-        reader.MetaDataDictionaryArrayUpdateOn()
-        reader.LoadPrivateTagsOn()
-        return reader.Execute(), {"0008|0060": _dicom_tag(reader, "0008|0060"), "series_count": len(series)}
+        from .dicom_series import read_dicom_image
+
+        return read_dicom_image(path, max_voxels, on_bad_dicom)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -99,14 +98,7 @@ def _read_image(path: Path, max_voxels: int):
     if int(np.prod(size)) * max(1, reader.GetNumberOfComponents()) > max_voxels:
         raise InputError(f"{path.name}: {' x '.join(map(str, size))} voxels is more than the {max_voxels:,} allowed "
                          f"for one volume; crop or resample it first (or raise the limit)")
-    return reader.Execute(), {}
-
-
-def _dicom_tag(reader, tag: str) -> str:
-    try:
-        return reader.GetMetaData(0, tag) if reader.HasMetaDataKey(0, tag) else ""
-    except RuntimeError:
-        return ""
+    return reader.Execute(), {}, None
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -141,15 +133,16 @@ def _uncompressed_size(path: Path, chunk: int = 4 * 1024 * 1024) -> int:
     return size
 
 
-def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    """A 3D scalar volume; anything else (2D, 4D, RGB, unreadable) is a clear InputError."""
+def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, on_bad_dicom: str = "refuse") -> Volume:
+    """A 3D scalar volume; anything else (2D, 4D, RGB, unreadable) is a clear InputError. A DICOM folder is
+    checked first (volume.dicom_series): `on_bad_dicom` "skip" leaves out files that do not fit, with a warning."""
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
-        image, metadata = _read_image(path, max_voxels)
+        image, metadata, series = _read_image(path, max_voxels, on_bad_dicom)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise InputError(f"{path.name}: not a readable volume (NIfTI, NRRD, MHA/MHD or a DICOM folder): {reason}") from None
@@ -168,7 +161,7 @@ def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volum
     geometry = VoxelGeometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                              np.array(image.GetDirection(), dtype=float).reshape(3, 3))
     return Volume(voxels, geometry, case_name(path), source_path=path, modality=_guess_modality(voxels, metadata),
-                  metadata=metadata)
+                  metadata=metadata, dicom=series)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -178,8 +178,11 @@ def _overlay_tile(result: VolumeResult, source: SliceSource, index: int, tile: i
     return framed
 
 
-def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None) -> dict[str, Path]:
-    """All files of one case in `out_dir` (geometry and previews from the slices the task saw); by kind."""
+def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None,
+                  dicom: bool | None = None) -> dict[str, Path]:
+    """All files of one case in `out_dir` (geometry and previews from the slices the task saw); by kind.
+
+    `dicom`: also a DICOM SEG and SR (volume.dicom_out); None = only when the input is a DICOM series."""
     source = result.source
     volume = source.volume
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,5 +207,9 @@ def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None
     write_text(files["report"], report_markdown(result))
     with atomic_path(files["preview"]) as temporary:
         render_preview(result, source).save(temporary, format="PNG")
+    from .dicom_out import model_name, wants_dicom, write_dicom_outputs
+
+    if wants_dicom(dicom, volume):
+        files |= write_dicom_outputs(result, volume, out_dir, case, model_name((extra or {}).get("model")))
     return files
 

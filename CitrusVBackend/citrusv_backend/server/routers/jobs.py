@@ -1,5 +1,5 @@
 """Jobs on an uploaded volume: POST /v1/jobs, GET /v1/jobs/{id} (status, progress), DELETE (cancel),
-GET /v1/jobs/{id}/result (409 until the job is done)."""
+GET /v1/jobs/{id}/result (409 until the job is done), GET /v1/jobs/{id}/dicom/{name} (its DICOM SEG / SR)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -49,3 +49,18 @@ def job_result(job_id: str, state: Service) -> Response:
         raise ApiError(409, f"job {job_id} was cancelled; it has no result", type="job_cancelled")
     raise ApiError(409, f"job {job_id} is {job.status} ({job.stage}, {job.fraction:.0%}); poll GET /v1/jobs/{job_id} "
                         f"until its status is 'done'", type="not_ready")
+
+
+@router.get("/v1/jobs/{job_id}/dicom/{name}", responses={200: {"content": {"application/dicom": {}}}})
+def job_dicom(job_id: str, name: str, state: Service) -> Response:
+    job = state.jobs.get(job_id)
+    if job.status != DONE:
+        return job_result(job_id, state)  # the same 409 as the result
+    data = job.attachments.get(name)
+    if data is None:
+        raise ApiError(404, f"job {job_id} has no DICOM object {name!r}"
+                            + (f"; it has {', '.join(sorted(job.attachments))}" if job.attachments else
+                               "; ask for one with options.dicom_out (or upload the volume with its DICOM reference)"),
+                       type="not_found")
+    return Response(data, media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.dcm"'})

@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...volume.dicom_series import series_from_reference
 from ...volume.io import NIFTI_SUFFIXES, Volume, case_name, read_volume
 from .. import raw_upload
 from ..codec import b64decode, voxels_from_bytes
 from ..errors import ApiError
-from ..schemas import VolumeInfo, VolumeUpload
+from ..schemas import DicomReference, VolumeInfo, VolumeUpload
 from . import Service
 
 router = APIRouter(tags=["volumes"])
@@ -61,6 +62,15 @@ def get_volume(volume_id: str, state: Service) -> dict:
     return state.volumes.get(volume_id).describe(state.config.volume_ttl_s, state.volumes.clock())
 
 
+@router.put("/v1/volumes/{volume_id}/dicom", response_model=VolumeInfo)
+def attach_dicom(volume_id: str, body: DicomReference, state: Service) -> dict:
+    """The DICOM series a raw upload's voxels are (the JSON form carries it inline; a header is too small for it)."""
+    stored = state.volumes.get(volume_id)
+    volume = stored.volume
+    volume.dicom = series_from_reference(body.model_dump(), volume.geometry, volume.shape)  # refused unless it fits
+    return stored.describe(state.config.volume_ttl_s, state.volumes.clock())
+
+
 @router.delete("/v1/volumes/{volume_id}")
 def delete_volume(volume_id: str, state: Service) -> dict:
     state.volumes.delete(volume_id)
@@ -90,8 +100,11 @@ def _decode_upload(holder: list, state) -> Volume:
                             f"accepts (--max-voxels); crop or resample it first")
     state.volumes.check_fits(count * np.dtype(upload.dtype).itemsize)  # before decoding, not after
     voxels = voxels_from_bytes(b64decode(upload.voxels, "voxels"), upload.compression, upload.dtype, upload.shape)
-    return Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
-                                  modality=upload.modality)
+    volume = Volume.from_ijk_to_ras(voxels, np.array(upload.ijk_to_ras, dtype=float), name=upload.name,
+                                    modality=upload.modality)
+    if upload.dicom is not None:  # refused unless it describes exactly these slices
+        volume.dicom = series_from_reference(upload.dicom.model_dump(), volume.geometry, volume.shape)
+    return volume
 
 
 async def _from_file(request: Request, state) -> Volume:
