@@ -28,12 +28,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CitrusVSlicerLib.apply import SceneApply, UploadCache
-from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
+from CitrusVSlicerLib.dicom_export import dicom_reference, export_result_without_waiting, slicer_seg_exporter
 from CitrusVSlicerLib.endpoints import BackendError, Target
 from CitrusVSlicerLib.installer import explain_failure, installed_summary
 from CitrusVSlicerLib.manager import session_manager
 from CitrusVSlicerLib.options import MAX_PIXELS, task_options
-from CitrusVSlicerLib.transport import Fetched, fetch_all
 from CitrusVSlicerLib.writers import ijk_to_ras_matrix
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
@@ -563,30 +562,18 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
     def exportDicom(self, result, segmentationNode, onDone) -> None:
         """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
         QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG. The
-        objects are downloaded without waiting (the courier); `onDone(done, error)` runs once they are written."""
+        objects are downloaded without waiting; `onDone(done, error)` runs once they are imported."""
         from DICOMLib import DICOMUtils
 
-        files = ((result.dicom or {}).get("files") or {}) if result else {}
         exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
         item = None
         if exporter is not None and segmentationNode is not None:
             item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
         directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
-
-        def fetched(bodies, error) -> None:
-            if error is not None:
-                onDone(None, error)
-                return
-            try:  # copyFiles: the database keeps its own copies, the temporary folder may go.
-                onDone(export_result(Fetched(bodies), result.dicom if result else None, directory,
-                                     lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item), None)
-            except Exception as failure:  # shown in the panel, as tryWithErrorDisplay did
-                onDone(None, failure)
-
-        if not files or self.lastResultTarget is None:
-            fetched({}, None)  # export_result says why there is nothing to export
-            return
-        fetch_all(self.backend.transport, self.lastResultTarget, list(files.values()), fetched)
+        # copyFiles: the database keeps its own copies, the temporary folder may go.
+        export_result_without_waiting(self.backend.transport, self.lastResultTarget, result.dicom if result else None,
+                                      directory, lambda folder: DICOMUtils.importDicom(folder, copyFiles=True),
+                                      onDone, exporter, item)
 
     def cancelApply(self) -> None:
         if self._apply is not None:
@@ -627,6 +614,20 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
             time.sleep(min(delay, 0.05))
         self.cancelApply()
         raise RuntimeError(f"no result within {timeout:.0f} s")
+
+    def installBackend(self, basePython: Optional[str] = None, timeout: float = 3600.0) -> None:
+        """Blocking (scripts, self-test): install the backend environment, printing its log."""
+        run = self.backend.start_install(self.backend.install_plan(None, basePython))
+        deadline = time.monotonic() + timeout
+        while run.is_running() and time.monotonic() < deadline:
+            for line in self.backend.drain_logs():
+                print(line)
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        for line in self.backend.drain_logs():
+            print(line)
+        if run.returncode != 0:
+            raise RuntimeError(explain_failure(run.lines, run.plan))
 
     def waitForBackend(self, timeout: float = 300.0) -> None:
         """Blocking (scripts, self-test): until the local backend is running."""
@@ -703,16 +704,7 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
             backend._python_override = os.environ["CITRUSV_TEST_PYTHON"]
         if backend.needs_install() and os.environ.get("CITRUSV_TEST_INSTALL") == "1":
             self.delayDisplay("Installing the backend")
-            run = backend.start_install(backend.install_plan(None, os.environ.get("CITRUSV_BASE_PYTHON")))
-            deadline = time.monotonic() + 3600
-            while run.is_running() and time.monotonic() < deadline:
-                for line in backend.drain_logs():
-                    print(line)
-                slicer.app.processEvents()
-                time.sleep(0.1)
-            for line in backend.drain_logs():
-                print(line)
-            self.assertEqual(run.returncode, 0, explain_failure(run.lines, run.plan))
+            logic.installBackend(os.environ.get("CITRUSV_BASE_PYTHON"))
         if backend.needs_install():
             self.delayDisplay("Backend not installed: full-flow test skipped (set CITRUSV_TEST_PYTHON or "
                               "CITRUSV_TEST_INSTALL=1 to run it)")

@@ -19,7 +19,9 @@ body, and the main-thread decode into masks (ResultDecoder). A result body is sm
 one request's latency. The download machinery itself (courier, large reads, the body handed over in a file, read on
 the main thread) is also timed on a body the size of the volume, served by a plain HTTP server in this process. Memory: the peak resident memory above the starting
 level, of the server and of this process, during each upload (Linux: /proc/PID/status VmHWM after clear_refs).
-Writes bench/results/transfer-<hostname>-<date>.json and prints a table. Not part of the test suite.
+Each timed run is paired with socket copies made just before it (ratios are medians of those pairs: on a shared
+machine the load changes between runs). Writes bench/results/transfer-<hostname>-<date>.json and prints a table.
+Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -201,25 +203,27 @@ def large_download(transport: Transport, body: bytes, repeats: int) -> dict:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     target = Target(f"http://127.0.0.1:{httpd.server_address[1]}", "unused")
-    times = []
+    times, ratios, ratios_into = [], [], []
     try:
         for _ in range(repeats):
+            socket_s = socket_copy_seconds(body)
+            into_s = socket_copy_seconds(body, into_new_buffer=True)
             started = time.perf_counter()
             call = transport.request(target, "GET", "/body", large_response=True, timeout=120)
             wait_call(transport, call)
             view = call.body_view()
             touched = int(np.frombuffer(view, np.uint8)[::4096].sum())  # every page reached from the main thread
             times.append(time.perf_counter() - started)
+            ratios.append(times[-1] / socket_s)
+            ratios_into.append(times[-1] / into_s)
             assert len(view) == len(body) and touched >= 0
             del view
             call.release()
     finally:
         httpd.shutdown()
-    socket_s = statistics.median(socket_copy_seconds(body) for _ in range(repeats))
-    into_s = statistics.median(socket_copy_seconds(body, into_new_buffer=True) for _ in range(repeats))
-    return {"wire_mb": len(body) / MB, "total_s": statistics.median(times), "socket_copy_s": socket_s,
-            "socket_copy_into_new_buffer_s": into_s, "ratio_to_socket": statistics.median(times) / socket_s,
-            "ratio_to_socket_into_new_buffer": statistics.median(times) / into_s}
+    return {"wire_mb": len(body) / MB, "total_s": statistics.median(times), "socket_copy_s": times[-1] / ratios[-1],
+            "socket_copy_into_new_buffer_s": times[-1] / ratios_into[-1], "ratio_to_socket": statistics.median(ratios),
+            "ratio_to_socket_into_new_buffer": statistics.median(ratios_into)}
 
 
 def delete(transport: Transport, target: Target, volume_id: str) -> None:
@@ -230,7 +234,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (a tiny one is enough: the model barely runs)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slices", type=int, default=40,
                         help="slices segmented for the result (per-slice mode): an organ's extent")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -247,7 +251,6 @@ def main() -> int:
     try:
         local = Target(server.url, server.token, handover_dir=server.ready["handover_dir"])
         other = Target(server.url, server.token)
-        socket_s = statistics.median(socket_copy_seconds(voxels) for _ in range(args.repeats))
         memory = PeakMemory([server.process.pid, os.getpid()])
         paths = {"handover": lambda: module_upload(transport, local, voxels, ijk_to_ras),
                  "raw": lambda: module_upload(transport, other, voxels, ijk_to_ras),
@@ -256,14 +259,21 @@ def main() -> int:
         for name, upload in paths.items():
             runs = []
             for _ in range(args.repeats):
+                # Each upload is paired with socket copies made just before it: the machine's load changes from
+                # minute to minute, so each ratio compares like with like.
+                socket_s = socket_copy_seconds(voxels)
+                into_s = socket_copy_seconds(voxels, into_new_buffer=True)
                 memory.start()
                 run = upload()
                 peaks = memory.peak_above_start()
                 run["server_peak_mb"], run["client_peak_mb"] = peaks[server.process.pid] / MB, peaks[os.getpid()] / MB
                 delete(transport, other, run.pop("volume_id"))
+                run.update(socket_copy_s=socket_s, socket_copy_into_new_buffer_s=into_s,
+                           ratio_to_socket=run["total_s"] / socket_s,
+                           ratio_to_socket_into_new_buffer=run["total_s"] / into_s)
                 runs.append(run)
             row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-            row.update(volume_mb=volume_mb, socket_copy_s=socket_s, ratio_to_socket=row["total_s"] / socket_s,
+            row.update(volume_mb=volume_mb,
                        peak_transient_over_volume=(row["server_peak_mb"] + row["client_peak_mb"]) / volume_mb)
             rows[f"upload ({name})"] = row
 
@@ -320,12 +330,13 @@ def main() -> int:
     path = out / f"transfer-{socket.gethostname()}-{time.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'path':18s} {'write s':>8s} {'request s':>10s} {'total s':>8s} {'socket s':>9s} {'ratio':>6s} "
-          f"{'server MB':>10s} {'client MB':>10s} {'peak/vol':>9s}")
+          f"{'ratio new':>9s} {'server MB':>10s} {'client MB':>10s} {'peak/vol':>9s}")
     for name, row in rows.items():
         if not name.startswith("upload"):
             continue
         print(f"{name:18s} {row['write_s']:8.3f} {row['request_s']:10.3f} {row['total_s']:8.3f} "
-              f"{row['socket_copy_s']:9.3f} {row['ratio_to_socket']:6.2f} {row['server_peak_mb']:10.1f} "
+              f"{row['socket_copy_s']:9.3f} {row['ratio_to_socket']:6.2f} {row['ratio_to_socket_into_new_buffer']:9.2f} "
+              f"{row['server_peak_mb']:10.1f} "
               f"{row['client_peak_mb']:10.1f} {row['peak_transient_over_volume']:9.2f}")
     result = rows["result"]
     print(f"result: {result['wire_mb']:.2f} MB body ({result['crop_mb']:.1f} MB of mask crops) in {result['total_s']:.4f} s "

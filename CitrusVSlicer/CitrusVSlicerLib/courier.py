@@ -10,8 +10,8 @@ Protocol (one JSON object per line):
              "response_file": PATH|null, "timeout": S, "ca_bundle": PATH|null}      one request
             {"cancel": N}                                                             abort request N
   stdout -> {"id": N, "event": "progress", "sent": BYTES, "total": BYTES}             body upload progress
-            {"id": N, "event": "response", "status": S, "body": TEXT}               small bodies inline, or
-            {"id": N, "event": "response", "status": S, "body_file": PATH, "bytes": B} large ones in the given file
+            {"id": N, "event": "response", "status": S, "body_b64": BASE64}         the body inline, or
+            {"id": N, "event": "response", "status": S, "body_file": PATH, "bytes": B} in the file the caller named
             {"id": N, "event": "error", "kind": "connect"|"timeout"|"tls"|"cancelled"|"other", "message": TEXT}
 End of stdin (the module closed it, or Slicer exited or crashed) ends the courier.
 
@@ -37,7 +37,6 @@ from urllib.parse import unquote, urlsplit
 
 from .endpoints import is_loopback_host
 
-INLINE_LIMIT = 256 * 1024      # response bodies larger than this go through a file
 BLOCK = 8 * 1024 * 1024        # upload block (progress and cancel are checked between blocks)
 IDLE_S = 2.0                   # a kept-alive connection idle longer is dropped (servers close theirs after ~5 s)
 IDEMPOTENT = ("GET", "HEAD", "DELETE", "OPTIONS")
@@ -216,6 +215,8 @@ class Courier:
         for name, value in headers.items():
             connection.putheader(name, value)
         connection.endheaders()
+        if cancel.is_set():  # cancelled before the socket existed: cancel() could not shut it down
+            raise Cancelled()
         if body_file:
             self._send_file(number, connection, body_file, compress, cancel)
         elif payload:
@@ -253,10 +254,9 @@ class Courier:
 
     @staticmethod
     def _receive(number: int, response, response_file: str | None, cancel: threading.Event) -> dict:
-        """The response as an event: a small body inline; a large one (when the caller gave a file) streamed into the
-        file through one reused buffer, in large reads, so it is never held whole in this process."""
-        length = response.length
-        if response_file and (length is None or length > INLINE_LIMIT):
+        """The response as an event. With a file from the caller the body is streamed into it through one reused
+        buffer, in large reads, never held whole here; otherwise it travels inline, base64 (bytes stay bytes)."""
+        if response_file:
             buffer = bytearray(BLOCK)
             view = memoryview(buffer)
             total = 0
@@ -272,7 +272,8 @@ class Courier:
             return {"id": number, "event": "response", "status": response.status, "body_file": response_file,
                     "bytes": total}
         body = response.read()
-        return {"id": number, "event": "response", "status": response.status, "body": body.decode("utf-8", "replace")}
+        return {"id": number, "event": "response", "status": response.status,
+                "body_b64": base64.b64encode(body).decode("ascii")}
 
 
 def _send_chunk(connection, data: bytes) -> None:

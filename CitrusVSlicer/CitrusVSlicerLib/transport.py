@@ -13,6 +13,7 @@ runner.py for a multi-step one (upload, submit, follow, fetch).
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import mmap
@@ -148,7 +149,7 @@ class Transport:
         if body_file is not None:
             message["body_file"] = str(body_file)
             message["compress"] = compress
-        if large_response:
+        if large_response:  # the body comes back in a file (read it with call.body() or call.body_view())
             message["response_file"] = str(self.work_dir / f"response-{call.number}.body")
         self._calls[call.number] = call
         try:
@@ -174,7 +175,7 @@ class Transport:
                 if "body_file" in event:
                     call._body_file = event["body_file"]
                 else:
-                    call._body = event.get("body", "").encode("utf-8")
+                    call._body = base64.b64decode(event.get("body_b64", ""))
                 self._finish(call, "done")
             elif kind == "error":
                 if event.get("kind") == "cancelled":
