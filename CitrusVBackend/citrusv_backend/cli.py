@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default loopback; any other needs --token-file or $CITRUSV_TOKEN)")
-    serve.add_argument("--port", type=int, default=0, help="TCP port; 0 (default) picks a free one (see the ready line)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="TCP port; 0 (default) picks a free one (see the ready line); 8000 with --reference-compatible")
     serve.add_argument("--token-file", default=None,
                        help="file holding the bearer token (else $CITRUSV_TOKEN, else a random one written to a 0600 file)")
     serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted (MiB)")
@@ -401,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=4096, help="the most tokens one answer may ask for")
     serve.add_argument("--served-model-name", default="CitrusV_8B",
                        help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
+    serve.add_argument("--min-pixels", type=int, default=None,
+                       help="image-size budget of the 2D and chat routes, as ms-swift's MIN_PIXELS (default: $MIN_PIXELS, "
+                            "else each task's own)")
+    serve.add_argument("--max-pixels", type=int, default=None,
+                       help="as --min-pixels, for MAX_PIXELS (the reference's Streamlit demo expects 1003520)")
+    serve.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
+                       help="let chat requests name image files inside DIR (repeatable); by default no file is read")
+    serve.add_argument("--chat-image-tags", choices=["text", "swift"], default="text",
+                       help="chat requests with an image part and an <image> typed in the text: 'text' (default) puts "
+                            "the image at the typed tag; 'swift' keeps ms-swift's rule (image at the part, tag as text)")
+    serve.add_argument("--reference-compatible", action="store_true",
+                       help="run the reference's demo clients unchanged: port 8000, ANY bearer token accepted, loopback "
+                            "only (see the README before using it)")
     serve.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
     serve.set_defaults(handler=cmd_serve)
 

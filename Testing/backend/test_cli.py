@@ -126,3 +126,22 @@ def test_segment_rejects_bad_volumes_before_loading_the_model(tiny_checkpoint, w
                   "--out", str(work_dir / "x"))
     assert run.returncode == 2 and "not a readable volume" in run.stderr and "loading model" not in run.stderr
     assert not (work_dir / "x").exists()
+
+
+@pytest.mark.model
+def test_infer_puts_the_image_where_the_prompts_image_tag_is(tiny_checkpoint, work_dir: Path):
+    """The reference's query form `<image>\\n...` (its inference script, its evals): the image block replaces the
+    tag and the newline after it stays, as ms-swift's template does; the tag is not left as text."""
+    image_path = work_dir / "slice.png"
+    Image.new("RGB", (64, 64), (80, 80, 80)).save(image_path)
+    prefix = work_dir / "tagged"
+    run = citrusv("infer", "--model", str(tiny_checkpoint), "--image", str(image_path), "--prompt",
+                  "<image>\nPlease help segment the liver in this scan.", "--answer", "Sure, it is [SEG].",
+                  "--task", "segment", "--out", str(prefix))
+    assert run.returncode == 0, run.stderr
+    ids = json.loads(prefix.with_suffix(".json").read_text())["input_ids"]
+    user = ids.index(872)  # "user", after <|im_start|>
+    assert ids[user + 1: user + 3] == [198, 151652]  # "\n" then <|vision_start|>: nothing before the image
+    after = ids.index(151653)  # <|vision_end|>
+    assert ids[after + 1] == 198 and ids[after + 2: after + 4] == [5501, 1492]  # "\n", "Please", " help"
+    assert 27 not in ids[after:]  # no "<" of a literal "<image>"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from citrusv_backend.errors import InputError
@@ -112,3 +113,76 @@ def test_special_tokens_in_user_text_are_refused(tiny_engine, prompt, answer, to
     produce a phantom mask."""
     with pytest.raises(InputError, match=f"special token {token}"):
         tiny_engine.processor(Image.new("RGB", (64, 64)), prompt, SEG_BUDGET, answer=answer)
+
+
+# ---------------------------------------------------------------------------------------------- <image> tags
+
+def swift_prompt_ids(tokenizer, query: str, image_tokens: int | None) -> list[int]:
+    """ms-swift's encoding of a one-turn query, restated step by step from its source (swift/llm/template):
+    `_add_default_tags` puts `<image>` in front of a query that has none (no newline); `_split_special_tokens` +
+    `_pre_tokenize_images` replace the first tag with the image block (only as many tags as images); then
+    `_simplify_context_list` joins the strings and the whole conversation is tokenised at once; finally
+    `Qwen2VLTemplate._encode` widens the one `<|image_pad|>` to the image's token count."""
+    if image_tokens is not None and "<image>" not in query:
+        query = "<image>" + query
+    text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+    if image_tokens is not None:
+        text = text.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>", 1)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if image_tokens is None:
+        return ids
+    pad = ids.index(151655)
+    return ids[:pad] + [151655] * image_tokens + ids[pad + 1:]
+
+
+TAGGED_QUERIES = [
+    "<image>\nPlease help segment the liver in this scan.",        # MeCoVQA-G / projects/inference.py form
+    "<image>\nLocate the liver, output its bbox coordinates using JSON format.",  # eval_detection.py
+    "<image>Please detect the heart in the given image using bounding box.",     # eval_detection.py, no newline
+    "Please help segment the liver in this scan.",                 # no tag: the image goes first
+    "Look at <image> and find the liver.",                         # text before the image
+    "\n\n<image>\nQ",                                              # newlines on both sides merge differently
+    "  <image>  Q",
+    "<image><image>\nQ",                                           # one image: the second tag stays text
+    "Q<image>",                                                    # the image last
+    "<IMAGE>\nQ",                                                  # not a tag (swift matches it exactly)
+]
+
+
+@pytest.mark.parametrize("query", TAGGED_QUERIES)
+def test_the_first_image_tag_is_the_images_position_as_in_swift(tiny_engine, query):
+    processor = tiny_engine.processor
+    image = Image.new("RGB", (100, 120), (90, 90, 90))
+    inputs = processor(image, query, SEG_BUDGET)
+    tokens = int(inputs.image_grid_thw.prod()) // 4
+    assert inputs.input_ids[0].tolist() == swift_prompt_ids(processor.tokenizer, query, tokens)
+
+
+def test_the_text_after_the_tag_newline_included_follows_the_image(tiny_engine):
+    processor = tiny_engine.processor
+    image = Image.new("RGB", (56, 56), (90, 90, 90))
+    text = processor.decode(processor(image, "<image>\nPlease help segment the liver in this scan.", SEG_BUDGET).input_ids[0])
+    assert "<|vision_end|>\nPlease help segment the liver in this scan.<|im_end|>" in text
+    assert "<image>" not in text and text.count("<|vision_start|>") == 1
+    assert "user\n<|vision_start|>" in text
+
+
+@pytest.mark.parametrize("query", ["What is a pneumothorax?", "<image>\nWhat is shown?"])
+def test_a_text_only_question_has_no_image_block(tiny_engine, query):
+    processor = tiny_engine.processor
+    inputs = processor(None, query, SEG_BUDGET)
+    assert inputs.input_ids[0].tolist() == swift_prompt_ids(processor.tokenizer, query, None)
+    assert inputs.pixel_values is None and inputs.sam2_pixel_values is None and inputs.original_size is None
+    assert set(inputs.qwen_kwargs(torch.device("cpu"))) == {"input_ids", "attention_mask", "mm_token_type_ids"}
+    assert not inputs.mm_token_type_ids.any()
+
+
+def test_an_empty_question_about_an_image_only_when_allowed(tiny_engine):
+    processor = tiny_engine.processor
+    image = Image.new("RGB", (56, 56), (90, 90, 90))
+    inputs = processor(image, "", SEG_BUDGET, allow_empty=True)
+    tokens = int(inputs.image_grid_thw.prod()) // 4
+    assert inputs.input_ids[0].tolist() == swift_prompt_ids(processor.tokenizer, "", tokens)
+    with pytest.raises(InputError, match="prompt is empty"):
+        processor(None, " ", SEG_BUDGET, allow_empty=True)  # nothing to answer about

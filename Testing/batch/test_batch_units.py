@@ -144,3 +144,19 @@ def test_usage_errors_exit_2_and_write_nothing_into_the_input(tmp_path: Path, ca
     with pytest.raises(SystemExit) as usage:
         main(["batch", str(inputs), "--prompt", "x"])  # --out missing: argparse
     assert usage.value.code == 2
+
+
+def test_image_tags_in_prompt_files_mark_the_image_not_a_target(tmp_path: Path):
+    """Prompt files copied from the reference's data carry `<image>\\n`: the targets are the same as without it,
+    and a prompt that is asked as it is keeps the tag, so the processor puts the image where it stands."""
+    yaml_file = tmp_path / "prompts.yaml"
+    yaml_file.write_text("a: [\"<image>\\nPlease help segment the liver in this scan.\", \"<image>\\nsegment the spleen\"]\n"
+                         "b: \"<image>\\nWhat is the largest organ here?\"\n")
+    table = load_prompts_file(yaml_file)
+    combined = combine_prompts(table["a"], "segment")
+    assert [t.name for t in parse_targets(combined)] == ["liver", "spleen"]
+    question = parse_targets(combine_prompts(table["b"], "segment"))
+    assert [t.name for t in question] == ["What is the largest organ here"]
+    assert question[0].query == "<image>\nWhat is the largest organ here?"
+    with pytest.raises(InputError, match="prompt is empty"):
+        parse_targets("<image>\n")

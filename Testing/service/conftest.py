@@ -15,7 +15,7 @@ from citrusv_backend.server.process import start_server
 
 
 def _environment() -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "CITRUSV_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key not in ("CITRUSV_TOKEN", "MIN_PIXELS", "MAX_PIXELS")}
     return env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -64,3 +64,51 @@ def chest(chest_ct_path):
     from citrusv_backend.volume.io import read_volume
 
     return read_volume(chest_ct_path)
+
+
+# ---------------------------------------------------------------------------------------------- reference clients
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tiny_checkpoint, session_dir):
+    """The tiny model with a bigram script: greedy decoding writes SCRIPTED_ANSWER (scripted_model.py)."""
+    from scripted_model import SCRIPTED_ANSWER, make_scripted_checkpoint
+
+    return make_scripted_checkpoint(tiny_checkpoint, session_dir / "scripted-checkpoint", SCRIPTED_ANSWER)
+
+
+@pytest.fixture(scope="session")
+def allowed_images(session_dir):
+    """A folder the reference server may read images from, a file outside it, and a link from inside to outside."""
+    import numpy as np
+    from PIL import Image
+
+    inside, outside = session_dir / "allowed-images", session_dir / "private-images"
+    inside.mkdir()
+    outside.mkdir()
+    rgb = np.random.default_rng(5).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(inside / "slice.png")
+    Image.fromarray(rgb).save(outside / "secret.png")
+    (inside / "link.png").symlink_to(outside / "secret.png")
+    return inside
+
+
+@pytest.fixture(scope="session")
+def gradio_server(scripted_checkpoint, session_dir):
+    """`citrusv serve --reference-compatible` as the Gradio demo expects it: per-task budgets (segment = 65535)."""
+    log_path = session_dir / "gradio-server.log"
+    process = start_server(scripted_checkpoint, "--device", "cpu", "--reference-compatible", env=_environment(),
+                           log_path=log_path, timeout=300)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def streamlit_server(scripted_checkpoint, session_dir, allowed_images):
+    """As the reference's demo README starts swift for the Streamlit demo: MAX_PIXELS=1003520 in the environment;
+    and local image paths allowed inside one folder."""
+    log_path = session_dir / "streamlit-server.log"
+    process = start_server(scripted_checkpoint, "--device", "cpu", "--reference-compatible", "--allow-local-images",
+                           str(allowed_images), env=_environment() | {"MAX_PIXELS": "1003520"}, log_path=log_path,
+                           timeout=300)
+    yield process
+    process.stop()

@@ -12,6 +12,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
 from .images import load_image
 from .parsing import parse_boxes, scale_boxes
 from .reports import ParsedReport, parse_report
+from .streaming import TextDeltaStreamer
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ class InferenceResult:
     forced_answer: bool
     input_ids: list[int]
     generated_ids: list[int]
-    original_size: tuple[int, int]
-    resized_size: tuple[int, int]
+    original_size: tuple[int, int] | None   # None: a text-only question
+    resized_size: tuple[int, int] | None
     image_grid_thw: list[int]
     masks: list[SegmentationMask] = field(default_factory=list)
     boxes: list = field(default_factory=list)            # parsing.Box in original-image pixels
@@ -70,7 +72,7 @@ class InferenceResult:
         return {
             "task": self.task, "prompt": self.prompt, "text": self.text, "forced_answer": self.forced_answer,
             "random_weights": self.random_weights, "input_ids": self.input_ids, "generated_ids": self.generated_ids,
-            "original_size": list(self.original_size), "resized_size": list(self.resized_size),
+            "original_size": _listed(self.original_size), "resized_size": _listed(self.resized_size),
             "image_grid_thw": self.image_grid_thw, "mask_upsampling": self.mask_upsampling,
             "masks": [{"token_position": m.token_position, "iou": m.iou, "object_score": m.object_score,
                        "pixels": int(m.mask.sum())} for m in self.masks],
@@ -81,7 +83,7 @@ class InferenceResult:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The NPZ payload: shapes hold for zero masks too."""
-        height, width = self.original_size
+        height, width = self.original_size or (0, 0)
         hidden = self.masks[0].seg_hidden.shape[0] if self.masks else 0
         embed = self.masks[0].seg_embedding.shape[0] if self.masks else 0
         side = self.masks[0].low_res_logits.shape if self.masks else (256, 256)
@@ -93,6 +95,10 @@ class InferenceResult:
                 "seg_embedding": stack("seg_embedding", (embed,), np.float32),
                 "iou": np.array([m.iou for m in self.masks], np.float32),
                 "object_score": np.array([m.object_score for m in self.masks], np.float32)}
+
+
+def _listed(size: tuple[int, int] | None) -> list[int] | None:
+    return None if size is None else list(size)
 
 
 @contextmanager
@@ -147,10 +153,18 @@ class CitrusVEngine:
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
                                 eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[-1])
 
+    @property
+    def context_length(self) -> int | None:
+        """The language model's longest sequence (prompt + answer), from its config."""
+        return getattr(self.model.mllm.config.get_text_config(), "max_position_embeddings", None)
+
     @torch.inference_mode()
     def language_pass(self, inputs: ModelInputs, forced: bool, max_new_tokens: int,
-                      repetition_penalty: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(full token sequence [T], last-layer hidden states [T', H] aligned with it, T' >= T - 1)."""
+                      repetition_penalty: float | None = None,
+                      on_text: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full token sequence [T], last-layer hidden states [T', H] aligned with it, T' >= T - 1).
+
+        `on_text`: called on this thread with each new piece of the answer's text while it is generated."""
         mllm = self.model.mllm
         kwargs = inputs.qwen_kwargs(self.model.device, self.model.dtype)
         with record_final_hidden_states(self.model.final_norm) as recorded:
@@ -158,8 +172,9 @@ class CitrusVEngine:
                 mllm(**kwargs, use_cache=False, logits_to_keep=1)
                 sequence = kwargs["input_ids"][0]
             else:
+                streamer = None if on_text is None else TextDeltaStreamer(self.processor.decode, self.stop_ids, on_text)
                 output = mllm.generate(**kwargs, generation_config=self._generation_config(max_new_tokens, repetition_penalty),
-                                       return_dict_in_generate=True)
+                                       return_dict_in_generate=True, streamer=streamer)
                 sequence = output.sequences[0]
         hidden = torch.cat(recorded, dim=1)[0]
         if sequence[-1].item() == self.processor.seg_token_idx and hidden.size(0) < sequence.size(0):
@@ -187,7 +202,7 @@ class CitrusVEngine:
                   upsampling: str, timings: dict, features=None, row: int = 0) -> list[SegmentationMask]:
         """Masks of every [SEG] in `sequence`; `features`/`row`: SAM2 features already computed for a batch."""
         positions = (sequence[: hidden.size(0)] == self.processor.seg_token_idx).nonzero().flatten()
-        if positions.numel() == 0:
+        if positions.numel() == 0 or inputs.sam2_pixel_values is None:  # no [SEG], or no image to segment
             return []
         grounding = self.model.grounding_encoder
         seg_hidden = hidden[positions]
@@ -211,7 +226,11 @@ class CitrusVEngine:
 
     def run(self, image, prompt: str, task: str = "ask", answer: str | None = None, min_pixels: int | None = None,
             max_pixels: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            mask_upsampling: str = "bilinear", repetition_penalty: float | None = None) -> InferenceResult:
+            mask_upsampling: str = "bilinear", repetition_penalty: float | None = None,
+            allow_empty_prompt: bool = False, on_text: Callable[[str], None] | None = None) -> InferenceResult:
+        """One 2D task. `image` None: a text-only question (no masks, no boxes in image pixels).
+        `max_new_tokens` is clipped to what the model's context leaves after the prompt (as ms-swift does);
+        `on_text` receives the answer's text piece by piece while it is generated (not for forced answers)."""
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
         if mask_upsampling not in MASK_UPSAMPLING:
@@ -220,20 +239,30 @@ class CitrusVEngine:
             raise InputError("max_new_tokens must be at least 1")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        image = load_image(image)
+        image = None if image is None else load_image(image)
         default = TASK_PIXEL_BUDGETS[task]
         budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
-        inputs = self.processor(image, prompt, budget, answer=answer)
+        inputs = self.processor(image, prompt, budget, answer=answer, allow_empty=allow_empty_prompt)
+        max_new_tokens = self._clip_to_context(max_new_tokens, inputs.prompt_length)
         timings["preprocess_s"] = time.perf_counter() - started
 
         step = time.perf_counter()
-        sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty)
+        sequence, hidden = self.language_pass(inputs, answer is not None, max_new_tokens, repetition_penalty, on_text)
         timings["forced_prefill_s" if answer is not None else "generate_s"] = time.perf_counter() - step
         masks = self.masks_for(inputs, sequence, hidden, mask_upsampling, timings)
         result = self._result(task, prompt, answer, inputs, sequence, masks, mask_upsampling)
         timings["total_s"] = time.perf_counter() - started
         result.timings = {k: round(v, 4) for k, v in timings.items()}
         return result
+
+    def _clip_to_context(self, max_new_tokens: int, prompt_length: int) -> int:
+        context = self.context_length
+        if context is None:
+            return max_new_tokens
+        if prompt_length >= context:
+            raise InputError(f"the prompt is {prompt_length} tokens, as long as the model's whole context ({context}); "
+                             f"shorten the question or send a smaller image (max_pixels)")
+        return min(max_new_tokens, context - prompt_length)
 
     def _result(self, task, prompt, answer, inputs: ModelInputs, sequence: torch.Tensor, masks,
                 mask_upsampling: str) -> InferenceResult:
@@ -242,7 +271,7 @@ class CitrusVEngine:
             task=task, prompt=prompt, text=self.processor.decode([t for t in generated if t not in self.stop_ids]),
             forced_answer=answer is not None, input_ids=inputs.input_ids[0, : inputs.prompt_length].tolist(),
             generated_ids=generated, original_size=inputs.original_size, resized_size=inputs.resized_size,
-            image_grid_thw=inputs.image_grid_thw[0].tolist(), masks=masks,
+            image_grid_thw=[] if inputs.image_grid_thw is None else inputs.image_grid_thw[0].tolist(), masks=masks,
             random_weights=self.loaded.random_weights, mask_upsampling=mask_upsampling)
         self._parse_text(result)
         return result
@@ -291,6 +320,11 @@ class CitrusVEngine:
 
     def _parse_text(self, result: InferenceResult) -> None:
         """Boxes for detection, structured findings for reports; both in original-image pixels."""
+        if result.original_size is None:
+            if self.processor.seg_token_idx in result.generated_ids:
+                result.problems.append("the answer has a [SEG] token, but there is no image to segment (a "
+                                       "text-only question)")
+            return
         if result.task == "detect":
             parsed = parse_boxes(result.text)
             result.boxes_resized = parsed.boxes

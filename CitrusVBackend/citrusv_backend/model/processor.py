@@ -6,8 +6,10 @@ pixel count within [min_pixels, max_pixels]); the image processor then only resc
 patches it. SAM2 side (reference: `DirectResize`): the *Qwen-resized* image, LANCZOS-stretched to the SAM2
 input size (1024 for the released model), /255, ImageNet mean/std computed in float64, cast to float32.
 
-Text: ChatML with the system prompt "You are a helpful assistant."; the image placeholder goes before the
-query; every piece is tokenised on its own and concatenated, as ms-swift's template does.
+Text: ChatML with the system prompt "You are a helpful assistant."; the image block goes where the query's first
+`<image>` tag stands (before the query when it has none), as ms-swift's template places it. ms-swift joins the
+conversation into one string and tokenises it; the pieces here are cut only at special tokens, which the
+tokenizer never merges across, so the ids are the same.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from ..errors import CheckpointError, InputError
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SEG_TOKEN = "[SEG]"
+IMAGE_TAG = "<image>"  # ms-swift's mark, in the user's text, of where the image goes
 EXTRA_SPECIAL_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 IMAGE_FACTOR = 28
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # qwen_vl_utils' defaults (MIN_PIXELS, MAX_PIXELS)
 MAX_RATIO = 200
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +46,17 @@ def check_prompt_and_answer(prompt: str | None, answer: str | None) -> None:
             if text and token in text:
                 raise InputError(f"the {what} contains the special token {token}, which only the model may write; "
                                  f"remove it")
+
+
+def split_at_image_tag(query: str) -> tuple[str, str]:
+    """(text before the image, text after it), as ms-swift's template places one image in a query.
+
+    The first `<image>` is replaced by the image block and all that follows it, its newline included, comes
+    after the image (`Template._pre_tokenize_images`); a query without a tag gets one in front, with no newline
+    (`Template._add_default_tags`). Later tags stay literal text: swift replaces only as many tags as there are
+    images (and warns about the rest)."""
+    before, tag, after = query.partition(IMAGE_TAG)
+    return (before, after) if tag else ("", query)
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,8 @@ TASK_PIXEL_BUDGETS = {
 }
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
     """qwen_vl_utils.smart_resize: (height, width) rounded to multiples of `factor` within the pixel budget."""
     if min(height, width) <= 0:
         raise InputError(f"image of {width}x{height} pixels is empty")
@@ -108,23 +123,27 @@ def sam2_pixel_values(resized: Image.Image, size: int) -> torch.Tensor:
 
 @dataclass
 class ModelInputs:
-    """Everything one image + prompt needs: Qwen inputs (batch 1), SAM2 input, and the geometry."""
+    """Everything one image + prompt needs: Qwen inputs (batch 1), SAM2 input, and the geometry.
+
+    A text-only question (no image) has None for every image field."""
 
     input_ids: torch.Tensor          # [1, L]
     attention_mask: torch.Tensor     # [1, L]
     mm_token_type_ids: torch.Tensor  # [1, L]: 1 at image tokens (M-RoPE positions need it in transformers 5)
-    pixel_values: torch.Tensor       # [patches, 3*2*14*14]
-    image_grid_thw: torch.Tensor     # [1, 3]
-    sam2_pixel_values: torch.Tensor  # [1, 3, S, S]
-    original_size: tuple[int, int]   # (height, width) of the input image
-    resized_size: tuple[int, int]    # (height, width) after smart_resize: the frame of box coordinates
+    pixel_values: torch.Tensor | None        # [patches, 3*2*14*14]
+    image_grid_thw: torch.Tensor | None      # [1, 3]
+    sam2_pixel_values: torch.Tensor | None   # [1, 3, S, S]
+    original_size: tuple[int, int] | None    # (height, width) of the input image
+    resized_size: tuple[int, int] | None     # (height, width) after smart_resize: the frame of box coordinates
     prompt_length: int               # tokens before the answer (the forced answer starts here)
 
     def qwen_kwargs(self, device: torch.device, dtype: torch.dtype | None = None) -> dict:
         """The Qwen2.5-VL forward/generate arguments; `dtype` is the model's, for the image patches."""
-        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                "mm_token_type_ids": self.mm_token_type_ids.to(device), "image_grid_thw": self.image_grid_thw.to(device),
-                "pixel_values": self.pixel_values.to(device, dtype)}
+        kwargs = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                  "mm_token_type_ids": self.mm_token_type_ids.to(device)}
+        if self.pixel_values is not None:
+            kwargs |= {"image_grid_thw": self.image_grid_thw.to(device), "pixel_values": self.pixel_values.to(device, dtype)}
+        return kwargs
 
     def with_sequence(self, input_ids: torch.Tensor, image_token_id: int) -> "ModelInputs":
         """The same image with another token sequence [L] (e.g. prompt + generated answer)."""
@@ -167,13 +186,19 @@ class CitrusVProcessor:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def prompt_pieces(self, query: str, image_tokens: int) -> list[int]:
-        """Token ids of the conversation up to and including `<|im_start|>assistant\\n`."""
+    def prompt_pieces(self, query: str, image_tokens: int | None) -> list[int]:
+        """Token ids of the conversation up to and including `<|im_start|>assistant\\n`; the image block (of
+        `image_tokens` placeholders) where `split_at_image_tag` puts it, none for a text-only question (whose
+        `<image>` tags, with no image to replace them, stay text as in swift)."""
         ids = self._encode_text(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
-        ids += self._encode_text("<|im_start|>user\n")
-        ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
-        ids += self._encode_text("<|vision_end|>")
-        ids += self._encode_text(query)
+        if image_tokens is None:
+            ids += self._encode_text(f"<|im_start|>user\n{query}")
+        else:
+            before, after = split_at_image_tag(query)
+            ids += self._encode_text(f"<|im_start|>user\n{before}")
+            ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
+            ids += self._encode_text("<|vision_end|>")
+            ids += self._encode_text(after)
         ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
         return ids
 
@@ -181,15 +206,20 @@ class CitrusVProcessor:
         """A forced answer as the reference would have generated it: its tokens, then `<|im_end|>`."""
         return self._encode_text(answer) + self._encode_text("<|im_end|>")
 
-    def __call__(self, image: Image.Image, query: str, budget: PixelBudget, answer: str | None = None) -> ModelInputs:
-        if not isinstance(query, str) or not query.strip():
+    def __call__(self, image: Image.Image | None, query: str, budget: PixelBudget, answer: str | None = None,
+                 allow_empty: bool = False) -> ModelInputs:
+        """`image` None: a text-only question. `allow_empty`: an empty query about an image is asked as it is
+        (the reference's clients send one for reports); otherwise it is refused."""
+        if not isinstance(query, str) or (not query.strip() and (image is None or not allow_empty)):
             raise InputError("the prompt is empty; say what to find, e.g. 'Please segment the liver in this scan.'")
         check_prompt_and_answer(query, answer)
-        resized = resize_for_qwen(image, budget)
-        processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
-        grid = processed["image_grid_thw"]
-        image_tokens = int(grid.prod().item()) // (self.merge_size ** 2)
-        ids = self.prompt_pieces(query, image_tokens)
+        if image is None:
+            ids = self.prompt_pieces(query, None)
+            processed, resized = {"pixel_values": None, "image_grid_thw": None}, None
+        else:
+            resized = resize_for_qwen(image, budget)
+            processed = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
+            ids = self.prompt_pieces(query, int(processed["image_grid_thw"].prod().item()) // (self.merge_size ** 2))
         prompt_length = len(ids)
         if answer is not None:
             ids += self.answer_ids(answer)
@@ -197,9 +227,10 @@ class CitrusVProcessor:
         return ModelInputs(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
-            pixel_values=processed["pixel_values"], image_grid_thw=grid,
-            sam2_pixel_values=sam2_pixel_values(resized, self.sam2_image_size),
-            original_size=(image.height, image.width), resized_size=(resized.height, resized.width),
+            pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
+            sam2_pixel_values=None if resized is None else sam2_pixel_values(resized, self.sam2_image_size),
+            original_size=None if image is None else (image.height, image.width),
+            resized_size=None if resized is None else (resized.height, resized.width),
             prompt_length=prompt_length)
 
     def decode(self, ids) -> str:

@@ -13,10 +13,11 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from ..inference.engine import CitrusVEngine
+from ..model.processor import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 from ..volume.io import DEFAULT_MAX_VOXELS
 from .errors import install_error_handlers
 from .jobs import GpuWorker, JobQueue
-from .middleware import AccessLog, BearerAuth, BodyLimit
+from .middleware import AccessLog, BearerAuth, BodyLimit, LoopbackOpenAccess
 from .volumes import VolumeStore
 
 MiB = 2**20
@@ -37,6 +38,17 @@ class ServiceConfig:
     request_timeout_s: float = 600.0          # a synchronous 2D / chat request waits at most this long
     read_timeout_s: float = 60.0              # a request body that stalls this long is dropped
     max_new_tokens: int = 4096
+    min_pixels: int | None = None             # the 2D routes' image-size budget (serve --min-pixels, $MIN_PIXELS);
+    max_pixels: int | None = None             # None for both: each task's own
+    local_image_dirs: tuple[str, ...] = ()    # chat requests may name image files inside these (--allow-local-images)
+    chat_image_tags: str = "text"             # "swift": a typed <image> beside an image part stays text, as in swift
+
+    def pixel_budget(self) -> tuple[int | None, int | None]:
+        """(min, max) pixels for the 2D routes; with one bound set the other is qwen_vl_utils' default, as in
+        `swift deploy` with only MIN_PIXELS or MAX_PIXELS in its environment."""
+        if self.min_pixels is None and self.max_pixels is None:
+            return None, None
+        return self.min_pixels or QWEN_MIN_PIXELS, self.max_pixels or QWEN_MAX_PIXELS
 
     def body_limit(self, path: str) -> int:
         return self.max_upload_bytes if path == VOLUME_UPLOAD_PATH else min(self.max_request_bytes, self.max_upload_bytes)
@@ -53,7 +65,9 @@ def free_accelerator_memory() -> None:
 
 
 class ServiceState:
-    def __init__(self, engine: CitrusVEngine, config: ServiceConfig, token: str, model_name: str | None = None):
+    """`token` None: no authentication (the reference-compatible launch: loopback names only)."""
+
+    def __init__(self, engine: CitrusVEngine, config: ServiceConfig, token: str | None, model_name: str | None = None):
         self.engine = engine
         self.config = config
         self.token = token
@@ -93,7 +107,10 @@ def create_app(state: ServiceState) -> FastAPI:
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit_for=state.config.body_limit, read_timeout_s=state.config.read_timeout_s)
-    app.add_middleware(BearerAuth, token=state.token)
+    if state.token is None:
+        app.add_middleware(LoopbackOpenAccess)
+    else:
+        app.add_middleware(BearerAuth, token=state.token)
     app.add_middleware(AccessLog)
     return app
 

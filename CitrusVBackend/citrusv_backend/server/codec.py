@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import zlib
 
 import numpy as np
@@ -77,18 +78,35 @@ def decode_crop(mask: dict) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- images
 
-def strip_data_uri(text: str, what: str) -> str:
-    """'data:image/png;base64,AAAA' or bare base64 -> the base64 part; anything else (URLs, paths) is refused."""
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]*$")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def image_source(text: str, what: str) -> tuple[str, str]:
+    """What an image string is: ("inline", base64) for a data URI or bare base64, ("url", url) for a URL,
+    ("path", path) for a file:// URI or anything that cannot be base64 (a '.', '~' or '\\' say it is a path).
+
+    A bare base64 JPEG starts with '/9j/', so a leading '/' alone does not make a path."""
     text = text.strip()
     if text.startswith("data:"):
         header, comma, payload = text.partition(",")
         if not comma or not header.endswith(";base64"):
             raise InputError(f"{what}: a data URI must be base64-encoded ('data:image/png;base64,...')")
-        return payload
-    if text.startswith(("http://", "https://", "file:", "/", "./")) or "://" in text[:16]:
+        return "inline", payload
+    if text[:7].lower() == "file://":
+        return "path", text[7:]
+    if _SCHEME.match(text):
+        return "url", text
+    return ("inline", text) if _BASE64.match(text) else ("path", text)
+
+
+def strip_data_uri(text: str, what: str) -> str:
+    """'data:image/png;base64,AAAA' or bare base64 -> the base64 part; anything else (URLs, paths) is refused."""
+    kind, value = image_source(text, what)
+    if kind != "inline":
         raise InputError(f"{what}: only images sent inline (a base64 data URI) are accepted; this server "
                          f"does not fetch URLs or read files")
-    return text
+    return value
 
 
 def decode_image(data: bytes, what: str = "the image") -> Image.Image:

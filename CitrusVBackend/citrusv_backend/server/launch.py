@@ -24,13 +24,17 @@ from typing import Callable
 import uvicorn
 
 from ..errors import CitrusVError
+from ..model.processor import IMAGE_FACTOR, QWEN_MAX_PIXELS
 from .app import MiB, ServiceConfig, ServiceState, create_app
+from .local_images import allowed_folders
 from .logs import configure_logging, log_event
 from .raw_upload import ready_fields
 
 log = logging.getLogger("citrusv.server")
 
 TOKEN_ENV = "CITRUSV_TOKEN"
+PIXEL_ENV = ("MIN_PIXELS", "MAX_PIXELS")  # read by ms-swift's deploy too
+REFERENCE_PORT = 8000  # the reference deployment's --port, which its demo clients call
 _TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
 
 
@@ -40,16 +44,41 @@ class ServeSettings:
     port: int = 0
     token_file: Path | None = None
     config: ServiceConfig = field(default_factory=ServiceConfig)
+    reference_compatible: bool = False  # no token, loopback only, port 8000 unless given: the reference's demos run as they are
 
     @classmethod
-    def from_args(cls, args) -> "ServeSettings":
+    def from_args(cls, args, environ=os.environ) -> "ServeSettings":
+        reference = bool(getattr(args, "reference_compatible", False))
+        if reference and args.token_file:
+            raise CitrusVError("--reference-compatible accepts any bearer token; it takes no --token-file")
+        min_pixels, max_pixels = (_pixels(getattr(args, name.lower(), None), name, environ) for name in PIXEL_ENV)
+        if min_pixels and max_pixels and min_pixels > max_pixels:
+            raise CitrusVError(f"the minimum pixels ({min_pixels}) are more than the maximum ({max_pixels})")
         config = ServiceConfig(served_model_name=args.served_model_name,
                                max_upload_bytes=int(args.max_upload_mb * MiB), max_voxels=args.max_voxels,
                                volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
                                result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
-                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens)
-        return cls(host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
-                   config=config)
+                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens,
+                               min_pixels=min_pixels, max_pixels=max_pixels,
+                               local_image_dirs=allowed_folders(getattr(args, "allow_local_images", None) or ()),
+                               chat_image_tags=getattr(args, "chat_image_tags", "text"))
+        port = args.port if args.port is not None else (REFERENCE_PORT if reference else 0)
+        return cls(host=args.host, port=port, token_file=Path(args.token_file) if args.token_file else None,
+                   config=config, reference_compatible=reference)
+
+
+def _pixels(given: int | None, env_name: str, environ) -> int | None:
+    """--min-pixels / --max-pixels, else $MIN_PIXELS / $MAX_PIXELS, checked against qwen_vl_utils' bounds."""
+    source = f"--{env_name.lower().replace('_', '-')}"
+    if given is None and environ.get(env_name, "").strip():
+        source = f"${env_name}"
+        try:
+            given = int(environ[env_name])
+        except ValueError:
+            raise CitrusVError(f"${env_name}={environ[env_name]!r} is not a whole number of pixels") from None
+    if given is not None and not IMAGE_FACTOR ** 2 <= given <= QWEN_MAX_PIXELS:
+        raise CitrusVError(f"{source} {given}: use {IMAGE_FACTOR ** 2} to {QWEN_MAX_PIXELS} pixels")
+    return given
 
 
 @dataclass
@@ -123,19 +152,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=None) -> int:
     stdout = stdout or sys.stdout
     configure_logging()
-    token = resolve_token(settings.token_file)
+    token = None if settings.reference_compatible else resolve_token(settings.token_file)
     sock = bind_socket(settings.host, settings.port)
     address, port = sock.getsockname()[:2]
-    if not is_loopback(address) and token.source == "generated":
+    if token is None:
+        if not is_loopback(address):
+            sock.close()
+            raise CitrusVError(f"--reference-compatible accepts any bearer token, so it listens on loopback only, "
+                               f"not on {settings.host} ({address}); drop --host or use 127.0.0.1")
+        log.warning(OPEN_ACCESS_WARNING, extra={"fields": {"host": address, "port": port}})
+    elif not is_loopback(address) and token.source == "generated":
         sock.close()
         raise CitrusVError(f"refusing to listen on {settings.host} ({address}), which is reachable from other machines, "
                            f"with a generated token: pass --token-file FILE or set ${TOKEN_ENV} (and use a firewall)")
-    if token.source == "generated":
+    if token is not None and token.source == "generated":
         token.file = write_private_token_file(token.value)
     try:
         log_event(log, "loading model")
         engine = load_engine()
-        state = ServiceState(engine, settings.config, token.value)
+        state = ServiceState(engine, settings.config, None if token is None else token.value)
         app = create_app(state)
         sock.listen(2048)
         ready = ready_line(state, address, port, token)
@@ -146,17 +181,26 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
         return 0 if server.started else 1
     finally:
         sock.close()
-        if token.source == "generated" and token.file is not None:
+        if token is not None and token.source == "generated" and token.file is not None:
             shutil.rmtree(token.file.parent, ignore_errors=True)
 
 
-def ready_line(state: ServiceState, address: str, port: int, token: Token) -> dict:
+def ready_line(state: ServiceState, address: str, port: int, token: Token | None) -> dict:
     described = state.engine.loaded.describe()
     host = f"[{address}]" if ":" in address else address
+    min_pixels, max_pixels = state.config.pixel_budget()
     return {"event": "ready", "host": address, "port": port, "url": f"http://{host}:{port}",
-            "token_source": token.source, "token_file": str(token.file) if token.file else None,
+            "token_source": "none" if token is None else token.source,
+            "token_file": str(token.file) if token is not None and token.file else None,
+            "pixel_budget": {"min_pixels": min_pixels, "max_pixels": max_pixels} if max_pixels else "per task",
             "model": state.model_name, **{key: described[key] for key in ("checkpoint", "device", "dtype", "random_weights")},
             "pid": os.getpid()}
+
+
+OPEN_ACCESS_WARNING = (
+    "REFERENCE-COMPATIBLE MODE: NO AUTHENTICATION. Any program of any user on this machine can use this server "
+    "and read what it answers. It listens on loopback only and answers only requests addressed to localhost. "
+    "Use it to run the reference's demo clients; never for patient data on a shared machine.")
 
 
 def _announce(ready: dict, stdout) -> None:

@@ -7,6 +7,7 @@ bodies without one; a client that stalls mid-body gets 408 after `read_timeout_s
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import secrets
@@ -93,6 +94,41 @@ class BearerAuth:
         response = error_response(401, "unauthorized", message, request_id_of(scope),
                                   headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+class LoopbackOpenAccess:
+    """The reference-compatible launch: no token (ms-swift's deploy without --api_key takes any Authorization
+    header, or none), so the socket is loopback-only and every request must name a loopback host — a web page
+    that rebinds its own domain to 127.0.0.1 still sends its own name in Host and is refused."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = _host_name(_header(scope, b"host") or "")
+        if host != "localhost" and not _is_loopback_address(host):
+            scope.setdefault("state", {})["auth"] = "foreign_host"
+            response = error_response(403, "forbidden", "this reference-compatible server answers only requests "
+                                      "addressed to localhost or a loopback address", request_id_of(scope))
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["auth"] = "open"
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_address(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class BodyLimit:

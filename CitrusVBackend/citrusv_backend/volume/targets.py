@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..model.processor import IMAGE_TAG
 
 QUERY_TEMPLATE = "Please help segment the {target} in this scan."
 _VERB = r"(?:please\s+)?(?:help\s+(?:me\s+)?)?(?:segment|find|locate|detect|outline|delineate|contour|mask|show|mark|identify)"
@@ -27,9 +28,11 @@ class Target:
 
 def parse_targets(prompt: str) -> list[Target]:
     """Targets named in `prompt`; a prompt that is not a 'segment X' request is asked as it is."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    # An `<image>` tag (the reference's query form) marks where the image goes, not a target: it is left out of
+    # the names; a prompt asked as it is keeps it, and the processor puts the image there.
+    text = prompt.replace(IMAGE_TAG, " ").strip().rstrip(".?!").strip() if isinstance(prompt, str) else ""
+    if not text:
         raise InputError("the prompt is empty; say what to segment, e.g. 'segment the liver and the spleen'")
-    text = prompt.strip().rstrip(".?!").strip()
     if not _LEAD.match(text):
         return [Target(name=_short_name(text), query=prompt.strip())]
     body = _TAIL.sub("", _LEAD.sub("", text, count=1))

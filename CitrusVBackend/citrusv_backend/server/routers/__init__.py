@@ -30,5 +30,10 @@ async def run_now(state: ServiceState, job: Job):
         raise ApiError(504, f"no result within {state.config.request_timeout_s:g} s (the GPU worker is busy with "
                             f"earlier jobs); try again later") from None
     except JobEnded as ended:
-        error = ended.job.error or {"type": "cancelled", "message": "the request was cancelled"}
-        raise ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"]) from None
+        raise job_failure(ended.job) from None
+
+
+def job_failure(job: Job) -> ApiError:
+    """The HTTP error of a synchronous request whose job failed or was cancelled."""
+    error = job.error or {"type": "cancelled", "message": "the request was cancelled"}
+    return ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"])

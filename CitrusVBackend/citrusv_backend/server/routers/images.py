@@ -23,6 +23,8 @@ async def infer_image(body: ImageRequest, state: Service) -> Response:
         raise ApiError(400, f"max_new_tokens {body.max_new_tokens} is more than this server allows "
                             f"({state.config.max_new_tokens})")
     check_prompt_and_answer(body.prompt, body.answer)
+    server_min, server_max = state.config.pixel_budget()
+    body = body.model_copy(update={"min_pixels": body.min_pixels or server_min, "max_pixels": body.max_pixels or server_max})
     image = await run_in_threadpool(_image_from, body.image)
     result = await run_now(state, Job(task=f"image:{body.task}", runner=image_runner(state.engine, image, body), kept=False))
     return Response(to_json_bytes(result), media_type="application/json")
