@@ -97,7 +97,7 @@ class CitrusVSlicerParameterNode:
     batchInputFolder: str = ""
     batchOutputFolder: str = ""
     mode: Annotated[str, Choice(["propagate", "per-slice", "hybrid"])] = "propagate"
-    window: Annotated[str, Choice(["auto", "soft_tissue", "lung", "bone", "brain", "liver"])] = "auto"
+    window: Annotated[str, Choice(["auto", "clinical", "soft_tissue", "lung", "bone", "brain", "liver"])] = "auto"
     sliceAxis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
     sliceRange: str = ""
     # Bounded: without WithinRange Slicer's connector gives the spin box -2**31..2**31-1.

@@ -42,7 +42,8 @@ def random_weights_banner(checkpoint: Path) -> str:
 
 def tiny_checkpoint_cache() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "citrusv" / "tiny-checkpoint"
+    # "-2": tiny models made before their mask logits were scaled to a trained decoder's range show nothing.
+    return root / "citrusv" / "tiny-checkpoint-2"
 
 
 def resolve_model_argument(model: str | None) -> str:
@@ -157,7 +158,12 @@ def volume_options(args):
                          slice_range=parse_slice_range(args.slice_range), max_pixels=args.max_pixels,
                          fill_holes=not getattr(args, "no_fill_holes", False),
                          largest_component=getattr(args, "largest_component", False),
-                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4))
+                         max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", 4),
+                         presence=getattr(args, "presence", "mask"),
+                         object_score_suppression=getattr(args, "object_score_suppression", False),
+                         answer_mode=getattr(args, "answer_mode", "forced"),
+                         mask_upsampling=getattr(args, "mask_upsampling", "bilinear"),
+                         report_image=getattr(args, "report_image", "slices"))
 
 
 def check_not_inside_input(volume: Path, out: Path) -> None:
@@ -194,11 +200,14 @@ def cmd_volume_task(args) -> int:
                           dicom=args.dicom_out)
     if result.random_weights:
         say(random_weights_banner(engine.loaded.checkpoint_dir))
+    if result.experimental:
+        say(f"note: {result.experimental}")
     for segment in result.segments:
         m = segment.measurements
         say(f"segment {segment.label} '{segment.name}': " + (
             f"{m['volume_ml']:.1f} mL, long axis {m['long_axis_mm']:.1f} mm, short axis {m['short_axis_mm']:.1f} mm, "
-            f"{segment.laterality}, key slice {segment.key_slice}" if segment.mask.any() else "not found"))
+            f"{segment.laterality}, key slice {segment.key_slice}" if segment.mask.any() else "not found")
+            + (f"; answer {segment.answer!r} ({segment.answer_source})" if options.answer_mode == "free" else ""))
     for box in result.boxes:
         say(f"box '{box['label']}': slices {box['slices'][0]}-{box['slices'][1]}, "
             f"{' x '.join(f'{v:.1f}' for v in box['size_mm'])} mm, {box['laterality']}")
@@ -300,7 +309,8 @@ def cmd_make_tiny_checkpoint(args) -> int:
     from .model.tiny import make_tiny_checkpoint
 
     started = time.monotonic()
-    directory = make_tiny_checkpoint(Path(args.directory), seed=args.seed, legacy_names=args.legacy_key_names)
+    directory = make_tiny_checkpoint(Path(args.directory), seed=args.seed, legacy_names=args.legacy_key_names,
+                                     heads=args.heads)
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) / 1e6
     say(f"wrote a RANDOM tiny Citrus-V checkpoint to {directory} ({size:.0f} MB, {time.monotonic() - started:.1f} s); "
         f"its outputs are noise — for tests and smoke runs only")
@@ -319,7 +329,7 @@ def cmd_demo(args) -> int:
     return cmd_volume_task(args)
 
 
-def add_volume_options(parser, segment_options: bool = True) -> None:
+def add_volume_options(parser, segment_options: bool = True, report_options: bool = True) -> None:
     """The options of the volume pipeline, shared by segment / detect / report and batch."""
     if segment_options:
         parser.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate",
@@ -327,7 +337,25 @@ def add_volume_options(parser, segment_options: bool = True) -> None:
                                  "hybrid: propagation re-anchored by Citrus-V where it loses the target")
         parser.add_argument("--largest-component", action="store_true", help="keep only the largest 3D component")
         parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside masks")
-    parser.add_argument("--window", default="auto", help="auto, soft_tissue, lung, bone, brain, liver, or CENTER,WIDTH")
+        parser.add_argument("--presence", choices=["mask", "object-score", "both"], default="mask",
+                            help="how a slice is judged to show the target: mask (its mask logits, what Citrus-V "
+                                 "trained; default), object-score (SAM2's untrained object-score head), both")
+        parser.add_argument("--object-score-suppression", action="store_true",
+                            help="let SAM2's propagation blank slices whose object score is negative (SAM2's own "
+                                 "behaviour; off by default: Citrus-V never trained that head)")
+        parser.add_argument("--answer-mode", choices=["forced", "free"], default="forced",
+                            help="forced: 'Sure, it is [SEG].' on every slice (default); free: the model writes its "
+                                 "own answer on the key slice, and that answer (if it has a [SEG]) is forced on the rest")
+        parser.add_argument("--mask-upsampling", choices=["bilinear", "nearest"], default="bilinear",
+                            help="bilinear: smooth, upsample logits (default); nearest: the reference's exact resize")
+    if report_options:
+        parser.add_argument("--report-image", choices=["slices", "projection"], default="slices",
+                            help="report from representative slices (default) or from a radiograph-like frontal "
+                                 "projection of the CT (closer to the chest X-rays the report prompt was trained on)")
+    parser.add_argument("--window", default="auto",
+                        help="auto/training: each volume normalised as the training data (its 0.5-99.5th "
+                             "percentiles, default); clinical: a CT preset per target from its words; soft_tissue, "
+                             "lung, bone, brain, liver, or CENTER,WIDTH")
     parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
     parser.add_argument("--slice-range", default=None, help="FIRST:LAST slice indices to work on (LAST excluded)")
     parser.add_argument("--max-pixels", type=int, default=None, help="Qwen resize upper bound per slice")
@@ -372,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--prompt", required=name != "report", default=None,
                           help="e.g. 'segment the liver and the spleen'" if name == "segment" else "what to look for")
         task.add_argument("--out", required=True, help="output folder")
-        add_volume_options(task, segment_options=name == "segment")
+        add_volume_options(task, segment_options=name == "segment", report_options=name == "report")
         task.set_defaults(handler=cmd_volume_task)
 
     evaluate = sub.add_parser("eval", help="Dice, 95%% Hausdorff distance and volume error per segment")
@@ -432,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--legacy-key-names", action="store_true",
                       help="save weights under the transformers-4.4x names (mllm.model.layers.*, mllm.visual.*)")
+    tiny.add_argument("--heads", choices=["default", "object-absent", "faint-masks"], default="default",
+                      help="default: object score 'present', clear masks; object-absent: object score 'absent' "
+                           "with clear masks; faint-masks: object score 'present' with undecided masks (tests)")
     tiny.set_defaults(handler=cmd_make_tiny_checkpoint)
 
     demo = sub.add_parser("demo", help="the main job on the sample chest CT: segment a target, write the results")

@@ -98,7 +98,8 @@ class ResultDecoder:
                            report_findings=report.get("findings", "") or "",
                            report_impression=report.get("impression", "") or "",
                            answer=answer or "", problems=payload.get("problems", []),
-                           random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"))
+                           random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"),
+                           experimental=payload.get("experimental") or "")
 
 
 def scene_result_from_payload(payload: dict, shape_kji) -> SceneResult:

@@ -43,6 +43,7 @@ class SceneResult:
     answer: str = ""                                          # free text (Ask)
     problems: list[str] = field(default_factory=list)
     random_weights: bool = False
+    experimental: str = ""                                    # why the backend calls the result experimental
     dicom: dict | None = None                                 # the backend's DICOM SEG / SR (URLs, UIDs)
 
     @property
@@ -50,6 +51,8 @@ class SceneResult:
         parts = []
         if self.random_weights:
             parts.append("RANDOM WEIGHTS: produced by a random test model; the content is noise.")
+        if self.experimental:
+            parts.append(self.experimental)
         if self.answer:
             parts.append(self.answer)
         if self.report_findings:

@@ -25,7 +25,7 @@ from citrusv_backend.errors import InputError
 from citrusv_backend.volume.dicom_out import write_dicom_outputs
 from citrusv_backend.volume.io import read_volume
 from citrusv_backend.volume.outputs import write_outputs
-from citrusv_backend.volume.pipeline import Segment, SliceSource, VolumeResult, segment_finding
+from citrusv_backend.volume.pipeline import REPORT_EXPERIMENTAL, Segment, SliceSource, VolumeResult, segment_finding
 from citrusv_backend.volume.quantify import laterality_of, measure_segment
 from citrusv_backend.volume.windowing import parse_window
 
@@ -56,6 +56,7 @@ def ground_truth_result(volume, segmentation_path: Path, names=("ribs", "right l
     result.findings = [segment_finding(s) for s in result.segments]
     result.report_findings = "[slice 17] Both lungs are aerated; no nodule."
     result.report_impression = "[slice 17] No acute cardiopulmonary finding."
+    result.experimental = REPORT_EXPERIMENTAL.format(what="CT slices")
     return result
 
 
@@ -161,6 +162,7 @@ def test_sr_measurements_equal_the_findings_table(runs):
     assert any("FINDINGS: [slice 17] Both lungs" in t for t in texts)
     assert any("IMPRESSION: [slice 17] No acute" in t for t in texts)
     assert any("RANDOM WEIGHTS" in t for t in texts) and any("RESEARCH USE ONLY" in t for t in texts)
+    assert REPORT_EXPERIMENTAL.format(what="CT slices") in texts, "a report's EXPERIMENTAL mark reaches the SR"
     assert any(t == "liver: not found" for t in texts)
     evidence = {str(i.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}

@@ -175,9 +175,11 @@ def test_greedy_generation_is_deterministic_and_plain(tiny_engine, ct_slice_rgb)
 
 def test_detect_parses_and_scales_boxes(tiny_engine, ct_slice_rgb):
     answer = '```json\n[{"bbox_2d": [56, 112, 280, 336], "label": "left lung"}]\n```'
+    # min_pixels 200704 (the training value) gives a 448x448 frame; detection's default, the eval's 3136, gives 140x140.
     result = tiny_engine.run(ct_slice_rgb, "Please detect the left lung in this image using json format.",
-                             task="detect", answer=answer)
+                             task="detect", answer=answer, min_pixels=200704)
     assert result.resized_size == (448, 448) and result.original_size == (128, 128)
+    assert tiny_engine.run(ct_slice_rgb, "Locate the left lung.", task="detect", answer=answer).resized_size == (140, 140)
     assert len(result.boxes) == 1 and result.boxes[0].label == "left lung"
     box = result.boxes[0]
     assert (box.x1, box.y1, box.x2, box.y2) == pytest.approx((16, 32, 80, 96))

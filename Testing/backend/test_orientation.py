@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.orientation import axial_display_orientation, dominant_axes
+from citrusv_backend.volume.orientation import (axial_display_orientation, convert_pixels, display_orientation,
+                                                dominant_axes, model_orientation)
 from citrusv_backend.volume.windowing import CT_PRESETS, Window, parse_window, percentile_window, window_for_prompt
 
 pytestmark = pytest.mark.unit
@@ -114,7 +115,11 @@ def test_window_from_prompt(prompt, preset):
 def test_parse_window_forms():
     assert parse_window("bone", "x") == CT_PRESETS["bone"]
     assert parse_window("50,350", "x") == Window(50.0, 350.0)
-    assert parse_window(None, "segment the lung") == CT_PRESETS["lung"]
+    assert parse_window("clinical", "segment the lung") == CT_PRESETS["lung"]
+    ct = np.concatenate([np.full(100, -3024), np.linspace(-1000, 1000, 10000)])
+    assert parse_window(None, "segment the lung", values=ct).name == "training"
+    with pytest.raises(InputError, match="needs the volume"):
+        parse_window("auto", "segment the lung")
     with pytest.raises(InputError, match="CENTER,WIDTH"):
         parse_window("wide", "x")
     with pytest.raises(InputError, match="positive"):
@@ -123,3 +128,63 @@ def test_parse_window_forms():
     window = parse_window("auto", "x", modality="MR", values=mr)
     assert 99 < window.center - window.width / 2 < 102 and 198 < window.center + window.width / 2 < 201
     assert percentile_window(mr).name.startswith("percentile")
+
+
+# ---------------------------------------------------------------------------------------------- model orientation
+# SA-Med2D-20M exported slices in the voxel array's own order (`x_`/`y_`/`z_` in its names): its coronal sample
+# `ct_00--MSD_Liver--liver_123--y_0175.png` (jdh-algo/Citrus-V asset/) has the pelvis at the top and the lungs at
+# the bottom. The model orientation gives a standard (LPS) volume's array order; previews keep the display.
+
+def test_model_slices_of_a_standard_volume_are_its_array_order():
+    volume = np.arange(5 * 6 * 7).reshape(5, 6, 7)  # (k, j, i)
+    assert np.array_equal(model_orientation(np.eye(3), "axial").slice(volume, 2), volume[2])
+    assert np.array_equal(model_orientation(np.eye(3), "coronal").slice(volume, 3), volume[:, 3, :])
+    assert np.array_equal(model_orientation(np.eye(3), "sagittal").slice(volume, 4), volume[:, :, 4])
+
+
+@pytest.mark.parametrize("direction", list(permuted_directions())[::3], ids=lambda d: str(np.round(d, 2).tolist()))
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_model_puts_superior_at_the_bottom_and_display_at_the_top(direction, plane):
+    voxels, image = marked_volume(direction, np.array([0.0, 0.0, 12.0]))  # superior of the centre
+    for orientation, superior_at_bottom in ((model_orientation(direction, plane), True),
+                                            (display_orientation(direction, plane), False)):
+        index = int(np.argwhere(voxels)[0][orientation.slice_axis])
+        row = np.argwhere(orientation.slice(voxels, index) == 1000)[0][0]
+        height = orientation.plane_shape(voxels.shape)[0]
+        assert bool(row > height / 2) is superior_at_bottom, (plane, superior_at_bottom)
+    model, display = model_orientation(direction, plane), display_orientation(direction, plane)
+    assert (model.slice_axis, model.row_axis, model.col_axis, model.flip_cols) == \
+           (display.slice_axis, display.row_axis, display.col_axis, display.flip_cols)
+    assert model.flip_rows != display.flip_rows, "only the superior-inferior direction differs"
+
+
+def test_axial_model_slices_are_the_radiological_display():
+    for direction in permuted_directions():
+        assert model_orientation(direction, "axial") == display_orientation(direction, "axial")
+
+
+def test_model_orientation_maps_back_exactly_and_converts_pixels():
+    rng = np.random.default_rng(1)
+    volume = rng.integers(0, 1000, (7, 9, 11))
+    for direction in list(permuted_directions())[::7]:
+        model, display = model_orientation(direction, "coronal"), display_orientation(direction, "coronal")
+        rebuilt = np.zeros_like(volume)
+        for index in range(volume.shape[model.slice_axis]):
+            model.put_slice(rebuilt, index, model.slice(volume, index))
+        assert np.array_equal(rebuilt, volume)
+        plane_m, plane_d = model.slice(volume, 2), display.slice(volume, 2)
+        rows, cols = np.array([0, 3, plane_m.shape[0] - 1]), np.array([1, 0, 4])
+        new_rows, new_cols = convert_pixels(model, display, rows, cols, volume.shape)
+        assert np.array_equal(plane_d[new_rows.astype(int), new_cols.astype(int)], plane_m[rows, cols])
+
+
+def test_real_chest_ct_coronal_model_slice_has_the_neck_at_the_bottom(chest_ct_path, chest_ct_segmentation_path):
+    import slicerio
+
+    labels = slicerio.read_segmentation(str(chest_ct_segmentation_path))["voxels"].transpose(2, 1, 0)
+    direction = np.array(sitk.ReadImage(str(chest_ct_path)).GetDirection())
+    cervical, lumbar = (labels == 2), (labels == 4)  # cervical / lumbar vertebral column
+    for orientation, neck_below in ((model_orientation(direction, "coronal"), True),
+                                    (display_orientation(direction, "coronal"), False)):
+        rows = lambda mask: np.argwhere(orientation.arrange(mask.any(axis=orientation.slice_axis)))[:, 0].mean()  # noqa: E731
+        assert bool(rows(cervical) > rows(lumbar)) is neck_below

@@ -14,10 +14,11 @@ from citrusv_backend.volume.io import Volume, read_volume
 from citrusv_backend.volume.outputs import write_outputs
 from citrusv_backend.volume.pipeline import (JobCancelled, SliceSource, VolumeOptions, VolumePipeline, box_to_patient,
                                              link_boxes, spread)
-from citrusv_backend.volume.propagation import SliceFrames, propagate
+from citrusv_backend.volume.presence import Evidence, PresenceRule, consistent_slices
+from citrusv_backend.volume.propagation import PropagatedSlice, SliceFrames, propagate
 from citrusv_backend.volume.quantify import VoxelGeometry
 from citrusv_backend.volume.targets import parse_targets
-from citrusv_backend.volume.windowing import CT_PRESETS
+from citrusv_backend.volume.windowing import CT_PRESETS, training_window
 
 pytestmark = pytest.mark.model
 
@@ -86,32 +87,48 @@ def test_propagation_covers_both_directions_with_the_real_sam2(pipeline, chest):
     assert len(visited) == 9  # 5 forward (3..7) + 4 backward (3..0), the key frame twice
 
 
-def test_propagation_stops_where_the_target_ends(pipeline, chest):
-    """With SAM2 reporting "no object" everywhere, tracking stops after `stop_after_empty` empty slices."""
-    source, frames, key = lung_frames(pipeline, chest, 0, 20)
+def propagate_with_object_score_bias(pipeline, chest, bias_value: float, first=0, count=20, key_frame=10, **options):
+    source, frames, key = lung_frames(pipeline, chest, first, count)
     predictor = pipeline.engine.video_predictor()
     bias = predictor.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
     saved = bias.detach().clone()
     try:
         with torch.no_grad():
-            bias.fill_(-50.0)
-        results = propagate(predictor, frames, source.height, source.width, {10: key}, stop_after_empty=2)
+            bias.fill_(bias_value)
+        return propagate(predictor, frames, source.height, source.width, {key_frame: key}, stop_after_empty=2, **options)
     finally:
         with torch.no_grad():
             bias.copy_(saved)
+
+
+def test_propagation_stops_where_the_target_ends(pipeline, chest):
+    """With SAM2's suppression asked for and "no object" everywhere, tracking stops after two empty slices."""
+    results = propagate_with_object_score_bias(pipeline, chest, -50.0, suppress_absent_objects=True)
     assert sorted(results) == [8, 9, 10, 11, 12]
-    assert not any(results[i].mask.any() for i in (8, 9, 11, 12))
+    assert not any(results[i].mask.any() or results[i].present for i in (8, 9, 11, 12))
+
+
+def test_propagation_does_not_suppress_on_the_object_score_unless_asked(pipeline, chest):
+    """SAM2's video predictor blanks masks whose object score is negative; Citrus-V never trained that head."""
+    results = propagate_with_object_score_bias(pipeline, chest, -50.0, first=12, count=6, key_frame=2)
+    beyond = [i for i in results if i != 2]
+    assert sorted(beyond) == [0, 1, 3, 4, 5] and all(results[i].mask.any() and results[i].present for i in beyond)
+    assert all(results[i].object_score < 0 for i in beyond), "the object score is still reported"
+    assert not pipeline.engine.video_predictor().suppress_absent_objects, "the switch is restored after the run"
 
 
 def test_per_slice_mode_segments_every_slice_alone(pipeline, chest, tiny_engine):
     result = pipeline.run(chest, "segment the left lung", "segment", VolumeOptions(mode="per-slice", slice_range=(16, 19),
                                                                                     fill_holes=False))
     mask = result.segments[0].mask
-    source = SliceSource(chest, "axial", CT_PRESETS["lung"])
-    for index in range(16, 19):
-        alone = tiny_engine.run(source.rgb(index), "Please help segment the left lung in this scan.", task="segment",
-                                answer="Sure, it is [SEG].")
-        expected = alone.masks[0].mask if alone.masks[0].object_score > 0 else np.zeros_like(alone.masks[0].mask)
+    source = SliceSource(chest, "axial", training_window(chest.voxels, "CT"))
+    rule = PresenceRule()
+    alone = {index: tiny_engine.run(source.rgb(index), "Please help segment the left lung in this scan.", task="segment",
+                                    answer="Sure, it is [SEG].") for index in range(16, 19)}
+    kept = consistent_slices({i: rule.present(Evidence.from_result(r)) for i, r in alone.items()}, 16, 19, rule)
+    assert kept, "the tiny model's clear masks count as present"
+    for index, single in alone.items():
+        expected = single.masks[0].mask if index in kept else np.zeros_like(single.masks[0].mask)
         assert np.array_equal(source.orientation.slice(mask, index), expected)
     assert not mask[:16].any() and not mask[19:].any()
 
@@ -122,11 +139,11 @@ def test_hybrid_reanchors_where_propagation_lost_the_target(pipeline, chest):
     target = parse_targets("segment the left lung")[0]
     key, key_result, _ = pipeline.find_key_slice(source, target, options, (12, 20), "test")
     anchors = {key: key_result}
-    lost = {i: np.zeros((128, 128), bool) for i in range(12, 20)}
-    lost[key] = key_result.masks[0].mask  # propagation that found only the key slice
+    lost = {i: PropagatedSlice(np.zeros((128, 128), bool), -1.0, False, float("nan")) for i in range(12, 20)}
+    lost[key] = PropagatedSlice(key_result.masks[0].mask, 1.0, True, 0.0)  # propagation found only the key slice
     propagated = pipeline._reanchor(source, target, anchors, lost, options, (12, 20), "test")
     assert len(anchors) > 1 and all(12 <= a < 20 for a in anchors)
-    assert sum(1 for m in propagated.values() if m.any()) > 1
+    assert sum(1 for item in propagated.values() if item.present) > 1
 
 
 def test_several_targets_give_several_segments(pipeline, chest, tmp_path):

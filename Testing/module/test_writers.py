@@ -132,6 +132,19 @@ def test_findings_table_columns_types_units_and_report(mrml_scene):
     assert "RANDOM WEIGHTS" in report.GetText() and "left lung" in report.GetText()
 
 
+def test_an_experimental_report_says_so_in_the_scene(mrml_scene):
+    from CitrusVSlicerLib.client import scene_result_from_payload
+    from CitrusVSlicerLib.writers import write_findings_table
+
+    note = "EXPERIMENTAL: Citrus-V's reports were trained and benchmarked on chest radiographs"
+    payload = {"task": "report", "prompt": "", "labelmap": {"shape": [2, 3, 4]}, "segments": [], "findings": [],
+               "boxes": [], "report": {"findings": "Clear lungs.", "impression": "Normal.", "experimental": note},
+               "experimental": note, "problems": [], "random_weights": False}
+    result = scene_result_from_payload(payload, (2, 3, 4))
+    _, report = write_findings_table(mrml_scene, result)
+    assert report.GetText().startswith(note) and "Clear lungs." in report.GetText()
+
+
 def test_rois_at_the_right_ras_bounds(mrml_scene):
     from CitrusVSlicerLib.writers import write_boxes
 

@@ -56,7 +56,8 @@ def test_upload_segment_poll_and_rebuild_the_labelmap(client, chest, tiny_engine
 @pytest.mark.parametrize("task, options, check", [
     ("ask", {"slice": 16, "max_new_tokens": 4}, lambda r: r["answer"]["slice"] == 16 and r["answer"]["text"]),
     ("detect", {"detect_slices": 2, "max_new_tokens": 4}, lambda r: isinstance(r["boxes"], list)),
-    ("report", {"report_slices": 1, "max_new_tokens": 4}, lambda r: set(r["report"]) == {"findings", "impression"}),
+    ("report", {"report_slices": 1, "max_new_tokens": 4},
+     lambda r: set(r["report"]) == {"findings", "impression", "experimental"} and "EXPERIMENTAL" in r["experimental"]),
 ])
 def test_the_other_volume_tasks(client, chest, task, options, check):
     volume_id = upload(client, chest)

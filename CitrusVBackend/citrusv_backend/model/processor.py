@@ -68,10 +68,11 @@ class PixelBudget:
 
 
 # The reference's settings per task: segmentation evals and the deploy example use MAX_PIXELS=65535
-# (qwen_vl_utils' default MIN_PIXELS); detection evals and report demos use 200704..1003520.
+# (qwen_vl_utils' default MIN_PIXELS); the detection eval sets MAX_PIXELS=1003520 and leaves MIN_PIXELS unset
+# (eval/eval_detection.py: qwen_vl_utils' default 3136); report demos use 200704..1003520.
 TASK_PIXEL_BUDGETS = {
     "segment": PixelBudget(4 * 28 * 28, 65535),
-    "detect": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
+    "detect": PixelBudget(4 * 28 * 28, 1280 * 28 * 28),
     "report": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
     "ask": PixelBudget(256 * 28 * 28, 1280 * 28 * 28),
 }

@@ -73,14 +73,16 @@ def build_sam2_model(config_path: Path):
     return model.eval()
 
 
-VIDEO_PREDICTOR_TARGET = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+# The sam2 package's video predictor with switchable object-score suppression (see sam2_video.py).
+VIDEO_PREDICTOR_TARGET = "citrusv_backend.model.sam2_video.CitrusVVideoPredictor"
 
 
 def build_sam2_video_predictor(config_path: Path, sam2_model):
     """SAM2's video predictor over the *same* weights as `sam2_model` (tensors shared, not copied).
 
     The Citrus checkpoint holds the whole SAM2, memory encoder and memory attention included; the video
-    predictor is the sam2 package's own class, built from the same config and given those tensors.
+    predictor is the sam2 package's own class (subclassed in sam2_video.py), built from the same config and
+    given those tensors.
     """
     import torch
     from hydra.utils import instantiate

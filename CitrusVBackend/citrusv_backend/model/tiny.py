@@ -20,6 +20,16 @@ from .processor import EXTRA_SPECIAL_TOKENS
 
 TINY_SAM2_CONFIG = Path(__file__).parent / "configs" / "citrusv_tiny_sam2.yaml"
 OBJECT_SCORE_BIAS = 4.0
+# A random mask decoder's logits are about +-0.1 (an undecided model); a trained one's are several units. The
+# default tiny model's are scaled into that range so its masks are clear and smoke runs reach propagation.
+MASK_LOGIT_GAIN = 100.0
+# Heads of the tiny model: (object-score logit bias, mask-logit gain). The variants disagree on purpose, to
+# test that presence is decided from the mask logits (what Citrus-V trained) and not from the object score.
+HEAD_PRESETS = {
+    "default": (OBJECT_SCORE_BIAS, MASK_LOGIT_GAIN),        # object score "present", clear masks
+    "object-absent": (-OBJECT_SCORE_BIAS, MASK_LOGIT_GAIN),  # object score "absent", clear masks
+    "faint-masks": (OBJECT_SCORE_BIAS, 1.0),                 # object score "present", undecided masks
+}
 
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
                        "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -86,8 +96,21 @@ def tiny_config_dict(sam2_config_name: str = TINY_SAM2_CONFIG.name) -> dict:
     }
 
 
+def set_heads(model, heads: str) -> None:
+    """Bias the SAM2 object-score head and scale the mask logits as `HEAD_PRESETS[heads]` says."""
+    if heads not in HEAD_PRESETS:
+        raise ValueError(f"unknown heads {heads!r}; use one of {', '.join(HEAD_PRESETS)}")
+    bias, gain = HEAD_PRESETS[heads]
+    decoder = model.grounding_encoder.sam2_model.sam_mask_decoder
+    with torch.no_grad():
+        decoder.pred_obj_score_head.layers[-1].bias.fill_(bias)
+        for hypernetwork in decoder.output_hypernetworks_mlps:  # mask logits are linear in their last layer
+            hypernetwork.layers[-1].weight.mul_(gain)
+            hypernetwork.layers[-1].bias.mul_(gain)
+
+
 def make_tiny_checkpoint(directory: Path, seed: int = 0, legacy_names: bool = False,
-                         max_shard_bytes: int = 40 * 1024**2) -> Path:
+                         max_shard_bytes: int = 40 * 1024**2, heads: str = "default") -> Path:
     """Write a random tiny checkpoint into `directory` (sharded, like the release) and return it."""
     from transformers import Qwen2VLImageProcessorPil
 
@@ -97,10 +120,7 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0, legacy_names: bool = Fa
     save_config(config, directory, TINY_SAM2_CONFIG)
     torch.manual_seed(seed)
     model = build_model(config, directory, torch.device("cpu"), torch.float32, initialize=True)
-    with torch.no_grad():
-        # Random object-score heads say "absent" about half the time; bias them to "present" so smoke runs
-        # exercise the whole pipeline (key slice, propagation, measurements) instead of stopping early.
-        model.grounding_encoder.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(OBJECT_SCORE_BIAS)
+    set_heads(model, heads)
     save_weights(model, directory, max_shard_bytes=max_shard_bytes, legacy_names=legacy_names)
     qwen25_tokenizer().save_pretrained(str(directory))
     Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,

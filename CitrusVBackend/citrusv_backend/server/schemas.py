@@ -80,7 +80,9 @@ class VolumeInfo(BaseModel):
 class JobOptions(Strict):
     mode: Literal["propagate", "per-slice", "hybrid"] = "propagate"
     window: Annotated[str, Field(max_length=64)] | None = Field(
-        None, description="auto, soft_tissue, lung, bone, brain, liver, or 'CENTER,WIDTH'")
+        None, description="auto/training (each volume normalised as the training data: its 0.5-99.5th percentiles; "
+                          "default), clinical (a CT preset per target), soft_tissue, lung, bone, brain, liver, or "
+                          "'CENTER,WIDTH'")
     axis: Literal["axial", "coronal", "sagittal"] = Field("axial", validation_alias=AliasChoices("axis", "plane"))
     slice_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="[first, last) slice indices along the axis")
@@ -96,6 +98,14 @@ class JobOptions(Strict):
     report_slices: Annotated[int, Field(ge=1, le=64)] = 3
     detect_slices: Annotated[int, Field(ge=1, le=512)] = 16
     batch_size: Annotated[int, Field(ge=1, le=64)] = 4
+    presence: Literal["mask", "object-score", "both"] = Field(
+        "mask", description="how a slice is judged to show the target: its mask logits (default), SAM2's object score, both")
+    object_score_suppression: bool = Field(False, description="let SAM2's propagation blank slices with a negative object score")
+    answer_mode: Literal["forced", "free"] = Field(
+        "forced", description="free: the model's own answer on the key slice, forced on the rest when it has a [SEG]")
+    mask_upsampling: Literal["bilinear", "nearest"] = "bilinear"
+    report_image: Literal["slices", "projection"] = Field(
+        "slices", description="report from spread slices, or from a radiograph-like projection of the CT")
     dicom_out: bool | None = Field(None, description="also make a DICOM SEG and SR (default: when the volume was "
                                                      "uploaded with a DICOM reference)")
 
@@ -113,7 +123,9 @@ class JobOptions(Strict):
                              key_candidates=self.key_candidates, stop_after_empty=self.stop_after_empty,
                              fill_holes=self.fill_holes, largest_component=self.largest_component,
                              report_slices=self.report_slices, detect_slices=self.detect_slices,
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, presence=self.presence,
+                             object_score_suppression=self.object_score_suppression, answer_mode=self.answer_mode,
+                             mask_upsampling=self.mask_upsampling, report_image=self.report_image)
 
 
 class JobRequest(Strict):

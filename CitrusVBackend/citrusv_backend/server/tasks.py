@@ -20,12 +20,12 @@ from ..serialization import json_default
 from ..volume.dicom_out import check_dicom_possible, dataset_bytes, describe_objects, dicom_objects, model_name, wants_dicom
 from ..volume.io import Volume
 from ..volume.outputs import report_markdown, segment_color
-from ..volume.orientation import display_orientation
+from ..volume.orientation import model_orientation
 from ..volume.pipeline import JobCancelled, SliceSource, VolumeOptions, VolumePipeline, VolumeResult
-from ..volume.targets import parse_targets
-from ..volume.windowing import parse_window
+from ..volume.targets import detection_targets, parse_targets
+from ..volume.windowing import check_window_spec, parse_window
 from . import rle
-from .codec import compress_crop, mask_payload
+from .codec import b64encode, compress_crop, mask_payload
 from .jobs import Job
 from .schemas import ImageRequest, JobRequest
 
@@ -43,11 +43,14 @@ def validate_volume_job(request: JobRequest, volume: Volume, max_new_tokens: int
         raise InputError("the prompt is empty; say what to find, e.g. 'segment the liver'")
     if request.task == "segment":
         parse_targets(request.prompt)
-    if options.window not in (None, "", "auto"):
-        parse_window(options.window, request.prompt, volume.modality)
+    elif request.task == "detect":
+        detection_targets(request.prompt)
+    if request.task == "report" and options.report_image == "projection" and volume.modality != "CT":
+        raise InputError(f"a radiograph-like projection needs a CT volume, not {volume.modality}")
+    check_window_spec(options.window)
     if wants_dicom(request.options.dicom_out, volume) and request.task != "ask":
         check_dicom_possible(volume)
-    depth = volume.shape[display_orientation(volume.geometry.direction, options.plane).slice_axis]
+    depth = volume.shape[model_orientation(volume.geometry.direction, options.plane).slice_axis]
     options.validate(depth)
     if request.options.slice is not None and request.options.slice >= depth:
         raise InputError(f"slice {request.options.slice} is outside the volume's 0:{depth} along the {options.plane} axis")
@@ -119,16 +122,30 @@ def labelmap_crops(labels: np.ndarray) -> dict[int, dict]:
     return crops
 
 
+def image_png_base64(rgb: np.ndarray) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
+    return b64encode(buffer.getvalue())
+
+
 def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
     crops = labelmap_crops(result.labels)
     segments = [segment.describe() | {"color": list(segment_color(segment.label)), "mask": crops.get(segment.label)}
                 for segment in result.segments]
     report = None
     if result.task == "report" or result.report_findings or result.report_impression:
-        report = {"findings": result.report_findings, "impression": result.report_impression}
+        report = {"findings": result.report_findings, "impression": result.report_impression,
+                  "experimental": result.experimental}
+        if result.report_image is not None:  # the radiograph-like projection the report was written from
+            report["image"] = {"format": "png", "encoding": "base64", "data": image_png_base64(result.report_image)}
     return {"task": result.task, "prompt": result.prompt, "case": result.case, "random_weights": result.random_weights,
             "labelmap": labelmap_info(volume), "segments": segments, "findings": result.findings,
             "boxes": result.boxes, "report": report, "report_markdown": report_markdown(result), "answer": None,
+            "experimental": result.experimental,
             "problems": result.problems, "timings": result.timings, "settings": result.settings}
 
 

@@ -274,6 +274,8 @@ def _procedure(modality: str):
 def _text_items(result, series: DicomSeries, numbers: dict) -> list[tuple[str, str]]:
     """(concept, text) pairs for the Qualitative Evaluations container."""
     items = [("Comment", note) for note in _notes(result.random_weights, series)]
+    if result.experimental:  # a report from images Citrus-V's reports were not trained on
+        items.append(("Comment", result.experimental))
     if result.report_findings:
         items.append(("Finding", f"FINDINGS: {result.report_findings}"))
     if result.report_impression:

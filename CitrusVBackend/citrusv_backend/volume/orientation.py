@@ -1,9 +1,19 @@
-"""Showing volume slices the way the model's training images were shown: radiological convention.
+"""How volume slices become 2D images: for the model (its training convention) and for people (display).
 
-Axial slices: patient right on the image's left, anterior at the top. The mapping from the voxel array to
-the displayed slice uses only axis permutations and flips (no resampling), so every displayed pixel is
-exactly one voxel and masks map back without interpolation. For oblique volumes each array axis is
-assigned the patient axis it is closest to.
+Display orientation (previews): radiological convention, patient right on the image's left; anterior up in
+axial slices, superior up in coronal and sagittal ones, anterior on the left in sagittal ones.
+
+Model orientation (what the model is shown): SA-Med2D-20M, the source of Citrus-V's segmentation data,
+exported each slice in the voxel array's own order along the sliced axis (`x_`, `y_`, `z_` in its file
+names). For a volume stored in the standard order (LPS: i to patient left, j to posterior, k to superior)
+that is: axial slices as the radiological display, coronal and sagittal slices with **superior at the
+bottom** (the reference's coronal sample `ct_00--MSD_Liver--liver_123--y_0175.png` has the pelvis at the top
+and the lungs at the bottom). The model orientation reproduces that array order for any stored direction
+(flipped, permuted, oblique), so the model always sees a slice as a standard volume's array would give it.
+
+Both mappings use only axis permutations and flips (no resampling), so every pixel is exactly one voxel and
+masks map back without interpolation. For oblique volumes each array axis is assigned the patient axis it is
+closest to.
 """
 from __future__ import annotations
 
@@ -19,19 +29,23 @@ LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR = 0, 1, 2
 
 @dataclass(frozen=True)
 class DisplayOrientation:
-    """How a numpy volume (k, j, i order, as SimpleITK returns it) becomes radiological axial slices."""
+    """How a numpy volume (k, j, i order, as SimpleITK returns it) becomes 2D slices along one plane."""
 
     slice_axis: int   # numpy axis stepped through
-    row_axis: int     # numpy axis shown top to bottom (anterior -> posterior)
-    col_axis: int     # numpy axis shown left to right (patient right -> patient left)
+    row_axis: int     # numpy axis shown top to bottom
+    col_axis: int     # numpy axis shown left to right
     flip_rows: bool
     flip_cols: bool
 
     def slice(self, volume: np.ndarray, index: int) -> np.ndarray:
-        """The 2D image of slice `index` (along slice_axis), in display orientation."""
+        """The 2D image of slice `index` (along slice_axis), in this orientation."""
         if not 0 <= index < volume.shape[self.slice_axis]:
             raise InputError(f"slice {index} is outside the volume (0..{volume.shape[self.slice_axis] - 1})")
-        plane = np.take(volume, index, axis=self.slice_axis)
+        return self.arrange(np.take(volume, index, axis=self.slice_axis))
+
+    def arrange(self, plane: np.ndarray) -> np.ndarray:
+        """A 2D array over the two in-plane axes (numpy order, e.g. a projection along slice_axis) -> this
+        orientation's rows and columns."""
         remaining = [axis for axis in range(3) if axis != self.slice_axis]
         plane = plane if remaining.index(self.row_axis) == 0 else plane.T
         if self.flip_rows:
@@ -88,8 +102,8 @@ def dominant_axes(direction: np.ndarray) -> list[int]:
 
 
 # plane -> (world axis sliced through, (world axis down the rows, sign), (world axis along the columns, sign)).
-# Radiological convention as the training images: patient right on the image's left; anterior up (axial);
-# superior up (coronal, sagittal); anterior on the left (sagittal).
+# Radiological display convention: patient right on the image's left; anterior up (axial); superior up
+# (coronal, sagittal); anterior on the left (sagittal).
 PLANES = {
     "axial": (LPS_SUPERIOR, (LPS_POSTERIOR, +1), (LPS_LEFT, +1)),
     "coronal": (LPS_POSTERIOR, (LPS_SUPERIOR, -1), (LPS_LEFT, +1)),
@@ -97,15 +111,47 @@ PLANES = {
 }
 
 
+# The model's input (SA-Med2D's array order of a standard LPS volume): rows and columns run along increasing
+# i, j, k; only coronal and sagittal rows differ from the display (superior at the bottom).
+MODEL_PLANES = {
+    "axial": PLANES["axial"],
+    "coronal": (LPS_POSTERIOR, (LPS_SUPERIOR, +1), (LPS_LEFT, +1)),
+    "sagittal": (LPS_LEFT, (LPS_SUPERIOR, +1), (LPS_POSTERIOR, +1)),
+}
+
+
 def display_orientation(direction: np.ndarray, plane: str = "axial") -> DisplayOrientation:
     """`direction`: the 3x3 ITK direction (columns = LPS directions of index axes i, j, k)."""
-    if plane not in PLANES:
-        raise InputError(f"unknown slice plane {plane!r}; use one of {', '.join(PLANES)}")
+    return _orientation(direction, plane, PLANES)
+
+
+def model_orientation(direction: np.ndarray, plane: str = "axial") -> DisplayOrientation:
+    """How slices along `plane` are shown to the model: the training data's (SA-Med2D's) convention."""
+    return _orientation(direction, plane, MODEL_PLANES)
+
+
+def convert_pixels(source: DisplayOrientation, target: DisplayOrientation, rows: np.ndarray, cols: np.ndarray,
+                   volume_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions (fractional allowed) in one orientation's slice -> the same voxels in another's (same
+    slice axis)."""
+    if source.slice_axis != target.slice_axis:
+        raise InputError("both orientations must slice along the same axis")
+    points = source.display_to_index(0, rows, cols, volume_shape)
+    height, width = target.plane_shape(volume_shape)
+    new_rows, new_cols = points[:, target.row_axis], points[:, target.col_axis]
+    new_rows = (height - 1) - new_rows if target.flip_rows else new_rows
+    new_cols = (width - 1) - new_cols if target.flip_cols else new_cols
+    return new_rows, new_cols
+
+
+def _orientation(direction: np.ndarray, plane: str, table: dict) -> DisplayOrientation:
+    if plane not in table:
+        raise InputError(f"unknown slice plane {plane!r}; use one of {', '.join(table)}")
     matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     world_of_index = dominant_axes(matrix)
     index_of_world = {world: index for index, world in enumerate(world_of_index)}
     to_numpy = lambda index_axis: 2 - index_axis  # noqa: E731  numpy order is (k, j, i)
-    slice_world, (row_world, row_sign), (col_world, col_sign) = PLANES[plane]
+    slice_world, (row_world, row_sign), (col_world, col_sign) = table[plane]
     row_index, col_index = index_of_world[row_world], index_of_world[col_world]
     return DisplayOrientation(
         slice_axis=to_numpy(index_of_world[slice_world]), row_axis=to_numpy(row_index), col_axis=to_numpy(col_index),

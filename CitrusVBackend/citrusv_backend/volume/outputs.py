@@ -93,6 +93,8 @@ def report_markdown(result: VolumeResult) -> str:
     lines = [f"# CitrusV {result.task} report: {result.case}", ""]
     if result.random_weights:
         lines += [f"> **{RANDOM_NOTE}**", ""]
+    if result.experimental:
+        lines += [f"> **{result.experimental}**", ""]
     lines += [f"Prompt: {result.prompt or '(none)'}", ""]
     if result.segments:
         lines += ["## Segments", "", "| label | segment | laterality | volume (mL) | long axis (mm) | short axis (mm) | key slice |",
@@ -141,6 +143,7 @@ def render_preview(result: VolumeResult, source: SliceSource, tile: int = 256) -
               f"{_format_cell(s.measurements.get('long_axis_mm'))} x {_format_cell(s.measurements.get('short_axis_mm'))} mm"
               f"{', ' + s.laterality if s.laterality else ''}" for s in result.segments]
     header = [f"{result.case} - {result.task}: {result.prompt}"[:110]] + ([RANDOM_NOTE] if result.random_weights else [])
+    header += _wrap(result.experimental, 110) if result.experimental else []
     text_height = 16 * (len(header) + len(legend)) + 8
     canvas = Image.new("RGB", (columns * tile, rows * tile + text_height), (16, 16, 16))
     draw = ImageDraw.Draw(canvas)
@@ -149,8 +152,8 @@ def render_preview(result: VolumeResult, source: SliceSource, tile: int = 256) -
         canvas.paste(_overlay_tile(result, source, index, tile), ((n % columns) * tile, (n // columns) * tile))
         draw.text(((n % columns) * tile + 4, (n // columns) * tile + 4), f"slice {index}", fill=(255, 255, 0), font=font)
     y = rows * tile + 4
-    for line in header:
-        draw.text((4, y), line, fill=(255, 80, 80) if line == RANDOM_NOTE else (230, 230, 230), font=font)
+    for number, line in enumerate(header):
+        draw.text((4, y), line, fill=(230, 230, 230) if number == 0 else (255, 80, 80), font=font)
         y += 16
     for segment, line in zip(result.segments, legend):
         draw.text((4, y), line, fill=segment_color(segment.label), font=font)
@@ -158,9 +161,21 @@ def render_preview(result: VolumeResult, source: SliceSource, tile: int = 256) -
     return canvas
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
 def _overlay_tile(result: VolumeResult, source: SliceSource, index: int, tile: int) -> Image.Image:
-    rgb = source.rgb(index).astype(np.float64)
-    labels = source.orientation.slice(result.labels, index)
+    """One slice as people read it (radiological display orientation), whatever orientation the model saw."""
+    rgb = source.display_rgb(index).astype(np.float64)
+    labels = source.display.slice(result.labels, index)
     for segment in result.segments:
         inside = labels == segment.label
         rgb[inside] = 0.55 * rgb[inside] + 0.45 * np.array(segment_color(segment.label))
@@ -207,6 +222,10 @@ def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None
     write_text(files["report"], report_markdown(result))
     with atomic_path(files["preview"]) as temporary:
         render_preview(result, source).save(temporary, format="PNG")
+    if result.report_image is not None:
+        files["report_image"] = out_dir / f"{case}_report_image.png"
+        with atomic_path(files["report_image"]) as temporary:
+            Image.fromarray(result.report_image).save(temporary, format="PNG")
     from .dicom_out import model_name, wants_dicom, write_dicom_outputs
 
     if wants_dicom(dicom, volume):

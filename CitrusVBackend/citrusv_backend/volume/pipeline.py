@@ -1,15 +1,22 @@
 """Whole-volume tasks on top of the 2D model: segment (key slice + propagation), detect, report.
 
+What the model is shown follows its training data (README, "What the model sees"): slices normalised per
+volume as SA-Med2D did (windowing.py), oriented in SA-Med2D's array order (orientation.py), asked with the
+reference's own prompts (targets.py; reports: the reference's chest-radiograph prompt).
+
 Segmentation of one target:
 1. key-slice search — the forced-answer segmentation ("Sure, it is [SEG].") on a coarse set of slices, then
-   finer around the best; each candidate is scored by SAM2's object score, predicted IoU and mask area;
+   finer around the best; a candidate counts when its mask logits say the target is there (presence.py: the
+   trained signal, not SAM2's untrained object-score head) and a neighbouring slice agrees;
 2. propagation — SAM2's video memory is conditioned with the key-slice mask and run forward and backward
-   through the slices until the target has ended (mode "propagate"); or every slice is segmented on its own
-   (mode "per-slice", a slice counts when SAM2's object score is positive); or propagation is re-anchored
+   through the slices until the target has ended (mode "propagate"; SAM2's object-score suppression is off
+   unless asked); or every slice is segmented on its own (mode "per-slice"); or propagation is re-anchored
    with a fresh Citrus-V mask wherever it loses the target while Citrus-V still finds it (mode "hybrid");
+   with `answer_mode="free"` the model writes its own answer on the key slice and that answer, when it has
+   a [SEG], is forced on every other slice of the target;
 3. post-processing — holes filled per slice (on by default: it cannot remove tissue), largest 3D connected
    component (off by default: lesions can be multifocal).
-Masks are written into the volume's own voxel grid by the exact inverse of the display mapping.
+Masks are written into the volume's own voxel grid by the exact inverse of the slice mapping.
 """
 from __future__ import annotations
 
@@ -24,20 +31,27 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CitrusVError, InputError
-from ..inference.engine import FORCED_SEGMENT_ANSWER, CitrusVEngine, InferenceResult
+from ..inference.engine import FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, CitrusVEngine, InferenceResult
 from ..inference.reports import detect_location
-from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
+from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
-from .orientation import PLANES, DisplayOrientation, display_orientation
-from .propagation import Cancelled, SliceFrames, propagate
+from .orientation import PLANES, DisplayOrientation, convert_pixels, display_orientation, model_orientation
+from .presence import PRESENCE_RULES, Evidence, PresenceRule, consistent_slices
+from .propagation import Cancelled, PropagatedSlice, SliceFrames, propagate
 from .quantify import laterality_of, measure_segment
-from .targets import Target, parse_targets
-from .windowing import Window, parse_window
+from .targets import Target, detection_targets, parse_targets
+from .windowing import Window, WindowChoice
 
 log = logging.getLogger(__name__)
 
 MODES = ("propagate", "per-slice", "hybrid")
 TASKS = ("segment", "detect", "report")
+ANSWER_MODES = ("forced", "free")
+REPORT_IMAGES = ("slices", "projection")
+# The reference's report prompt, verbatim (demo/citrusv_streamlit_app.py, the "Report" example).
+REPORT_PROMPT = "Evaluate the provided chest radiograph and compile a report. Let's think step by step."
+REPORT_EXPERIMENTAL = ("EXPERIMENTAL: Citrus-V's reports were trained and benchmarked on chest radiographs (CheXpert "
+                       "Plus), not on {what}; findings may be invented. Read the images yourself.")
 ProgressFn = Callable[[str, float, str], None]
 
 
@@ -48,7 +62,7 @@ class JobCancelled(CitrusVError):
 @dataclass
 class VolumeOptions:
     mode: str = "propagate"
-    window: str | None = None              # auto, a CT preset name, or "CENTER,WIDTH"
+    window: str | None = None              # training (default, = auto), clinical, a CT preset, or "CENTER,WIDTH"
     plane: str = "axial"                   # axial, coronal, sagittal
     slice_range: tuple[int, int] | None = None  # [first, last) slice indices along the plane
     min_pixels: int | None = None
@@ -62,10 +76,24 @@ class VolumeOptions:
     detect_slices: int = 16                # slices read by the detect task
     max_new_tokens: int = 1024
     batch_size: int = 4                    # slices per forced-answer prefill / SAM2 encoding
+    presence: str = "mask"                 # how a slice is judged to show the target (presence.py)
+    object_score_suppression: bool = False  # let SAM2's propagation blank masks on a negative object score
+    answer_mode: str = "forced"            # forced: `answer` everywhere; free: the model's own key-slice answer
+    mask_upsampling: str = "bilinear"      # bilinear (smooth) or nearest (the reference clients' resize)
+    report_image: str = "slices"           # slices, or projection (a radiograph-like frontal projection; CT)
+
+    def presence_rule(self) -> PresenceRule:
+        return PresenceRule(self.presence)
 
     def validate(self, depth: int) -> tuple[int, int]:
         if self.mode not in MODES:
             raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for value, allowed, what in ((self.presence, PRESENCE_RULES, "presence rule"),
+                                     (self.answer_mode, ANSWER_MODES, "answer mode"),
+                                     (self.mask_upsampling, MASK_UPSAMPLING, "mask upsampling"),
+                                     (self.report_image, REPORT_IMAGES, "report image")):
+            if value not in allowed:
+                raise InputError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
         if self.plane not in PLANES:
             raise InputError(f"unknown slice plane {self.plane!r}; use one of {', '.join(PLANES)}")
         first, last = self.slice_range or (0, depth)
@@ -87,11 +115,16 @@ class Segment:
     measurements: dict = field(default_factory=dict)
     laterality: str | None = None
     slices: list[int] = field(default_factory=list)
+    answer: str = FORCED_SEGMENT_ANSWER     # the answer forced on the slices
+    answer_source: str = "forced"           # forced or generated (answer_note says why)
+    answer_note: str = ""
+    key_evidence: dict | None = None        # mask-logit figures and the (reported) object score of the key slice
 
     def describe(self) -> dict:
         return {"label": self.label, "name": self.name, "query": self.query, "key_slice": self.key_slice,
                 "key_score": round(self.key_score, 4), "laterality": self.laterality, "slices": self.slices,
-                "measurements": self.measurements}
+                "measurements": self.measurements, "answer": self.answer, "answer_source": self.answer_source,
+                "answer_note": self.answer_note, "key_evidence": self.key_evidence}
 
 
 @dataclass
@@ -109,21 +142,27 @@ class VolumeResult:
     timings: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     random_weights: bool = False
+    experimental: str = ""             # why this result is experimental (reports), shown in every output
+    report_image: np.ndarray | None = field(default=None, repr=False)   # the projection a report was written from
     source: "SliceSource | None" = field(default=None, repr=False)   # the slices the task saw (previews)
 
     def describe(self) -> dict:
         return {"task": self.task, "prompt": self.prompt, "case": self.case, "random_weights": self.random_weights,
+                "experimental": self.experimental,
                 "segments": [s.describe() for s in self.segments], "findings": self.findings, "boxes": self.boxes,
                 "report": {"findings": self.report_findings, "impression": self.report_impression},
                 "problems": self.problems, "timings": self.timings, "settings": self.settings}
 
 
 class SliceSource:
-    """The volume's slices along one plane, display-oriented, windowed to uint8 RGB (computed on demand)."""
+    """The volume's slices along one plane, windowed to uint8 RGB (computed on demand).
+
+    `orientation` is the model's (SA-Med2D's array order), `display` the radiological one for previews."""
 
     def __init__(self, volume: Volume, plane: str, window: Window):
         self.volume = volume
-        self.orientation: DisplayOrientation = display_orientation(volume.geometry.direction, plane)
+        self.orientation: DisplayOrientation = model_orientation(volume.geometry.direction, plane)
+        self.display: DisplayOrientation = display_orientation(volume.geometry.direction, plane)
         self.window = window
         self.depth = volume.shape[self.orientation.slice_axis]
         self.height, self.width = self.orientation.plane_shape(volume.shape)
@@ -131,6 +170,15 @@ class SliceSource:
     def rgb(self, index: int) -> np.ndarray:
         gray = self.window.apply(self.orientation.slice(self.volume.voxels, index))
         return np.repeat(gray[:, :, None], 3, axis=2)
+
+    def display_rgb(self, index: int) -> np.ndarray:
+        gray = self.window.apply(self.display.slice(self.volume.voxels, index))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+
+    def to_display(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel positions in the model's slice -> the display slice's."""
+        return convert_pixels(self.orientation, self.display, np.asarray(rows, float), np.asarray(cols, float),
+                              self.volume.shape)
 
 
 class VolumePipeline:
@@ -141,6 +189,8 @@ class VolumePipeline:
         self.engine = engine
         self.progress = progress or (lambda stage, fraction, message: None)
         self.should_cancel = should_cancel or (lambda: False)
+        self._sources: dict[Window, SliceSource] = {}
+        self._answers: dict[str, str] = {}     # target query -> the answer forced on its slices (this run)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -159,13 +209,21 @@ class VolumePipeline:
                         options: VolumeOptions) -> list[InferenceResult]:
         """Forced-answer segmentation of slices, `batch_size` at a time (cancel is checked between batches)."""
         budget = self._budget("segment", options)
+        answer = self._answers.get(target.query, options.answer)
         results = []
         for start in range(0, len(indices), options.batch_size):
             self._check_cancel()
             chunk = indices[start:start + options.batch_size]
-            results += self.engine.segment_batch([source.rgb(i) for i in chunk], target.query, answer=options.answer,
-                                                 min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+            results += self.engine.segment_batch([source.rgb(i) for i in chunk], target.query, answer=answer,
+                                                 min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
+                                                 mask_upsampling=options.mask_upsampling)
         return results
+
+    def _source(self, volume: Volume, window: Window, plane: str) -> SliceSource:
+        """One SliceSource per window of the job (several only with per-target `clinical` windows)."""
+        if window not in self._sources:
+            self._sources[window] = SliceSource(volume, plane, window)
+        return self._sources[window]
 
     # ------------------------------------------------------------------------------------------ entry
 
@@ -175,19 +233,27 @@ class VolumePipeline:
             raise InputError(f"unknown volume task {task!r}; use one of {', '.join(TASKS)}")
         if task != "report" and (not isinstance(prompt, str) or not prompt.strip()):
             raise InputError("the prompt is empty; say what to find, e.g. 'segment the liver'")
-        window = parse_window(options.window, prompt or "", volume.modality, volume.voxels)
-        source = SliceSource(volume, options.plane, window)
+        targets = parse_targets(prompt) if task == "segment" else detection_targets(prompt) if task == "detect" else []
+        self._sources, self._answers = {}, {}
+        windows = WindowChoice(options.window, volume.modality, volume.voxels)
+        source = self._source(volume, windows.for_target(targets[0].name if targets else prompt or ""), options.plane)
         slice_range = options.validate(source.depth)
         result = VolumeResult(task=task, prompt=prompt, case=volume.name, labels=np.zeros(volume.shape, np.uint8),
                               random_weights=self.engine.loaded.random_weights, source=source,
-                              settings={"mode": options.mode, "plane": options.plane, "window": window.__dict__,
-                                        "slice_range": list(slice_range), "modality": volume.modality})
+                              settings={"mode": options.mode, "plane": options.plane, "window": source.window.__dict__,
+                                        "slice_range": list(slice_range), "modality": volume.modality,
+                                        "orientation": "model: SA-Med2D array order; previews: radiological",
+                                        "presence": options.presence_rule().describe(),
+                                        "object_score_suppression": options.object_score_suppression,
+                                        "answer_mode": options.answer_mode, "mask_upsampling": options.mask_upsampling})
+        if windows.per_target and targets:
+            result.settings["windows"] = {t.name: windows.for_target(t.name).__dict__ for t in targets}
         started = time.perf_counter()
         try:
             if task == "segment":
-                self._run_segment(source, prompt, options, slice_range, result)
+                self._run_segment(volume, windows, targets, options, slice_range, result)
             elif task == "detect":
-                self._run_detect(source, prompt, options, slice_range, result)
+                self._run_detect(volume, windows, targets, options, slice_range, result)
             else:
                 self._run_report(source, prompt, options, slice_range, result)
         except Cancelled:
@@ -198,50 +264,91 @@ class VolumePipeline:
 
     # ------------------------------------------------------------------------------------------ segment
 
-    def _run_segment(self, source: SliceSource, prompt: str, options: VolumeOptions, slice_range, result: VolumeResult):
-        targets = parse_targets(prompt)
+    def _run_segment(self, volume, windows: WindowChoice, targets: list[Target], options: VolumeOptions, slice_range,
+                     result: VolumeResult):
         if len(targets) > 254:
             raise InputError("at most 254 targets per prompt")
         for number, target in enumerate(targets, start=1):
+            source = self._source(volume, windows.for_target(target.name), options.plane)
             stage = f"{target.name} ({number}/{len(targets)})"
-            mask, key, score, slices = self._segment_target(source, target, options, slice_range, stage, result.timings)
-            mask = postprocess(mask, source.orientation.slice_axis, options)
-            segment = Segment(label=number, name=target.name, query=target.query, mask=mask, key_slice=key,
-                              key_score=score, slices=sorted(set(np.nonzero(mask.any(axis=tuple(
-                                  a for a in range(3) if a != source.orientation.slice_axis)))[0].tolist())))
+            segment = Segment(label=number, name=target.name, query=target.query, mask=np.zeros(volume.shape, bool),
+                              key_slice=None, key_score=0.0, answer=options.answer)
+            self._segment_target(source, target, options, slice_range, stage, result.timings, segment)
+            mask = postprocess(segment.mask, source.orientation.slice_axis, options)
+            segment.mask = mask
+            segment.slices = sorted(set(np.nonzero(mask.any(axis=tuple(
+                a for a in range(3) if a != source.orientation.slice_axis)))[0].tolist()))
             self._measure(segment, source)
             result.labels[mask & (result.labels == 0)] = number
             result.segments.append(segment)
             if not mask.any():
-                result.problems.append(f"{target.name}: not found (no slice with a confident mask)")
+                result.problems.append(f"{target.name}: not found (no slice whose mask logits show the target"
+                                       f"{'' if options.presence == 'mask' else ' under the ' + options.presence + ' rule'})")
         result.findings = [segment_finding(s) for s in result.segments]
 
-    def _segment_target(self, source, target: Target, options, slice_range, stage: str, timings: dict):
+    def _segment_target(self, source, target: Target, options, slice_range, stage: str, timings: dict,
+                        segment: Segment) -> None:
+        """Fills `segment` (mask, key slice and score, the answer used)."""
         step = time.perf_counter()
+        rule = options.presence_rule()
         if options.mode == "per-slice":
-            mask, slices = self._per_slice(source, target, options, slice_range, stage)
+            if options.answer_mode == "free":
+                self._choose_answer(source, target, (slice_range[0] + slice_range[1] - 1) // 2, None, options, segment)
+            slices = self._per_slice(source, target, options, slice_range, stage, segment.mask)
             timings[f"per_slice_s[{target.name}]"] = round(time.perf_counter() - step, 3)
-            best = max(slices, key=lambda item: item[1]) if slices else (None, 0.0)
-            return mask, best[0], best[1], [s for s, _ in slices]
+            if slices:
+                segment.key_slice, segment.key_score, evidence = max(slices, key=lambda item: item[1])
+                segment.key_evidence = evidence.to_dict()
+            return
         key, key_result, score = self.find_key_slice(source, target, options, slice_range, stage)
         timings[f"key_slice_search_s[{target.name}]"] = round(time.perf_counter() - step, 3)
-        step = time.perf_counter()
-        mask = np.zeros(source.volume.shape, bool)
         if key is None:
-            return mask, None, 0.0, []
+            return
+        if options.answer_mode == "free":
+            key_result = self._choose_answer(source, target, key, key_result, options, segment)
+            score = rule.score(Evidence.from_result(key_result))
+        segment.key_slice, segment.key_score = key, score
+        segment.key_evidence = Evidence.from_result(key_result).to_dict()
+        step = time.perf_counter()
         anchors = {key: key_result}
         propagated = self._propagate(source, anchors, options, slice_range, stage)
         if options.mode == "hybrid":
             propagated = self._reanchor(source, target, anchors, propagated, options, slice_range, stage)
         for index, item in propagated.items():
-            source.orientation.put_slice(mask, index, item)
+            if item.present:
+                source.orientation.put_slice(segment.mask, index, item.mask)
         timings[f"propagation_s[{target.name}]"] = round(time.perf_counter() - step, 3)
-        return mask, key, score, sorted(propagated)
+
+    def _choose_answer(self, source, target: Target, index: int, forced_result, options, segment: Segment):
+        """Free generation on slice `index`: its text becomes the target's forced answer when it has a [SEG]
+        (cached for the run). Returns the result to use on that slice."""
+        budget = self._budget("segment", options)
+        self._check_cancel()
+        generated = self.engine.run(source.rgb(index), target.query, task="segment", answer=None,
+                                    min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
+                                    max_new_tokens=options.max_new_tokens, mask_upsampling=options.mask_upsampling)
+        segment.answer_source = "forced"
+        if not (SEG_TOKEN in generated.text and generated.masks):
+            segment.answer_note = (f"the model's own answer on slice {index} had no {SEG_TOKEN} "
+                                   f"({generated.text[:200]!r}); {options.answer!r} was forced instead")
+            return forced_result
+        if forced_result is not None and not options.presence_rule().present(Evidence.from_result(generated)):
+            segment.answer_note = (f"the model's own answer on key slice {index} ({generated.text[:200]!r}) gives a mask "
+                                   f"that does not show the target; {options.answer!r} was forced instead")
+            return forced_result
+        self._answers[target.query] = generated.text
+        segment.answer, segment.answer_source = generated.text, "generated"
+        segment.answer_note = f"the model's own answer on slice {index}, forced on the other slices"
+        return generated
 
     def find_key_slice(self, source, target, options, slice_range, stage):
-        """Coarse-to-fine search for the slice where the target is found most confidently."""
+        """Coarse-to-fine search for the slice where the target is found most confidently.
+
+        A candidate counts when the presence rule accepts its mask; the best one must also have a neighbouring
+        slice that shows the target (else it is an isolated blip and the next best is tried)."""
         first, last = slice_range
         count = last - first
+        rule = options.presence_rule()
         candidates = sorted({first + int(round((n + 0.5) * count / options.key_candidates)) for n in range(options.key_candidates)}
                             if count > options.key_candidates else set(range(first, last)))
         candidates = [c for c in candidates if first <= c < last]
@@ -250,7 +357,7 @@ class VolumePipeline:
         def score(indices: list[int]) -> None:
             fresh = [i for i in dict.fromkeys(indices) if i not in scored and first <= i < last]
             for index, result in zip(fresh, self._segment_slices(source, fresh, target, options)):
-                scored[index] = (slice_score(result), result)
+                scored[index] = (rule.score(Evidence.from_result(result)), result)
                 self.progress(f"key slice: {stage}", min(len(scored) / (len(candidates) + 6), 0.99),
                               f"slice {index}: score {scored[index][0]:.3f}")
 
@@ -260,18 +367,20 @@ class VolumePipeline:
             best = max(scored, key=lambda i: scored[i][0])
             score([best - step, best + step])
             step //= 2
-        best = max(scored, key=lambda i: scored[i][0])
-        best_score, best_result = scored[best]
-        if best_score <= 0 or not best_result.masks:
-            return None, None, 0.0
-        return best, best_result, best_score
+        for best in sorted((i for i in scored if scored[i][0] > 0), key=lambda i: -scored[i][0])[:3]:
+            if rule.neighbour_support and count > 1:
+                score([best - 1, best + 1])
+                if not any(scored.get(n, (0.0,))[0] > 0 for n in (best - 1, best + 1)):
+                    continue
+            return best, scored[best][1], scored[best][0]
+        return None, None, 0.0
 
     def _key_mask(self, result: InferenceResult, size: int) -> np.ndarray:
         """The key-slice mask in SAM2's square frame: the low-res logits upsampled like SAM2 itself does."""
         logits = torch.from_numpy(result.masks[0].low_res_logits)[None, None]
         return (F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
 
-    def _propagate(self, source, anchors: dict, options, slice_range, stage) -> dict[int, np.ndarray]:
+    def _propagate(self, source, anchors: dict, options, slice_range, stage) -> dict[int, PropagatedSlice]:
         first, last = slice_range
         grounding = self.engine.model.grounding_encoder
         size = grounding.image_size
@@ -280,17 +389,23 @@ class VolumePipeline:
         frame_anchors = {index - first: self._key_mask(result, size) for index, result in anchors.items()}
         progress = lambda done, total: self.progress(f"propagation: {stage}", min(done / max(total, 1), 0.99),  # noqa: E731
                                                      f"{done} slices")
+        rule = options.presence_rule()
         propagated = propagate(predictor, frames, source.height, source.width, frame_anchors,
                                stop_after_empty=options.stop_after_empty,
                                autocast=grounding._autocast(next(predictor.parameters()).device),
-                               on_slice=progress, should_cancel=self.should_cancel)
-        return {first + frame: item.mask for frame, item in propagated.items()}
+                               on_slice=progress, should_cancel=self.should_cancel,
+                               presence=lambda logits, object_score: rule.present(Evidence.from_logits(logits, object_score)),
+                               mask_upsampling=options.mask_upsampling,
+                               suppress_absent_objects=options.object_score_suppression)
+        return {first + frame: item for frame, item in propagated.items()}
 
     def _reanchor(self, source, target, anchors, propagated, options, slice_range, stage):
-        """Where propagation lost the target, ask Citrus-V again; a confident mask becomes a new anchor."""
+        """Where propagation lost the target, ask Citrus-V again; a mask the presence rule accepts becomes a new
+        anchor (it lies next to a slice that shows the target, so it has a neighbour's support)."""
         first, last = slice_range
+        rule = options.presence_rule()
         for _ in range(8):  # each round adds at most one anchor per direction
-            found = [i for i, m in propagated.items() if m.any()]
+            found = [i for i, item in propagated.items() if item.present]
             if not found:
                 break
             new = {}
@@ -298,7 +413,7 @@ class VolumePipeline:
                 probe = edge + direction
                 if first <= probe < last and probe not in anchors:
                     result = self._segment_slice(source, probe, target, options)
-                    if slice_score(result) > 0 and result.masks:
+                    if rule.present(Evidence.from_result(result)):
                         new[probe] = result
             if not new:
                 break
@@ -306,20 +421,24 @@ class VolumePipeline:
             propagated = self._propagate(source, anchors, options, slice_range, stage)
         return propagated
 
-    def _per_slice(self, source, target, options, slice_range, stage):
+    def _per_slice(self, source, target, options, slice_range, stage, mask: np.ndarray):
+        """Every slice alone; a slice counts when the presence rule accepts it and a neighbour agrees."""
         first, last = slice_range
-        mask = np.zeros(source.volume.shape, bool)
-        kept = []
+        rule = options.presence_rule()
         indices = list(range(first, last))
+        evidence: dict[int, Evidence | None] = {}
+        masks: dict[int, np.ndarray] = {}
         for start in range(0, len(indices), options.batch_size):
             chunk = indices[start:start + options.batch_size]
             for index, result in zip(chunk, self._segment_slices(source, chunk, target, options)):
-                score = slice_score(result)
-                if score > 0 and result.masks[0].mask.any():
-                    source.orientation.put_slice(mask, index, result.masks[0].mask)
-                    kept.append((index, score))
+                evidence[index] = Evidence.from_result(result)
+                if rule.present(evidence[index]):
+                    masks[index] = result.masks[0].mask
             self.progress(f"per-slice: {stage}", (start + len(chunk)) / len(indices), f"slice {chunk[-1]}")
-        return mask, kept
+        kept = consistent_slices({i: i in masks for i in indices}, first, last, rule)
+        for index in sorted(kept):
+            source.orientation.put_slice(mask, index, masks[index])
+        return [(index, rule.score(evidence[index]), evidence[index]) for index in sorted(kept)]
 
     def _measure(self, segment: Segment, source: SliceSource) -> None:
         volume = source.volume
@@ -330,64 +449,78 @@ class VolumePipeline:
 
     # ------------------------------------------------------------------------------------------ detect
 
-    def _run_detect(self, source, prompt, options, slice_range, result: VolumeResult):
+    def _run_detect(self, volume, windows: WindowChoice, targets: list[Target], options, slice_range,
+                    result: VolumeResult):
+        """Each target asked with the reference eval's template on `detect_slices` spread slices."""
         first, last = slice_range
         indices = spread(first, last, options.detect_slices)
         budget = self._budget("detect", options)
-        per_slice = []
-        for done, index in enumerate(indices, start=1):
-            self._check_cancel()
-            answer = self.engine.run(source.rgb(index), prompt, task="detect", min_pixels=budget.min_pixels,
-                                     max_pixels=budget.max_pixels, max_new_tokens=options.max_new_tokens)
-            per_slice.append((index, answer.boxes))
-            result.problems.extend(f"slice {index}: {p}" for p in answer.problems)
-            self.progress("detect", done / len(indices), f"slice {index}: {len(answer.boxes)} box(es)")
         step = (last - first) / max(len(indices), 1)
-        result.boxes = [box_to_patient(b, source) for b in link_boxes(per_slice, max_gap=max(1, math.ceil(step)))]
-        result.findings = [{"finding": b["label"] or "detection", "location": detect_location(b["label"] or "") or "",
+        total = len(indices) * len(targets)
+        for number, target in enumerate(targets):
+            source = self._source(volume, windows.for_target(target.name), options.plane)
+            if target.query != target.detect_query():
+                result.problems.append(f"{target.query!r} was asked as written: the reference's detection template "
+                                       f"needs a target name, e.g. 'the liver' or 'detect the kidneys'")
+            per_slice = []
+            for done, index in enumerate(indices, start=1):
+                self._check_cancel()
+                answer = self.engine.run(source.rgb(index), target.query, task="detect", min_pixels=budget.min_pixels,
+                                         max_pixels=budget.max_pixels, max_new_tokens=options.max_new_tokens)
+                per_slice.append((index, answer.boxes))
+                result.problems.extend(f"{target.name}, slice {index}: {p}" for p in answer.problems)
+                self.progress("detect", (number * len(indices) + done) / total,
+                              f"{target.name}, slice {index}: {len(answer.boxes)} box(es)")
+            for group in link_boxes(per_slice, max_gap=max(1, math.ceil(step))):
+                result.boxes.append(box_to_patient(group, source) | {"target": target.name})
+        result.findings = [{"finding": b["label"] or b["target"], "location": detect_location(b["label"] or b["target"]) or "",
                             "laterality": b["laterality"], "slice": b["slices"][0], "segment": ""} for b in result.boxes]
 
     # ------------------------------------------------------------------------------------------ report
 
     def _run_report(self, source, prompt, options, slice_range, result: VolumeResult):
-        first, last = slice_range
-        indices = spread(first, last, options.report_slices)
+        """The reference's chest-radiograph prompt (unless the user gives one) on spread slices, or on a
+        radiograph-like projection of the volume; experimental either way (trained on chest X-rays)."""
         budget = self._budget("report", options)
-        query = prompt.strip() if prompt and prompt.strip() else "Evaluate the provided image and compile a report. Let's think step by step."
+        query = prompt.strip() if prompt and prompt.strip() else REPORT_PROMPT
+        result.settings["report_prompt"] = query
+        result.settings["report_image"] = options.report_image
+        if options.report_image == "projection":
+            from .projection import radiograph_projection
+
+            result.experimental = REPORT_EXPERIMENTAL.format(what="projections of CT volumes")
+            result.report_image = radiograph_projection(source.volume)
+            images = [("projection", result.report_image)]
+        else:
+            what = f"{source.volume.modality} slices"
+            result.experimental = REPORT_EXPERIMENTAL.format(what=what) + \
+                (" For a chest CT, --report-image projection shows the model a radiograph-like image."
+                 if source.volume.modality.upper() == "CT" else "")
+            images = [(index, None) for index in spread(*slice_range, options.report_slices)]
         findings_text, impression_text = [], []
-        for done, index in enumerate(indices, start=1):
+        for done, (where, image) in enumerate(images, start=1):
             self._check_cancel()
-            answer = self.engine.run(source.rgb(index), query, task="report", min_pixels=budget.min_pixels,
-                                     max_pixels=budget.max_pixels, max_new_tokens=options.max_new_tokens)
+            answer = self.engine.run(source.rgb(where) if image is None else image, query, task="report",
+                                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels,
+                                     max_new_tokens=options.max_new_tokens)
+            label = "projection" if image is not None else f"slice {where}"
             report = answer.report
             if report is not None:
                 if report.findings_text:
-                    findings_text.append(f"[slice {index}] {report.findings_text}")
+                    findings_text.append(f"[{label}] {report.findings_text}")
                 if report.impression_text:
-                    impression_text.append(f"[slice {index}] {report.impression_text}")
+                    impression_text.append(f"[{label}] {report.impression_text}")
                 for finding in report.findings:
                     result.findings.append({"finding": finding.text, "location": finding.location or "",
                                             "laterality": finding.laterality or "", "negated": finding.negated,
-                                            "slice": index, "segment": ""})
-            result.problems.extend(f"slice {index}: {p}" for p in answer.problems)
-            self.progress("report", done / len(indices), f"slice {index} read")
+                                            "slice": where if image is None else None, "segment": ""})
+            result.problems.extend(f"{label}: {p}" for p in answer.problems)
+            self.progress("report", done / len(images), f"{label} read")
         result.report_findings = "\n".join(findings_text)
         result.report_impression = "\n".join(impression_text)
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-
-def slice_score(result: InferenceResult) -> float:
-    """Confidence that the slice shows the target: P(object) x predicted IoU, zero for empty/full masks."""
-    if not result.masks:
-        return 0.0
-    found = result.masks[0]
-    area = float(found.mask.mean())
-    if area == 0.0 or area > 0.9:
-        return 0.0
-    probability = 1.0 / (1.0 + math.exp(-found.object_score))
-    return probability * max(found.iou, 0.0) if found.object_score > 0 else 0.0
-
 
 def spread(first: int, last: int, count: int) -> list[int]:
     """`count` slice indices spread evenly over [first, last), centred in their bins."""
@@ -462,8 +595,12 @@ def box_to_patient(group: dict, source: SliceSource) -> dict:
     low, high = lps.min(axis=0), lps.max(axis=0)
     ras_low, ras_high = low * [-1, -1, 1], high * [-1, -1, 1]
     centre = (low + high) / 2
+    # The same box in the display orientation of previews (the model's coronal/sagittal rows run the other way).
+    display_rows, display_cols = source.to_display(rows, cols)
     return {"label": box.label or "", "slices": [int(group["first"]), int(group["last"])],
-            "box_display_pixels": [box.x1, box.y1, box.x2, box.y2],
+            "box_model_pixels": [box.x1, box.y1, box.x2, box.y2],
+            "box_display_pixels": [float(display_cols.min() + 0.5), float(display_rows.min() + 0.5),
+                                   float(display_cols.max() + 0.5), float(display_rows.max() + 0.5)],
             "lps_min": low.tolist(), "lps_max": high.tolist(),
             "ras_min": np.minimum(ras_low, ras_high).tolist(), "ras_max": np.maximum(ras_low, ras_high).tolist(),
             "size_mm": (high - low).tolist(),

@@ -4,6 +4,10 @@ The frames are the volume's display-oriented slices, preprocessed exactly like t
 (Qwen smart-resize, LANCZOS stretch to the SAM2 size, ImageNet normalisation) and computed lazily, so a
 300-slice volume never holds 300 x 3 x 1024 x 1024 floats. Propagation runs from the key slice forward and
 backward and stops in each direction once the target has been absent for `stop_after_empty` slices.
+
+SAM2's own video predictor blanks a slice's mask whenever its object-score logit is negative; Citrus-V never
+trained that head, so the suppression is off unless asked (`suppress_absent_objects`) and presence is judged
+by the caller's rule on the slice's 256x256 mask logits (see presence.py).
 """
 from __future__ import annotations
 
@@ -69,26 +73,46 @@ def quiet_progress_bars():
 
 @dataclass
 class PropagatedSlice:
-    mask: np.ndarray      # [H, W] bool in display orientation
+    mask: np.ndarray      # [H, W] bool in the slices' orientation
     logits_max: float     # the strongest logit: below 0 means SAM2 sees no target here
+    present: bool         # the caller's presence rule on the 256x256 logits (default: any positive pixel)
+    object_score: float   # SAM2's object-score logit for the slice (reported)
+
+
+PresenceTest = Callable[[np.ndarray, float], bool]   # (256x256 logits, object score) -> target present
 
 
 class Cancelled(Exception):
     """Raised inside long loops when the caller asked to stop."""
 
 
+@contextmanager
+def object_score_suppression(predictor, enabled: bool):
+    """SAM2's blanking of masks with a negative object score, on or off for one run (see model/sam2_video.py)."""
+    previous = predictor.suppress_absent_objects
+    predictor.suppress_absent_objects = enabled
+    try:
+        yield
+    finally:
+        predictor.suppress_absent_objects = previous
+
+
 def propagate(predictor, frames: SliceFrames, height: int, width: int, anchors: dict[int, np.ndarray],
               stop_after_empty: int = 2, autocast=None, on_slice: Callable[[int, int], None] | None = None,
-              should_cancel: Callable[[], bool] | None = None) -> dict[int, PropagatedSlice]:
+              should_cancel: Callable[[], bool] | None = None, presence: PresenceTest | None = None,
+              mask_upsampling: str = "bilinear", suppress_absent_objects: bool = False) -> dict[int, PropagatedSlice]:
     """Masks per frame index, from `anchors` (frame -> key mask [S, S] bool in the SAM2 frame).
 
     Each anchor conditions SAM2's memory; tracking starts at the earliest anchor going forward and at the
-    latest going backward, and stops after `stop_after_empty` consecutive empty slices beyond all anchors.
+    latest going backward, and stops after `stop_after_empty` consecutive slices without the target beyond
+    all anchors. `mask_upsampling`: "bilinear" (SAM2's own upsampling of the logits) or "nearest" (the
+    reference clients' nearest resize of the 256x256 binary mask).
     """
     device = next(predictor.parameters()).device
     autocast = autocast or torch.autocast("cuda", enabled=False)
     results: dict[int, PropagatedSlice] = {}
-    with torch.inference_mode(), autocast, quiet_progress_bars():
+    with torch.inference_mode(), autocast, quiet_progress_bars(), \
+            object_score_suppression(predictor, suppress_absent_objects):
         with frames_as_video(frames, height, width):
             state = predictor.init_state(video_path=None, offload_video_to_cpu=True,
                                          offload_state_to_cpu=device.type != "cpu")
@@ -101,14 +125,37 @@ def propagate(predictor, frames: SliceFrames, height: int, width: int, anchors: 
             for frame, _, logits in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
                 if should_cancel and should_cancel():
                     raise Cancelled()
-                scores = logits[0, 0].float()
-                mask = (scores > 0).cpu().numpy()
-                results[frame] = PropagatedSlice(mask, float(scores.max()))
+                results[frame] = tracked_slice(predictor, state, frame, logits, (height, width), presence,
+                                               mask_upsampling)
                 done += 1
                 if on_slice:
                     on_slice(done, len(frames))
                 beyond_anchors = frame < min(anchors) if reverse else frame > max(anchors)
-                empty_run = empty_run + 1 if (beyond_anchors and not mask.any()) else 0
+                empty_run = empty_run + 1 if (beyond_anchors and not results[frame].present) else 0
                 if empty_run >= stop_after_empty:
                     break
     return results
+
+
+def tracked_slice(predictor, state: dict, frame: int, logits: torch.Tensor, size: tuple[int, int],
+                  presence: PresenceTest | None, mask_upsampling: str) -> PropagatedSlice:
+    """One propagated frame: its mask (upsampled as asked), presence and object score."""
+    from ..inference.engine import upsample_mask
+
+    scores = logits[0, 0].float()
+    low_res = predictor.last_low_res_masks[0, 0].float().cpu()
+    if mask_upsampling == "nearest":
+        mask = upsample_mask(low_res[None], size, "nearest")[0].numpy()
+    else:
+        mask = (scores > 0).cpu().numpy()
+    object_score = frame_object_score(state, frame)
+    present = presence(low_res.numpy(), object_score) if presence else bool(mask.any())
+    return PropagatedSlice(mask, float(scores.max()), present, object_score)
+
+
+def frame_object_score(state: dict, frame: int) -> float:
+    """SAM2's object-score logit of one tracked frame (NaN when SAM2 kept none)."""
+    outputs = state["output_dict_per_obj"][0]
+    out = outputs["cond_frame_outputs"].get(frame) or outputs["non_cond_frame_outputs"].get(frame)
+    scores = None if out is None else out.get("object_score_logits")
+    return float(scores.flatten()[0]) if scores is not None else float("nan")
