@@ -7,6 +7,7 @@ CPython are benchmark figures (bench/bench_slicer_loop.py, results in bench/resu
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ def ct_like(shape=(300, 512, 512)) -> np.ndarray:
 
 
 def test_upload_job_and_download_complete_under_the_gil_holding_loop(module_backend, session_dir):
+    from CitrusVSlicerLib.client import VOLUME_HEADER
     from CitrusVSlicerLib.runner import ApplyRunner
 
     voxels = ct_like()
@@ -48,18 +50,41 @@ def test_upload_job_and_download_complete_under_the_gil_holding_loop(module_back
     runner = ApplyRunner(module_backend.transport, module_backend.local_target(), voxels, ijk_to_ras, "CT",
                          "segment", "segment the body", {"mode": "per-slice", "slice_range": [148, 151]})
     events = []
+    requests = []
+    transport = module_backend.transport
+    original_request = transport.request
+
+    def recording_request(target, method, path, **options):
+        requests.append((method, path, options))
+        return original_request(target, method, path, **options)
+
+    # The design must not need Python threads (PythonQt starves them): none may appear on this side during Apply.
+    threads_before = set(threading.enumerate())
+    new_threads = set()
 
     def tick() -> float:
         module_backend.poll()
         delay = runner.poll()
         events.extend(runner.events())
+        new_threads.update(t.name for t in set(threading.enumerate()) - threads_before)
         return delay
 
     loop = GilHoldingLoop()
-    runner.start()
-    wall = loop.run(tick, lambda: not runner.active, timeout=600)
+    transport.request = recording_request
+    try:
+        runner.start()
+        wall = loop.run(tick, lambda: not runner.active, timeout=600)
+    finally:
+        transport.request = original_request
     events.extend(runner.events())
     assert runner.state == "done", [e.message for e in events if e.kind != "progress"]
+    assert not new_threads, f"the Apply ran Python threads on Slicer's side: {sorted(new_threads)}"
+    # The voxels went as raw bytes handed over in a file (the local backend), never as base64 inside JSON.
+    uploads = [options for method, path, options in requests if (method, path) == ("POST", "/v1/volumes")]
+    assert len(uploads) == 1 and uploads[0].get("json_body") is None
+    assert uploads[0]["headers"]["Content-Type"] == "application/octet-stream"
+    assert json.loads(uploads[0]["headers"][VOLUME_HEADER])["handover"]
+    assert any(path.endswith("/result") and options.get("large_response") for _, path, options in requests)
     result = events[-1].result
     assert result.task == "segment" and result.segments, "the tiny model segments something in these slices"
     for segment in result.segments:
