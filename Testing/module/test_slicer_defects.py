@@ -533,9 +533,12 @@ def test_an_install_stops_with_its_pip_when_slicer_crashes(tmp_path):
     env_dir = tmp_path / "env"
     # An environment that exists already (so set-up goes straight to pip), with the pip of its base Python.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(env_dir)], check=True)
-    env = dict(os.environ, CITRUSV_VENV=str(env_dir), CITRUSV_EXIT_WITH_PARENT="1", CITRUSV_FORCE_CPU="1",
-               PIP_INDEX_URL="http://127.0.0.1:%d/simple" % hanging_index.getsockname()[1], PIP_RETRIES="0",
-               PIP_DEFAULT_TIMEOUT="300", PIP_NO_CACHE_DIR="1", PIP_FIND_LINKS="")
+    # pip sees only the hanging index (no configuration files, no local wheels, no offline switch).
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL")}
+    env.update(CITRUSV_VENV=str(env_dir), CITRUSV_EXIT_WITH_PARENT="1", CITRUSV_FORCE_CPU="1",
+               PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:%d/simple" % hanging_index.getsockname()[1],
+               PIP_RETRIES="0", PIP_DEFAULT_TIMEOUT="300", PIP_NO_CACHE_DIR="1")
     slicer_like = textwrap.dedent(f"""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-I", {str(REPO / "CitrusVBackend" / "bootstrap.py")!r}, "setup",
