@@ -511,6 +511,67 @@ def test_slicer_exit_stops_everything_and_a_crash_leaves_nothing_running(tiny_ch
     assert all(_gone(pid) for pid in children), "a child outlived its parent"
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.unit
+def test_an_install_stops_with_its_pip_when_slicer_crashes(tmp_path):
+    """The installer's bootstrap.py (CITRUSV_EXIT_WITH_PARENT=1, its stdin a pipe from Slicer, in a session of its own
+    as the module starts it) ends itself and the pip it is running when Slicer dies; before, both kept running."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads /proc (Linux)")
+    hanging_index = socket.create_server(("127.0.0.1", 0))   # accepts, never answers: pip waits on it
+    env_dir = tmp_path / "env"
+    # An environment that exists already (so set-up goes straight to pip), with the pip of its base Python.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(env_dir)], check=True)
+    # pip sees only the hanging index (no configuration files, no local wheels, no offline switch).
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL")}
+    env.update(CITRUSV_VENV=str(env_dir), CITRUSV_EXIT_WITH_PARENT="1", CITRUSV_FORCE_CPU="1",
+               PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:%d/simple" % hanging_index.getsockname()[1],
+               PIP_RETRIES="0", PIP_DEFAULT_TIMEOUT="300", PIP_NO_CACHE_DIR="1")
+    slicer_like = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-I", {str(REPO / "CitrusVBackend" / "bootstrap.py")!r}, "setup",
+                                  "--extras", ""], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", slicer_like], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        bootstrap_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        pips = []
+        while time.monotonic() < deadline and not pips and not _gone(bootstrap_pid):
+            pips = [pid for pid in _children(bootstrap_pid)
+                    if b"pip" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            time.sleep(0.2)
+        assert pips, "bootstrap.py did not reach its pip install"
+        parent.kill()   # Slicer crashes: the pipe's write end closes with it
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(_gone(pid) for pid in [bootstrap_pid, *pips]):
+            time.sleep(0.2)
+        survivors = [pid for pid in [bootstrap_pid, *pips] if not _gone(pid)]
+        for pid in survivors:
+            os.kill(pid, 9)
+        assert not survivors, "the installer outlived Slicer"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        hanging_index.close()
+
+
 @pytest.mark.service
 def test_a_batch_beside_the_interactive_model_on_the_same_gpu_is_named(module_backend, monkeypatch):
     assert module_backend.batch_conflict("auto") is None  # the test backend runs on the CPU
