@@ -1,7 +1,10 @@
 """CitrusV module: text-prompted segmentation, detection and reports with the Citrus-V model.
 
-This file stays thin (module description, parameter node, widget wiring, self-test); the work that can run
-without Qt lives in CitrusVSlicerLib so that it can be tested headlessly.
+This file stays thin (module description, parameter node, widget wiring, self-test); the work lives in CitrusVSlicerLib,
+which imports without Qt and is tested headlessly. All I/O is asynchronous and runs outside Slicer's process (the
+backend server, the installer, batch runs, and the HTTP courier that does every request): one timer on the main
+thread polls it, so the panel never waits on the network, a child process or a Python thread (PythonQt never
+releases the GIL while Qt's event loop runs). See CitrusVSlicerLib/transport.py for the design.
 """
 
 import os
@@ -15,7 +18,7 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,20 +27,19 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CitrusVSlicerLib.batch import BatchRun
-from CitrusVSlicerLib.client import BackendError
-from CitrusVSlicerLib.dicom_export import dicom_reference, export_result, slicer_seg_exporter
-from CitrusVSlicerLib.installer import explain_failure
-from CitrusVSlicerLib.manager import REMOTE, BackendManager
-from CitrusVSlicerLib.refine import SegmentRefinement, prompt_nodes, slice_settings, tag_segments
-from CitrusVSlicerLib.refine_controller import RefineController, ThreadedSender
-from CitrusVSlicerLib.runner import ApplyRunner
-from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
+from CitrusVSlicerLib.dicom_export import export_result_without_waiting, slicer_seg_exporter
+from CitrusVSlicerLib.endpoints import BackendError, Target
+from CitrusVSlicerLib.installer import explain_failure, installed_summary
+from CitrusVSlicerLib.logic import ModuleLogic
+from CitrusVSlicerLib.manager import session_manager
+from CitrusVSlicerLib import selftest
+from CitrusVSlicerLib.options import MAX_PIXELS, task_options
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
 BACKEND_MODES = ["Local (this computer)", "Remote (server)"]
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
-TIMER_MS = 200
+IDLE_TICK_MS = 200
+BACKEND_PYTHON_SETTING = "CitrusV/BackendPython"
 
 #
 # CitrusVSlicer
@@ -98,7 +100,8 @@ class CitrusVSlicerParameterNode:
     window: Annotated[str, Choice(["auto", "clinical", "soft_tissue", "lung", "bone", "brain", "liver"])] = "auto"
     sliceAxis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
     sliceRange: str = ""
-    maxPixels: int = 0
+    # Bounded: without WithinRange Slicer's connector gives the spin box -2**31..2**31-1.
+    maxPixels: Annotated[int, WithinRange(0, MAX_PIXELS)] = 0
     refinePropagate: bool = True
     refineKeepText: bool = False
 
@@ -109,7 +112,7 @@ class CitrusVSlicerParameterNode:
 
 
 class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: widgets bound to the parameter node; a timer moves backend news onto the main thread."""
+    """The panel: widgets bound to the parameter node; one timer advances everything that runs outside Slicer."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -117,13 +120,12 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._runner = None
         self._lastResult = None   # the last Apply's SceneResult (its DICOM objects for the export button)
-        self._batch = None
         self._consentedUrls = set()
         self._promptHistory = []
-        self._refine = None          # RefineController of the segment being corrected
-        self._refineSender = None    # ThreadedSender: the refinement requests' worker thread
+        self._statusShownFor = None
+        self._pendingInstall = None
+        self._installReported = None
         self._refineShortcuts = []
 
     def setup(self) -> None:
@@ -148,7 +150,10 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.restartBackendButton.clicked.connect(self.onRestartBackend)
         self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self.ui.modelBrowseButton.clicked.connect(self.onBrowseModel)
-        self.ui.backendModeComboBox.connect("currentIndexChanged(int)", lambda index: self.updateGui())
+        self.ui.backendPythonBrowseButton.clicked.connect(self.onBrowseBackendPython)
+        self.ui.backendPythonLineEdit.text = qt.QSettings().value(BACKEND_PYTHON_SETTING, "")
+        self.ui.backendPythonLineEdit.connect("editingFinished()", self.onBackendPythonEdited)
+        self.ui.backendModeComboBox.connect("currentIndexChanged(int)", self.onBackendModeChanged)
         self.ui.batchInputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchInputLineEdit))
         self.ui.batchOutputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchOutputLineEdit))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
@@ -157,20 +162,22 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupRefine()
         self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
 
+        # One single-shot timer, re-armed after every tick with the delay the work asks for: 0 ms while there is
+        # local work (writing a volume, decoding a result), a few ms while an answer is due, 200 ms when idle.
         self.timer = qt.QTimer()
-        self.timer.setInterval(TIMER_MS)
+        self.timer.setSingleShot(True)
         self.timer.timeout.connect(self.onTimer)
-        self.timer.start()
-        slicer.app.aboutToQuit.connect(self.logic.shutdown)  # the backend stops with Slicer
+        self.timer.start(0)
+        self.logic.installQuitHook()
         self.initializeParameterNode()
         self.updateGui()
 
     def cleanup(self) -> None:
+        # Reload calls this: the backend, batch and courier belong to the session manager and keep running.
         self.timer.stop()
         self.removeObservers()
-        self.stopRefine()
-        if self._refineSender is not None:
-            self._refineSender.close()
+        self.logic.stopRefine()
+        self.removeRefineShortcuts()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -183,6 +190,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A running Apply cancels itself when the scene closes (SceneApply observes the scene); so does refinement.
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -209,59 +217,78 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def isRemote(self) -> bool:
         return self.ui.backendModeComboBox.currentIndex == 1
 
+    def currentTarget(self) -> Target:
+        """Where a request goes now: decided by the mode shown in the panel at this moment."""
+        node = self._parameterNode
+        return self.logic.backend.target(self.isRemote(), node.remoteUrl if node else "", self.ui.remoteTokenLineEdit.text)
+
     def updateGui(self) -> None:
-        busy = self._runner is not None and self._runner.state in ("running", "cancelling")
+        busy = self.logic.applying
         state = self.logic.backend.state
-        ready = state in ("running", REMOTE) or self.isRemote()
+        ready = self.isRemote() or state == "running"
         self.ui.applyButton.enabled = ready and not busy
         self.ui.applyButton.toolTip = "" if ready else _("Start the backend first (Backend section)")
         self.ui.cancelButton.enabled = busy
         local = not self.isRemote()
         for widget in (self.ui.modelLineEdit, self.ui.modelBrowseButton, self.ui.deviceComboBox, self.ui.installBackendButton,
-                       self.ui.startBackendButton, self.ui.stopBackendButton, self.ui.restartBackendButton):
+                       self.ui.startBackendButton, self.ui.backendPythonLineEdit, self.ui.backendPythonBrowseButton):
             widget.enabled = local
+        installing = self.logic.backend.installer is not None and self.logic.backend.installer.is_running()
+        self.ui.installBackendButton.enabled = local and not installing
+        self.ui.startBackendButton.enabled = local and not installing and state in ("stopped", "exited", "crashed")
         self.ui.remoteUrlLineEdit.enabled = not local
         self.ui.remoteTokenLineEdit.enabled = not local
         self.ui.stopBackendButton.enabled = local and state in ("starting", "running")
         self.ui.restartBackendButton.enabled = local and state in ("running", "crashed", "exited")
-        batchBusy = self._batch is not None and self._batch.is_running()
+        batch = self.logic.backend.batch
+        batchBusy = batch is not None and batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
-        refinement = self._refine.refinement if self._refine is not None else None
+        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
+        refinement = self.logic.refinement
         self.ui.refineUndoButton.enabled = refinement is not None and refinement.can_undo
         self.ui.refineRedoButton.enabled = refinement is not None and refinement.can_redo
-        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
 
     def setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text
         self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
 
     def onTimer(self) -> None:
-        for line in self.logic.backend.drain_logs():
-            self.ui.backendLogTextEdit.appendPlainText(line)
-        self.updateBackendStatus()
-        if self._runner is not None:
-            for event in self._runner.events():
-                self.onRunnerEvent(event)
-        if self._batch is not None:
+        delay = IDLE_TICK_MS / 1000.0
+        try:
+            delay = self.logic.poll()
+            for line in self.logic.backend.drain_logs():
+                self.ui.backendLogTextEdit.appendPlainText(line)
+            for event in self.logic.applyEvents():
+                self.onApplyEvent(event)
+            self.updateBackendStatus()
+            self.updateInstall()
             self.updateBatch()
-        if self._refineSender is not None:
-            self._refineSender.deliver()
-        self.updateGui()
+            self.updateGui()
+        finally:  # re-armed even if a step failed, so the panel never freezes silently
+            self.timer.start(int(1000 * min(delay, IDLE_TICK_MS / 1000.0)))
 
     def updateBackendStatus(self) -> None:
-        state = self.logic.backend.state
-        if state == "crashed" and self.ui.deviceStatusLabel.text != "crashed":
+        if self.isRemote():
+            return  # the remote status line is what the last Test connection said; nothing overwrites it
+        backend = self.logic.backend
+        state = backend.state
+        if state == "running":
+            if self._statusShownFor is not backend.process:
+                self._statusShownFor = backend.process
+                self.ui.deviceStatusLabel.text = _("running (asking the backend which device it uses...)")
+                self.setStatus(_("Backend ready."))
+                backend.request_status(backend.local_target(), self.onDeviceStatus)
+            return
+        if state == "crashed" and self._statusShownFor is not None:
             self.setStatus(_("The backend stopped unexpectedly: see its log below, then press Restart."), error=True)
-        if state == "running" and not getattr(self, "_statusShownFor", None) == self.logic.backend.process:
-            self._statusShownFor = self.logic.backend.process
-            try:
-                self.ui.deviceStatusLabel.text = self.logic.backend.device_status()
-            except BackendError as error:
-                self.ui.deviceStatusLabel.text = str(error)
-            self.setStatus(_("Backend ready."))
-        elif state not in ("running",):
-            self.ui.deviceStatusLabel.text = state
+        self._statusShownFor = None
+        self.ui.deviceStatusLabel.text = state
+
+    def onDeviceStatus(self, text, error) -> None:
+        if self.isRemote():
+            return
+        self.ui.deviceStatusLabel.text = text if text else str(error)
 
     # ------------------------------------------------------------------------------------------ Apply
 
@@ -276,7 +303,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.examplesComboBox.insertItem(1, prompt)
 
     def onApply(self) -> None:
-        if self._runner is not None and self._runner.state in ("running", "cancelling"):
+        if self.logic.applying:
             return
         node = self._parameterNode
         if not node.inputVolume:
@@ -286,18 +313,20 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_("Type a prompt, e.g. 'segment the liver'."), error=True)
             return
         try:
-            if self.isRemote():
-                self.logic.backend.use_remote(node.remoteUrl, self.ui.remoteTokenLineEdit.text)
-                if self.logic.backend.remote_needs_consent() and not self.askConsent(node.remoteUrl):
-                    self.setStatus(_("Cancelled: no image data was sent."))
-                    return
-            self._runner = self.logic.startTask(node.inputVolume, node.task.lower(), node.prompt, self.logic.taskOptions(node))
+            target = self.currentTarget()
+            if self.logic.backend.needs_consent(target) and not self.askConsent(target.url):
+                self.setStatus(_("Cancelled: no image data was sent."))
+                return
+            # The nodes are captured here: changing the selection while the job runs changes nothing.
+            self.logic.startApply(target, node.inputVolume, node.task.lower(), node.prompt, self.logic.taskOptions(node),
+                                  node.outputSegmentation, node.outputTable, node.replaceExistingSegments)
         except (BackendError, ValueError) as error:
             self.setStatus(str(error), error=True)
             return
         self.rememberPrompt(node.prompt)
         self.ui.progressBar.value = 0
         self.setStatus(_("Working..."))
+        self.timer.start(0)
         self.updateGui()
 
     def askConsent(self, url: str) -> bool:
@@ -313,35 +342,32 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onCancel(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            self.setStatus(_("Cancelling..."))
+        self.logic.cancelApply()
+        self.setStatus(_("Cancelling..."))
 
-    def onRunnerEvent(self, event) -> None:
+    def onApplyEvent(self, event) -> None:
         if event.kind == "progress":
             self.ui.progressBar.value = int(100 * event.fraction)
             self.setStatus(f"{event.stage}: {event.message}" if event.message else event.stage)
         elif event.kind == "done":
+            written = event.written
             node = self._parameterNode
-            with slicer.util.tryWithErrorDisplay(_("Writing the results failed."), waitCursor=True):
-                written = self.logic.writeResult(node.inputVolume, event.result, node.outputSegmentation,
-                                                 node.outputTable, node.replaceExistingSegments, self._runner.job_id)
+            if node is not None:  # show the nodes written to (those captured at Apply, or new ones)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
             self._lastResult = event.result
             self.updateRefineSegments()
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
-            found = len(event.result.segments)
             self.setStatus(_("Done: {n} segment(s), {f} finding(s), {b} box(es).").format(
-                n=found, f=len(event.result.findings), b=len(event.result.boxes))
+                n=len(event.result.segments), f=len(event.result.findings), b=len(event.result.boxes))
                 + (" " + _("RANDOM TEST WEIGHTS: results are noise.") if event.result.random_weights else ""))
         elif event.kind == "error":
             self.ui.progressBar.value = 0
             self.setStatus(event.message, error=True)
         elif event.kind == "cancelled":
             self.ui.progressBar.value = 0
-            self.setStatus(_("Cancelled."))
+            self.setStatus(_("Cancelled.") if event.message == "cancelled" else event.message)
 
     # ------------------------------------------------------------------------------------------ Refine
 
@@ -351,7 +377,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refineUndoButton.clicked.connect(self.onRefineUndo)
         self.ui.refineRedoButton.clicked.connect(self.onRefineRedo)
         self.ui.refineClearButton.clicked.connect(self.onRefineClear)
-        self.ui.refineSegmentComboBox.connect("activated(int)", lambda index: self.stopRefine())
+        self.ui.refineSegmentComboBox.connect("activated(int)", lambda index: self.logic.stopRefine())
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                                    lambda node: self.updateRefineSegments())
         for widget in (self.ui.refineIncludePlaceWidget, self.ui.refineExcludePlaceWidget):
@@ -377,48 +403,31 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setRefineStatus(_("Segment the volume first (Apply), then pick the segment to correct."), True)
             return
         try:
-            client = self.logic.backend.client()
-        except BackendError as error:
+            target = self.currentTarget()
+            if self.logic.backend.needs_consent(target) and not self.askConsent(target.url):
+                self.setRefineStatus(_("Cancelled: no image data was sent."))
+                return
+            refinement = self.logic.startRefine(target, node.inputVolume, segmentation, segmentId,
+                                                self.logic.taskOptions(node),
+                                                {"propagate": node.refinePropagate, "keep_text": node.refineKeepText},
+                                                self.setRefineStatus)
+        except (BackendError, ValueError) as error:
             self.setRefineStatus(str(error), True)
             return
-        self.stopRefine()
-        if self._refineSender is None or self._refineSender.client.url != client.url:
-            self._refineSender = ThreadedSender(client)
-        include, exclude, box = prompt_nodes(slicer.mrmlScene, segmentation, segmentId)
-        self.ui.refineIncludePlaceWidget.setCurrentNode(include)
-        self.ui.refineExcludePlaceWidget.setCurrentNode(exclude)
-        self.ui.refineBoxPlaceWidget.setCurrentNode(box)
-        options = {"propagate": node.refinePropagate, "keep_text": node.refineKeepText}
-        def status(text: str, error: bool) -> None:
-            if error and "upload" in text:  # the backend lost the volume: the next start uploads it again
-                self.logic.forgetUploads(node.inputVolume)
-            self.setRefineStatus(text, error)
-
-        controller = RefineController(self._refineSender, status,
-                                      settings=slice_settings(self.logic.taskOptions(node)), options=options)
-        self._refine = controller
-
-        def attach(volumeId: str) -> None:
-            if self._refine is controller:
-                controller.attach(SegmentRefinement(volumeId, segmentation, segmentId, node.inputVolume),
-                                  include, exclude, box)
-                self.setRefineStatus(_("Place include / exclude points or a box on any slice view."), False)
-
-        self.logic.withUploadedVolume(node.inputVolume, self._refineSender, attach,
-                                      lambda message: self.setRefineStatus(message, True))
-
-    def stopRefine(self) -> None:
-        if self._refine is not None:
-            self._refine.detach()
-            self._refine = None
+        self.ui.refineIncludePlaceWidget.setCurrentNode(refinement.include)
+        self.ui.refineExcludePlaceWidget.setCurrentNode(refinement.exclude)
+        self.ui.refineBoxPlaceWidget.setCurrentNode(refinement.box)
+        self.timer.start(0)
 
     def onRefineUndo(self) -> None:
-        if self._refine is not None:
-            self._refine.undo()
+        if self.logic.refinement is not None:
+            self.logic.refinement.undo()
+            self.timer.start(0)
 
     def onRefineRedo(self) -> None:
-        if self._refine is not None:
-            self._refine.redo()
+        if self.logic.refinement is not None:
+            self.logic.refinement.redo()
+            self.timer.start(0)
 
     def onRefineClear(self) -> None:
         for widget in (self.ui.refineIncludePlaceWidget, self.ui.refineExcludePlaceWidget, self.ui.refineBoxPlaceWidget):
@@ -449,41 +458,65 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportDicom(self) -> None:
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
-            done = self.logic.exportDicom(self._lastResult, node.outputSegmentation)
-            self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
-                n=len(done["files"]), route=done["segmentation_exported_by"]))
+        self.setStatus(_("Exporting to DICOM..."))
+        self.logic.exportDicom(self._lastResult, node.outputSegmentation if node else None, self.onExportDicomDone)
+        self.timer.start(0)
+
+    def onExportDicomDone(self, done, error) -> None:
+        if error is not None:
+            self.setStatus(_("DICOM export failed: ") + str(error), error=True)
+            return
+        self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
+            n=len(done["files"]), route=done["segmentation_exported_by"]))
 
     # ------------------------------------------------------------------------------------------ Backend
 
-    def onInstall(self) -> None:
-        try:
-            plan = self.logic.backend.install_plan()
-        except BackendError as error:
-            self.setStatus(str(error), error=True)
-            return
-        if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install the CitrusV backend?")):
-            return
-        try:
-            self.logic.backend.start_install(plan)
-        except BackendError as error:
-            self.setStatus(str(error), error=True)
-            return
-        self._installPlan = plan
-        self.setStatus(_("Installing the backend (progress in the log below)..."))
-        qt.QTimer.singleShot(1000, self.checkInstall)
+    def onBackendModeChanged(self, index: int) -> None:
+        self.ui.deviceStatusLabel.text = _("press Test connection") if self.isRemote() else self.logic.backend.state
+        self._statusShownFor = None
+        self.updateGui()
 
-    def checkInstall(self) -> None:
-        installer = self.logic.backend.installer
-        if installer is None:
+    def onBrowseBackendPython(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a Python 3.10+ executable"),
+                                              self.ui.backendPythonLineEdit.text)
+        if path:
+            self.ui.backendPythonLineEdit.text = path
+            self.onBackendPythonEdited()
+
+    def onBackendPythonEdited(self) -> None:
+        qt.QSettings().setValue(BACKEND_PYTHON_SETTING, self.ui.backendPythonLineEdit.text.strip())
+
+    def onInstall(self) -> None:
+        """Probe the GPU (a child process), then ask; the timer shows the dialog once the probe has finished."""
+        if self.logic.backend.backend_dir is None:
+            self.setStatus(_("The CitrusV backend is not bundled with this module: reinstall the extension."), error=True)
             return
-        if installer.is_running():
-            qt.QTimer.singleShot(1000, self.checkInstall)
+        self._pendingInstall = self.logic.backend.probe_gpu()
+        self.setStatus(_("Checking this computer's GPU..."))
+
+    def updateInstall(self) -> None:
+        backend = self.logic.backend
+        if self._pendingInstall is not None and self._pendingInstall.finished:
+            probe, self._pendingInstall = self._pendingInstall, None
+            try:
+                plan = backend.install_plan(probe.gpu_name, self.ui.backendPythonLineEdit.text.strip() or None)
+                if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install the CitrusV backend?")):
+                    self.setStatus(_("Installation cancelled: nothing was installed."))
+                    return
+                backend.start_install(plan)
+            except BackendError as error:
+                self.setStatus(str(error), error=True)
+                return
+            self._installReported = None
+            self.setStatus(_("Installing the backend (progress in the log below)..."))
+        installer = backend.installer
+        if installer is None or installer.is_running() or self._installReported is installer:
             return
+        self._installReported = installer
         if installer.returncode == 0:
-            self.setStatus(_("Backend installed. Press Start."))
-        else:
-            self.setStatus(explain_failure(list(installer.lines), self._installPlan), error=True)
+            self.setStatus(_("Backend installed ({what}). Press Start.").format(what=installed_summary(backend.env_dir)))
+        elif installer.state != "cancelled":
+            self.setStatus(explain_failure(list(installer.lines), installer.plan), error=True)
 
     def onStartBackend(self) -> None:
         node = self._parameterNode
@@ -498,8 +531,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setStatus(_("Starting the backend (loading the model can take a minute)..."))
 
     def onStopBackend(self) -> None:
-        self.logic.backend.stop()
-        self.setStatus(_("Backend stopped."))
+        self.logic.backend.stop()  # returns at once; the timer sees it exit (and kills it if it does not)
+        self.setStatus(_("Stopping the backend..."))
 
     def onRestartBackend(self) -> None:
         try:
@@ -508,15 +541,23 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(str(error), error=True)
 
     def onTestConnection(self) -> None:
+        """A throwaway request to the backend the panel shows now; the local backend and the mode are untouched."""
         try:
-            if self.isRemote():
-                self.logic.backend.use_remote(self._parameterNode.remoteUrl, self.ui.remoteTokenLineEdit.text)
-            status = self.logic.backend.device_status()
+            target = self.currentTarget()
         except BackendError as error:
             self.setStatus(str(error), error=True)
             return
-        self.ui.deviceStatusLabel.text = status
-        self.setStatus(_("Connection works: ") + status)
+        self.setStatus(_("Testing the connection to {url}...").format(url=target.url))
+        self.logic.backend.request_status(target, self.onTestConnectionDone)
+        self.timer.start(0)
+
+    def onTestConnectionDone(self, text, error) -> None:
+        if error is not None:
+            self.ui.deviceStatusLabel.text = _("connection failed")
+            self.setStatus(str(error), error=True)
+            return
+        self.ui.deviceStatusLabel.text = text
+        self.setStatus(_("Connection works: ") + text)
 
     def onBrowseModel(self) -> None:
         self.browseFolder(self.ui.modelLineEdit)
@@ -530,10 +571,20 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunBatch(self) -> None:
         node = self._parameterNode
+        backend = self.logic.backend
+        conflict = backend.batch_conflict(node.device)
+        if conflict:
+            choice = qt.QMessageBox.question(
+                slicer.util.mainWindow(), _("A second model on the same GPU?"),
+                conflict + "\n\n" + _("Stop the interactive backend and run the batch?"),
+                qt.QMessageBox.Yes | qt.QMessageBox.Ignore | qt.QMessageBox.Cancel, qt.QMessageBox.Yes)
+            if choice == qt.QMessageBox.Cancel:
+                return
+            if choice == qt.QMessageBox.Yes:
+                backend.stop()
         try:
-            self._batch = self.logic.startBatch(node.batchInputFolder, node.batchOutputFolder, node.task.lower(),
-                                                node.prompt, node.model.strip() or DEFAULT_MODEL, node.device,
-                                                self.logic.taskOptions(node))
+            backend.start_batch(node.batchInputFolder, node.batchOutputFolder, node.task.lower(), node.prompt,
+                                node.model.strip() or DEFAULT_MODEL, node.device, self.logic.taskOptions(node))
         except (BackendError, ValueError) as error:
             self.ui.batchStatusLabel.text = str(error)
             return
@@ -541,21 +592,24 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchStatusLabel.text = _("Starting the batch...")
 
     def onCancelBatch(self) -> None:
-        if self._batch is not None:
-            self._batch.stop()
+        if self.logic.backend.batch is not None:
+            self.logic.backend.batch.request_stop()
 
     def updateBatch(self) -> None:
-        for line in self._batch.drain():
-            self.ui.backendLogTextEdit.appendPlainText(line)
-        progress = self._batch.progress
+        batch = self.logic.backend.batch
+        if batch is None:
+            return
+        progress = batch.progress
         if progress.total:
             self.ui.batchProgressBar.value = int(100 * (progress.done + progress.failed) / progress.total)
         self.ui.batchStatusLabel.text = progress.summary()
-        if not self._batch.is_running():
-            self.ui.batchOpenResultsButton.enabled = bool(self._parameterNode.batchOutputFolder)
+        # The run knows its own output folder: no parameter node needed (there is none after a scene close).
+        self.ui.batchOpenResultsButton.enabled = not batch.is_running() and bool(batch.output_folder)
 
     def onOpenBatchResults(self) -> None:
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self._parameterNode.batchOutputFolder))
+        batch = self.logic.backend.batch
+        if batch is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(batch.output_folder))
 
 
 #
@@ -563,46 +617,32 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
-    """What the panel does, callable from scripts too: backend lifecycle, tasks, writing results."""
+class CitrusVSlicerLogic(ScriptedLoadableModuleLogic, ModuleLogic):
+    """What the panel does, callable from scripts too (CitrusVSlicerLib/logic.py), plus what needs Slicer's app."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.backend = BackendManager(os.path.dirname(os.path.abspath(__file__)))
-        self._uploads = {}
+        # One manager per Slicer session: a Reload of the module finds the running backend instead of a new one.
+        ModuleLogic.__init__(self, session_manager(os.path.dirname(os.path.abspath(__file__))), slicer.mrmlScene,
+                             slicer.app.processEvents, lambda: getattr(slicer, "dicomDatabase", None))
 
     def getParameterNode(self) -> CitrusVSlicerParameterNode:
         return CitrusVSlicerParameterNode(super().getParameterNode())
 
+    def installQuitHook(self) -> None:
+        """Stop everything with Slicer (once per session, however often the module is reloaded)."""
+        if not getattr(self.backend, "quit_hook_installed", False):
+            slicer.app.aboutToQuit.connect(self.backend.shutdown)
+            self.backend.quit_hook_installed = True
+
     @staticmethod
     def taskOptions(node: CitrusVSlicerParameterNode) -> dict:
-        options = {"mode": node.mode, "window": node.window, "axis": node.sliceAxis}
-        if node.sliceRange.strip():
-            try:
-                first, last = (int(part) for part in node.sliceRange.split(":"))
-            except ValueError:
-                raise ValueError(_("Slice range must be FIRST:LAST, e.g. 10:40.")) from None
-            options["slice_range"] = [first, last]
-        if node.maxPixels:
-            options["max_pixels"] = node.maxPixels
-        return options
+        return task_options(node.mode, node.window, node.sliceAxis, node.sliceRange, node.maxPixels)
 
-    def startTask(self, volumeNode, task: str, prompt: str, options: dict) -> ApplyRunner:
-        """Upload (once per volume content and backend), submit, follow: all in a background thread."""
-        client = self.backend.client()
-        voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        # From Slicer's DICOM database: the upload says which series it is, so the backend makes DICOM SEG/SR.
-        reference = dicom_reference(volumeNode, ijkToRas, getattr(slicer, "dicomDatabase", None))
-        key = self.uploadKey(client, volumeNode, ijkToRas, reference is not None)
-        runner = ApplyRunner(client, voxels.copy(), ijkToRas, volumeNode.GetName(), task, prompt, options,
-                             volume_id=self._uploads.get(key), dicom_reference=reference)
-        runner.on_uploaded = lambda volumeId: self._uploads.__setitem__(key, volumeId)
-        runner.start()
-        return runner
-
-    def exportDicom(self, result, segmentationNode=None) -> dict:
+    def exportDicom(self, result, segmentationNode, onDone) -> None:
         """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
-        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG."""
+        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG. The
+        objects are downloaded without waiting; `onDone(done, error)` runs once they are imported."""
         from DICOMLib import DICOMUtils
 
         exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
@@ -611,68 +651,9 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
             item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
         directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
         # copyFiles: the database keeps its own copies, the temporary folder may go.
-        return export_result(self.backend.client(), result.dicom if result else None, directory,
-                             lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exporter, item)
-
-    @staticmethod
-    def uploadKey(client, volumeNode, ijkToRas, withDicomReference: bool = False) -> tuple:
-        """One upload per backend, volume node, voxel content, geometry (and DICOM series reference or not)."""
-        return (client.url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), ijkToRas.tobytes(),
-                withDicomReference)
-
-    def withUploadedVolume(self, volumeNode, sender, then, failed) -> None:
-        """`then(volume_id)` once the backend holds this volume (uploaded on the sender's thread if needed)."""
-        voxels, ijkToRas = volume_array_and_geometry(volumeNode)
-        for withReference in (True, False):  # either upload of these voxels serves refinement
-            known = self._uploads.get(self.uploadKey(sender.client, volumeNode, ijkToRas, withReference))
-            if known is not None:
-                return then(known)
-        key = self.uploadKey(sender.client, volumeNode, ijkToRas, False)
-
-        def uploaded(volumeId: str) -> None:
-            self._uploads[key] = volumeId
-            then(volumeId)
-
-        array, name = voxels.copy(), volumeNode.GetName()
-        sender.call(lambda: sender.client.upload_volume(array, ijkToRas, name), uploaded, failed)
-
-    def forgetUploads(self, volumeNode) -> None:
-        for key in [k for k in self._uploads if k[1] == volumeNode.GetID()]:
-            del self._uploads[key]
-
-    def writeResult(self, volumeNode, result, segmentationNode=None, tableNode=None, replaceExisting=False,
-                    jobId=None) -> dict:
-        """Into the scene; each segment remembers its job (refinement starts from that job's slices)."""
-        written = write_result(slicer.mrmlScene, volumeNode, result, segmentationNode, tableNode, replaceExisting)
-        if written["segmentation"] is not None:
-            tag_segments(written["segmentation"], written["segment_ids"], [s.label for s in result.segments], jobId)
-        return written
-
-    def process(self, volumeNode, task: str, prompt: str, options: Optional[dict] = None, timeout: float = 600.0) -> dict:
-        """Blocking run for scripts and the self-test: returns the written nodes."""
-        runner = self.startTask(volumeNode, task, prompt, options or {})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in runner.events():
-                if event.kind == "done":
-                    return self.writeResult(volumeNode, event.result, jobId=runner.job_id)
-                if event.kind in ("error", "cancelled"):
-                    raise RuntimeError(event.message)
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        runner.cancel()
-        raise RuntimeError(f"no result within {timeout:.0f} s")
-
-    def startBatch(self, inputFolder: str, outputFolder: str, task: str, prompt: str, model: str, device: str,
-                   options: dict) -> BatchRun:
-        if self.backend.needs_install():
-            raise BackendError(_("Install the backend first (Backend section)."))
-        run = BatchRun(self.backend.python, inputFolder, outputFolder, task, prompt, model, device, options)
-        run.start()
-        return run
-
-    def shutdown(self) -> None:
-        self.backend.stop()
+        export_result_without_waiting(self.backend.transport, self.lastResultTarget, result.dicom if result else None,
+                                      directory, lambda folder: DICOMUtils.importDicom(folder, copyFiles=True),
+                                      onDone, exporter, item)
 
 
 #
@@ -681,7 +662,11 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class CitrusVSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer. The full flow needs the installed backend (or CITRUSV_TEST_PYTHON)."""
+    """Self-test inside Slicer (run by .github/workflows/slicer.yml against Slicer 5.10 on Linux).
+
+    The full flow needs the backend environment: CITRUSV_TEST_PYTHON names an existing one's python, or with
+    CITRUSV_TEST_INSTALL=1 the module installs it (CITRUSV_BASE_PYTHON: the Python to build it with). The model is
+    CITRUSV_TEST_MODEL (default: the random tiny one, made by the backend itself)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -689,6 +674,8 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_ParameterNodeKeepsSettings()
+        self.setUp()
+        self.test_PanelBindingsAndSessionManager()
         self.setUp()
         self.test_FullFlowWithTinyModel()
 
@@ -707,66 +694,41 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.RemoveNode(volumeNode)
         self.assertIsNone(reloaded.inputVolume)
 
+    def test_PanelBindingsAndSessionManager(self):
+        self.delayDisplay("Panel")
+        slicer.util.selectModule("CitrusVSlicer")
+        widget = slicer.modules.citrusvslicer.widgetRepresentation().self()
+        spinBox = widget.ui.maxPixelsSpinBox
+        self.assertEqual((spinBox.minimum, spinBox.maximum), (0, MAX_PIXELS))  # the connector kept the bounds
+        self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session
+
     def test_FullFlowWithTinyModel(self):
-        """Start the backend with the random tiny model, segment a phantom, check the segmentation's geometry."""
-        import numpy as np
-
+        """Install if asked, start the backend with the tiny model, segment a phantom, check what was written,
+        refine the segment once and undo it (the steps: CitrusVSlicerLib/selftest.py)."""
         logic = CitrusVSlicerLogic()
-        python = os.environ.get("CITRUSV_TEST_PYTHON")
-        if python:
-            logic.backend = BackendManager(logic.backend.module_dir, python=python)
-        if logic.backend.needs_install():
-            self.delayDisplay("Backend not installed: full-flow test skipped (set CITRUSV_TEST_PYTHON to run it)")
+        backend = logic.backend
+        if os.environ.get("CITRUSV_TEST_PYTHON"):
+            backend._python_override = os.environ["CITRUSV_TEST_PYTHON"]
+        if backend.needs_install() and os.environ.get("CITRUSV_TEST_INSTALL") == "1":
+            self.delayDisplay("Installing the backend")
+            logic.installBackend(os.environ.get("CITRUSV_BASE_PYTHON"))
+        if backend.needs_install():
+            self.delayDisplay("Backend not installed: full-flow test skipped (set CITRUSV_TEST_PYTHON or "
+                              "CITRUSV_TEST_INSTALL=1 to run it)")
             return
-        phantom = np.full((24, 64, 64), -1000, np.int16)
-        phantom[8:16, 20:44, 16:40] = 60
-        ijkToRAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 4, -50], [0, 0, 0, 1]])
-        volumeNode = slicer.util.addVolumeFromArray(phantom, ijkToRAS=ijkToRAS, name="CitrusVPhantom")
-        logic.backend.start_local("tiny", "cpu")
+        volumeNode = slicer.util.addVolumeFromArray(selftest.phantom(), ijkToRAS=selftest.PHANTOM_IJK_TO_RAS,
+                                                    name="CitrusVPhantom")
+        backend.start_local(os.environ.get("CITRUSV_TEST_MODEL", "tiny"), "cpu")
         try:
-            self.assertTrue(logic.backend.process.wait_ready(300), "the backend did not start")
-            written = logic.process(volumeNode, "segment", "segment the liver", {"slice_range": [8, 12]})
-            segmentation = written["segmentation"]
-            self.assertIsNotNone(segmentation)
-            self.assertEqual(segmentation.GetNodeReference("CitrusVSourceVolume").GetID(), volumeNode.GetID())
-            self.assertIsNotNone(written["table"])
-            self.refineOnce(logic, volumeNode, segmentation, written["segment_ids"][0])
+            logic.waitForBackend(600)
+            written = selftest.apply_and_check(logic, volumeNode)
+            self.delayDisplay("Refine: an exclude point, then Undo")
+            selftest.refine_and_undo(logic, backend.local_target(), volumeNode, written["segmentation"],
+                                     written["segment_ids"][0])
         finally:
-            logic.shutdown()
+            backend.stop()
+            deadline = time.monotonic() + 30
+            while backend.process.is_running() and time.monotonic() < deadline:
+                backend.poll()
+                time.sleep(0.1)
         self.delayDisplay("Full flow passed")
-
-    def refineOnce(self, logic, volumeNode, segmentationNode, segmentId):
-        """An exclude point on a voxel of the segment takes it out; Undo gives the segment back exactly."""
-        import numpy as np
-        import vtk
-
-        from CitrusVSlicerLib.refine import read_segment
-
-        before = read_segment(segmentationNode, segmentId, volumeNode)
-        if not before.any():
-            self.delayDisplay("The tiny model found nothing: refinement step skipped")
-            return
-        self.delayDisplay("Refine: an exclude point, then Undo")
-        client = logic.backend.client()
-
-        def send(request, onAnswer, onError):
-            try:
-                onAnswer(client.request_json(request.method, request.path, request.body))
-            except BackendError as error:
-                onError(str(error))
-
-        errors = []
-        controller = RefineController(send, lambda text, error: errors.append(text) if error else None,
-                                      options={"propagate": False})
-        include, exclude, box = prompt_nodes(slicer.mrmlScene, segmentationNode, segmentId)
-        volumeId = next(iter(logic._uploads.values()))
-        controller.attach(SegmentRefinement(volumeId, segmentationNode, segmentId, volumeNode), include, exclude, box)
-        k, j, i = (int(v) for v in np.argwhere(before)[0])
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        exclude.AddControlPoint(vtk.vtkVector3d(*ijkToRas.MultiplyPoint([i, j, k, 1.0])[:3]))  # a click there
-        self.assertEqual(errors, [])
-        self.assertFalse(read_segment(segmentationNode, segmentId, volumeNode)[k, j, i])
-        controller.undo()
-        self.assertTrue(np.array_equal(read_segment(segmentationNode, segmentId, volumeNode), before))
-        controller.detach()

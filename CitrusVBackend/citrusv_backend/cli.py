@@ -171,6 +171,10 @@ def _segment_names(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- serve
 
+EXIT_WITH_PARENT_HELP = ("stop when the launcher goes away: stdin must be a pipe from the launcher, which closes it "
+                         "to stop this process (used by the Slicer module)")
+
+
 def cmd_serve(args) -> int:
     """The backend service; stdout carries only its JSON ready line, logs are JSON lines on stderr."""
     from .server.launch import ServeSettings, serve
@@ -325,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reference-compatible", action="store_true",
                        help="run the reference's demo clients unchanged: port 8000, ANY bearer token accepted, loopback "
                             "only (see the README before using it)")
+    serve.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
     serve.set_defaults(handler=cmd_serve)
 
     batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "
@@ -333,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch.options import add_batch_options
 
     add_batch_options(batch)
+    batch.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
     batch.set_defaults(handler=cmd_batch)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
@@ -375,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "exit_with_parent", False):
+        import signal
+
+        from .parent_watch import watch_parent
+
+        # serve: uvicorn's graceful shutdown (SIGINT); batch: cancel the current case now (SIGTERM).
+        watch_parent(signal.SIGINT if args.handler is cmd_serve else signal.SIGTERM)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -1,15 +1,16 @@
 """The panel's Batch section: `citrusv batch` in the backend environment, followed line by line.
 
 The same command as on the command line (one pipeline, one set of outputs, resumable); the panel only starts
-it, shows its progress and stops it.
+it, shows its progress and stops it. Like the backend it runs isolated in Slicer's startup environment and ends
+when Slicer does (`--exit-with-parent`: its stdin is a pipe the module holds).
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .environment import isolated
 from .process import StreamingProcess
 
 # The batch command's progress lines carry "done/total" counts, e.g. "[batch] 3/10 done, 1 failed ...".
@@ -32,8 +33,8 @@ class BatchProgress:
 
 def batch_command(python: str, input_folder: str, output_folder: str, task: str, prompt: str, model: str,
                   device: str, options: dict) -> list[str]:
-    command = [python, "-m", "citrusv_backend.cli", "batch", input_folder, "--out", output_folder, "--task", task,
-               "--model", model, "--device", device]
+    command = isolated(python) + ["-m", "citrusv_backend.cli", "batch", input_folder, "--out", output_folder,
+                                  "--task", task, "--model", model, "--device", device, "--exit-with-parent"]
     if prompt.strip():
         command += ["--prompt", prompt]
     for key, flag in (("mode", "--mode"), ("window", "--window"), ("axis", "--axis"), ("max_pixels", "--max-pixels")):
@@ -46,7 +47,7 @@ def batch_command(python: str, input_folder: str, output_folder: str, task: str,
 
 class BatchRun(StreamingProcess):
     def __init__(self, python: str, input_folder: str, output_folder: str, task: str, prompt: str, model: str,
-                 device: str, options: dict):
+                 device: str, options: dict, log_dir: Path | None = None):
         if not input_folder or not Path(input_folder).is_dir():
             raise ValueError(f"input folder {input_folder!r} does not exist")
         if not output_folder:
@@ -54,7 +55,10 @@ class BatchRun(StreamingProcess):
         if Path(output_folder).resolve() == Path(input_folder).resolve():
             raise ValueError("the output folder must differ from the input folder (inputs are never written)")
         super().__init__(batch_command(python, input_folder, output_folder, task, prompt, model, device, options),
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         name="batch", log_dir=log_dir, graceful="stdin")
+        self.input_folder = input_folder
+        self.output_folder = output_folder   # kept with the run: the panel needs no parameter node to open it
+        self.device = device
         self.progress = BatchProgress()
 
     def on_line(self, line: str) -> None:

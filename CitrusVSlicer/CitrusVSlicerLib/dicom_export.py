@@ -121,3 +121,23 @@ def export_result(client, dicom: dict, directory: Path, import_folder, exporter=
         files += save_backend_objects(client, dicom, directory)
     import_folder(str(directory))
     return {"files": files, "segmentation_exported_by": route}
+
+
+def export_result_without_waiting(transport, target, dicom: dict | None, directory: Path, import_folder, on_done,
+                                  exporter=None, segmentation_item: int | None = None) -> None:
+    """`export_result` with the backend's objects downloaded through the courier first (nothing blocks the panel);
+    `on_done(done, error)` on the main thread."""
+    from .transport import Fetched, fetch_all
+
+    def fetched(bodies, error) -> None:
+        if error is not None:
+            return on_done(None, error)
+        try:
+            on_done(export_result(Fetched(bodies), dicom, directory, import_folder, exporter, segmentation_item), None)
+        except Exception as failure:  # shown in the panel
+            on_done(None, failure)
+
+    files = (dicom or {}).get("files") or {}
+    if not files or target is None:
+        return fetched({}, None)  # export_result says why there is nothing to export
+    fetch_all(transport, target, list(files.values()), fetched)

@@ -1,23 +1,37 @@
-"""First-use installation of the bundled backend into its own Python environment (never Slicer's).
+"""First-use installation of the bundled backend into its own Python environment, never with Slicer's Python.
 
-The plan says what will be installed and how much disk it needs, so the panel can ask first; the install
-itself is the backend's own `bootstrap.py setup`, run as a streaming child process. A failed install is
-explained from its log: what went wrong and what to do.
+Slicer's interpreter (bin/python-real behind the PythonSlicer launcher) cannot build a virtual environment that
+starts on its own, and Slicer 5.8's is 3.9; so the backend's environment is made by a separate Python 3.10+:
+  1. the Python the user chose (the panel's "Backend Python" field, or CITRUSV_BASE_PYTHON), else
+  2. one that `uv` provides (uv is pip-installed into Slicer's Python as slicer.util.pip_install would, then
+     `uv python find` / `uv python install` give a standalone CPython), else
+  3. a Python 3.10+ found on PATH.
+That interpreter runs the backend's own `bootstrap.py setup` (isolated, in Slicer's startup environment), which
+creates the environment, picks the torch build for the platform and records what it installed.
+
+Nothing here blocks: the GPU probe and every step are child processes followed by `poll()` from the panel's timer.
+A failed install is explained from its log: what went wrong and what to do.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import shutil
-import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .environment import isolated, startup_environment
 from .process import StreamingProcess, environment_python
 
 GPU_ENV_GB = 8.0
 CPU_ENV_GB = 3.0
 WEIGHTS_GB = 17.0
+BACKEND_PYTHON_VERSION = os.environ.get("CITRUSV_BACKEND_PYTHON_VERSION", "3.12")
+SYSTEM_CANDIDATES = ("python3.12", "python3.11", "python3.13", "python3.10", "python3", "python")
+_CHECK = ("import sys, venv, ensurepip; v = sys.version_info; print('CITRUSV-PYTHON', v[0], v[1], sys.executable); "
+          "sys.exit(0 if v >= (3, 10) else 3)")
 
 
 def default_environment_dir() -> Path:
@@ -25,73 +39,274 @@ def default_environment_dir() -> Path:
     return Path(os.environ.get("CITRUSV_SLICER_ENV", Path.home() / ".citrusv-slicer" / "backend-env"))
 
 
-def nvidia_gpu_name() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
+def is_installed(env_dir: Path) -> bool:
+    return environment_python(env_dir).is_file() and (env_dir / "citrusv-setup.stamp").is_file()
+
+
+def installed_summary(env_dir: Path) -> str:
+    """What bootstrap.py recorded it installed (one line for the panel), or ''."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        record = json.loads((Path(env_dir) / "citrusv-setup.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    torch = record.get("torch", {})
+    build = f"CUDA {torch['cuda_build']}" if torch.get("cuda_build") else "CPU"
+    seen = f", GPU {torch['device']}" if torch.get("cuda_available") else ""
+    return f"Python {record.get('python')}, torch {torch.get('version')} ({build} build{seen})"
+
+
+class GpuProbe(StreamingProcess):
+    """`nvidia-smi` as a child (it can take seconds when the driver wakes up): `gpu_name` once it has finished."""
+
+    def __init__(self, log_dir: Path | None = None):
+        super().__init__(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], name="gpu-probe",
+                         log_dir=log_dir)
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def start(self) -> None:
+        if self.available:
+            super().start()
+
+    @property
+    def finished(self) -> bool:
+        self.poll()
+        return not self.available or (self._process is not None and not self.is_running())
+
+    @property
+    def gpu_name(self) -> str | None:
+        if not self.available or self.returncode != 0:
+            return None
+        lines = [line.strip() for line in self.lines if line.strip()]
+        return lines[0] if lines else None
 
 
 @dataclass
 class InstallPlan:
     backend_dir: Path
     env_dir: Path
-    python: str
+    base_python: str | None          # chosen by the user; None: uv, then PATH
     gpu_name: str | None
     disk_needed_gb: float
     disk_free_gb: float
+    python_version: str = BACKEND_PYTHON_VERSION
 
     @property
     def enough_disk(self) -> bool:
         return self.disk_free_gb >= self.disk_needed_gb
 
     def describe(self) -> str:
-        torch_build = f"the CUDA build of PyTorch (GPU: {self.gpu_name})" if self.gpu_name else \
+        torch_build = f"PyTorch with CUDA (GPU: {self.gpu_name})" if self.gpu_name else \
             "the CPU build of PyTorch (no NVIDIA GPU found: the model will be slow)"
+        python = f"the Python you chose ({self.base_python})" if self.base_python else \
+            (f"a Python {self.python_version} provided by uv (installed into Slicer's Python first if needed), or a "
+             f"Python 3.10+ found on this computer")
         return (f"CitrusV will create a separate Python environment in\n  {self.env_dir}\n"
-                f"and install the CitrusV backend with {torch_build}, transformers and SAM2 "
+                f"with {python}, and install the CitrusV backend with {torch_build}, transformers and SAM2 "
                 f"(about {self.disk_needed_gb:.0f} GB, {self.disk_free_gb:.0f} GB free). Slicer's own Python packages are "
-                f"not touched. The model weights (about {WEIGHTS_GB:.0f} GB) are downloaded later, on first use, "
-                f"unless you choose a local folder.")
+                f"not touched{'' if self.base_python else ' (except uv, if it is not there yet)'}. The model weights "
+                f"(about {WEIGHTS_GB:.0f} GB) are downloaded later, on first use, unless you choose a local folder.")
 
-    def command(self) -> list[str]:
-        return [self.python, str(self.backend_dir / "bootstrap.py"), "setup", "--extras", ""]
+    def bootstrap_command(self, python: str) -> list[str]:
+        return isolated(python) + [str(self.backend_dir / "bootstrap.py"), "setup", "--extras", ""]
 
     def environment(self) -> dict:
-        return dict(os.environ, CITRUSV_VENV=str(self.env_dir), CITRUSV_EDITABLE="0", PYTHONUNBUFFERED="1")
+        env = startup_environment()
+        env.update(CITRUSV_VENV=str(self.env_dir), CITRUSV_EDITABLE="0", CITRUSV_EXIT_WITH_PARENT="1")
+        return env
 
 
-def plan_install(backend_dir: Path, env_dir: Path | None = None, python: str | None = None) -> InstallPlan:
+def plan_install(backend_dir: Path, env_dir: Path | None = None, base_python: str | None = None,
+                 gpu_name: str | None = None) -> InstallPlan:
+    """No child processes here: `gpu_name` comes from a finished GpuProbe."""
     env_dir = Path(env_dir or default_environment_dir())
-    gpu = nvidia_gpu_name()
     probe = env_dir
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free / 1e9
-    return InstallPlan(Path(backend_dir), env_dir, python or sys.executable, gpu,
-                       GPU_ENV_GB if gpu else CPU_ENV_GB, free)
+    chosen = (base_python or os.environ.get("CITRUSV_BASE_PYTHON") or "").strip() or None
+    return InstallPlan(Path(backend_dir), env_dir, chosen, gpu_name, GPU_ENV_GB if gpu_name else CPU_ENV_GB, free)
 
 
-def is_installed(env_dir: Path) -> bool:
-    return environment_python(env_dir).is_file() and (env_dir / "citrusv-setup.stamp").is_file()
+@dataclass
+class _Step:
+    name: str
+    command: object                           # a list, or a callable giving it when the step starts (None: skip)
+    env: dict
+    on_success: object = None                 # (process) -> None
+    fallback: bool = False                    # a failure moves on to the next way of finding a Python
+    process: StreamingProcess | None = field(default=None, repr=False)
 
 
-def start_install(plan: InstallPlan) -> StreamingProcess:
-    plan.env_dir.parent.mkdir(parents=True, exist_ok=True)
-    process = StreamingProcess(plan.command(), env=plan.environment())
-    process.start()
-    return process
+class InstallRun:
+    """The installation as a chain of child processes; `state`: running, done, failed, cancelled."""
+
+    def __init__(self, plan: InstallPlan, log_dir: Path | None = None, slicer_python: str | None = None,
+                 slicer_env: dict | None = None):
+        self.plan = plan
+        self.log_dir = log_dir
+        self.slicer_python = slicer_python or sys.executable   # PythonSlicer inside Slicer
+        self.slicer_env = dict(os.environ if slicer_env is None else slicer_env)
+        self.state = "idle"
+        self.lines: list[str] = []
+        self.base_python: str | None = None
+        self._new: list[str] = []
+        self._steps: list[_Step] = []
+        self._current: _Step | None = None
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def start(self) -> None:
+        self.plan.env_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.state = "running"
+        if self.plan.base_python:
+            self._steps = [self._check_step(self.plan.base_python, fallback=False)]
+        else:
+            self._say(f"looking for a Python {self.plan.python_version} for the backend (uv, then this computer's)")
+            self._steps = self._uv_steps() + self._path_checks()
+        self._next()
+
+    def poll(self) -> None:
+        if self._current is None or self._current.process is None:
+            return
+        process = self._current.process
+        for line in process.drain():
+            self._say(line)
+        if process.is_running():
+            return
+        for line in process.drain():
+            self._say(line)
+        step, self._current = self._current, None
+        if self.state == "cancelled":
+            return
+        if process.returncode == 0:
+            if step.on_success is not None:
+                step.on_success(process)
+            if step.name == "bootstrap":
+                self.state = "done"
+                return
+            self._next()
+        elif step.fallback:
+            self._say(f"({step.name} did not work: trying the next way)")
+            self._next()
+        else:
+            self.state = "failed"
+
+    def drain(self) -> list[str]:
+        self.poll()
+        new, self._new = self._new, []
+        return new
+
+    def is_running(self) -> bool:
+        """Still installing, or a cancelled step's process not yet gone."""
+        current = self._current.process if self._current else None
+        return self.state == "running" or (current is not None and current.is_running())
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.is_running() else (0 if self.state == "done" else 1)
+
+    def request_stop(self, grace_seconds: float = 5.0) -> None:
+        if self.state == "running":
+            self.state = "cancelled"
+            self._say("installation cancelled")
+            if self._current and self._current.process:
+                self._current.process.request_stop(grace_seconds)
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        current = self._current
+        self.request_stop(grace_seconds)
+        if current and current.process:
+            current.process.stop(grace_seconds)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _next(self) -> None:
+        while self._steps:
+            step = self._steps.pop(0)
+            command = step.command() if callable(step.command) else step.command
+            if not command:
+                continue
+            step.process = StreamingProcess(command, env=step.env, name="install", log_dir=self.log_dir,
+                                            graceful="stdin", cwd=str(self.plan.env_dir.parent))
+            try:
+                step.process.start()
+            except OSError as error:
+                self._say(f"{step.name}: {error}")
+                if step.fallback:
+                    continue
+                self.state = "failed"
+                return
+            self._current = step
+            return
+        self.state = "failed"
+        self._say("no Python 3.10 or newer was found for the backend. Install one (python.org, or your system's "
+                  "package manager), then choose it in the Backend section (Backend Python) and press Install again.")
+
+    def _check_step(self, python: str, fallback: bool) -> _Step:
+        def found(process: StreamingProcess) -> None:
+            for line in process.lines:
+                if line.startswith("CITRUSV-PYTHON "):
+                    self.base_python = line.split(" ", 3)[3].strip()
+            self._say(f"the backend environment will be made with {self.base_python}")
+            self._steps = [_Step("bootstrap", self.plan.bootstrap_command(self.base_python), self.plan.environment())]
+        return _Step(f"check {python}", isolated(python) + ["-c", _CHECK], startup_environment(), found, fallback)
+
+    def _path_checks(self) -> list[_Step]:
+        seen, steps = set(), []
+        path = startup_environment().get("PATH")
+        for name in SYSTEM_CANDIDATES:
+            location = shutil.which(name, path=path)
+            if location and os.path.realpath(location) not in seen:
+                seen.add(os.path.realpath(location))
+                steps.append(self._check_step(location, fallback=True))
+        return steps
+
+    def _uv_steps(self) -> list[_Step]:
+        """pip install uv into Slicer's Python (if missing); uv finds a CPython, or installs one and finds it."""
+        version = self.plan.python_version
+        steps = []
+        if _uv_binary() is None:
+            # As slicer.util.pip_install does (Slicer's launcher environment: this is Slicer's own Python), but as a
+            # child process the panel follows, not a call that blocks it.
+            steps.append(_Step("pip install uv", [self.slicer_python, "-m", "pip", "install", "uv"], self.slicer_env,
+                               fallback=True))
+
+        def uv(*arguments: str):
+            return lambda: [binary, *arguments] if (binary := _uv_binary()) else None
+
+        def found(process: StreamingProcess) -> None:
+            paths = [line.strip() for line in process.lines if line.strip() and Path(line.strip()).is_file()]
+            if paths:  # the remaining uv steps are not needed; the PATH checks stay as the last resort
+                self._steps = [self._check_step(paths[-1], fallback=True)] + self._path_checks()
+
+        env = startup_environment()
+        # --system: never a virtual environment (an active one, or a .venv in the current folder or above).
+        find = ("python", "find", "--system", version)
+        return steps + [_Step("uv python find", uv(*find), env, found, fallback=True),
+                        _Step("uv python install", uv("python", "install", version), env, fallback=True),
+                        _Step("uv python find", uv(*find), env, found, fallback=True)]
+
+    def _say(self, line: str) -> None:
+        self.lines.append(line)
+        self._new.append(line)
+
+
+def _uv_binary() -> str | None:
+    """uv's executable, installed by pip into Slicer's Python (its `uv` module knows where), or on PATH."""
+    importlib.invalidate_caches()
+    try:
+        import uv
+
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError, AttributeError):
+        return shutil.which("uv")
 
 
 # (pattern in the log, what to tell the user)
 _FAILURES = [
     ("No space left on device", "The disk is full. Free space (about {gb:.0f} GB are needed) or choose another "
                                 "environment folder (setting CITRUSV_SLICER_ENV), then install again."),
-    ("Temporary failure in name resolution", "The package index cannot be reached (no network, or a proxy is needed). "
+    ("Temporary failure in name resolution", "The package index could not be reached (offline, or a proxy is needed). "
                                              "Set HTTPS_PROXY, or install offline: on a connected machine run "
                                              "`pip download` for the backend into a folder, copy it here and set "
                                              "PIP_FIND_LINKS to that folder with PIP_NO_INDEX=1."),
@@ -99,7 +314,12 @@ _FAILURES = [
                                                 "restricted mirror). See the offline instructions in the README."),
     ("CERTIFICATE_VERIFY_FAILED", "TLS certificates could not be verified (a corporate proxy?). Point "
                                   "PIP_CERT/REQUESTS_CA_BUNDLE at your organisation's CA bundle; never disable checks."),
-    ("needs Python 3.10", "Slicer's Python is too old for the backend: use Slicer 5.8 or newer."),
+    ("needs Python 3.10", "The chosen Python is too old for the backend: choose a Python 3.10 or newer as Backend "
+                          "Python (Slicer's own Python is never used for it), or leave the field empty."),
+    ("no Python 3.10 or newer was found", "No Python 3.10+ was found for the backend: install one (python.org or "
+                                          "your package manager), choose it as Backend Python and install again."),
+    ("python3-venv", "This Python cannot create virtual environments: install your system's python3-venv package, "
+                     "or choose another Python as Backend Python."),
 ]
 
 
@@ -110,3 +330,4 @@ def explain_failure(log_lines: list[str], plan: InstallPlan | None = None) -> st
             return advice.format(gb=plan.disk_needed_gb if plan else CPU_ENV_GB)
     last = next((line for line in reversed(log_lines) if line.strip()), "no output")
     return f"The installation failed: {last.strip()[:300]}. The full log is in the Backend section."
+

@@ -1,27 +1,61 @@
-"""The backend the panel talks to: the bundled local one (installed on first use, started and stopped here)
-or a remote one (URL + token). No Qt: the panel calls these methods and polls `state` / `drain_logs()`.
+"""Everything the module runs outside Slicer's process, owned in one place per Slicer session.
+
+The bundled local backend (installed on first use, started and stopped here), the installer, batch runs and the
+HTTP courier all belong to one `BackendManager`, obtained with `session_manager()`: module Reload builds a new
+widget and logic but finds the same manager (library modules are not re-imported on Reload), so it never shows
+"stopped" while a server runs, and Start never loads a second model. `shutdown()` at Slicer's exit stops all of
+it; should Slicer crash, every child sees its stdin close and exits by itself.
+
+Which backend a request goes to is decided per request (`target(remote, url, token)`), from the panel's mode as
+it is at that moment: nothing sticks. Nothing here blocks: `poll()` is called from the panel's timer.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from .client import BackendClient, BackendError, is_loopback, normalise_url
-from .installer import InstallPlan, default_environment_dir, is_installed, plan_install, start_install
-from .process import BackendProcess, StreamingProcess, bundled_backend_dir, environment_python
+from .batch import BatchRun
+from .endpoints import BackendError, Target
+from .installer import GpuProbe, InstallPlan, InstallRun, default_environment_dir, is_installed, plan_install
+from .process import BackendProcess, bundled_backend_dir, default_log_dir, environment_python
+from .transport import Call, Transport
 
-LOCAL, REMOTE = "local", "remote"
+SHUTDOWN_WAIT_S = 5.0
+_SESSION: dict = {}
+
+
+def session_manager(module_dir: Path, **options) -> "BackendManager":
+    """The one manager of this Slicer session (created on first use; later calls ignore `options`)."""
+    if "manager" not in _SESSION:
+        _SESSION["manager"] = BackendManager(module_dir, **options)
+    return _SESSION["manager"]
+
+
+def describe_device(info: dict) -> str:
+    """One line for the panel from GET /v1/info: GPU name and memory, or a clear CPU warning."""
+    device = str(info.get("device", "?"))
+    gpu = info.get("gpu") or {}
+    warning = " — RANDOM TEST WEIGHTS" if info.get("random_weights") else ""
+    if device.startswith("cuda") and gpu:
+        total = gpu.get("total_mb")
+        memory = f", {total / 1024:.0f} GB" if isinstance(total, (int, float)) else ""
+        return f"GPU: {gpu.get('name', device)}{memory}{warning}"
+    return f"CPU only: expect minutes per volume (no CUDA GPU in the backend){warning}"
 
 
 class BackendManager:
-    def __init__(self, module_dir: Path, env_dir: Path | None = None, python: str | None = None):
+    def __init__(self, module_dir: Path, env_dir: Path | None = None, python: str | None = None,
+                 log_dir: Path | None = None, work_dir: Path | None = None):
         self.module_dir = Path(module_dir)
         self.env_dir = Path(env_dir or default_environment_dir())
-        self._python_override = python         # tests and developers: an existing environment's python
-        self.mode = LOCAL
+        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self._python_override = python          # tests and developers: an existing environment's python
         self.process: BackendProcess | None = None
-        self.installer: StreamingProcess | None = None
-        self._remote: tuple[str, str, str | None] | None = None
-        self._logs: list[str] = []
+        self.installer: InstallRun | None = None
+        self.gpu_probe: GpuProbe | None = None
+        self.batch: BatchRun | None = None
+        self.transport = Transport(work_dir)
+        self._restart_pending = False
 
     # ------------------------------------------------------------------------------------------ install
 
@@ -32,17 +66,29 @@ class BackendManager:
     def needs_install(self) -> bool:
         return self._python_override is None and not is_installed(self.env_dir)
 
-    def install_plan(self) -> InstallPlan:
+    def probe_gpu(self) -> GpuProbe:
+        """Start `nvidia-smi` as a child; the panel shows the install dialog once `probe.finished`."""
+        self.gpu_probe = GpuProbe(self.log_dir)
+        self.gpu_probe.start()
+        return self.gpu_probe
+
+    def install_plan(self, gpu_name: str | None = None, base_python: str | None = None) -> InstallPlan:
         if self.backend_dir is None:
             raise BackendError("the CitrusV backend is not bundled with this module (CitrusVBackend folder missing); "
                                "reinstall the extension")
-        return plan_install(self.backend_dir, self.env_dir)
+        return plan_install(self.backend_dir, self.env_dir, base_python=base_python, gpu_name=gpu_name)
 
-    def start_install(self, plan: InstallPlan) -> StreamingProcess:
+    def start_install(self, plan: InstallPlan, slicer_python: str | None = None,
+                      slicer_env: dict | None = None) -> InstallRun:
         if not plan.enough_disk:
             raise BackendError(f"not enough disk space: about {plan.disk_needed_gb:.0f} GB are needed in "
                                f"{plan.env_dir.parent}, {plan.disk_free_gb:.0f} GB are free")
-        self.installer = start_install(plan)
+        if self.installer is not None and self.installer.is_running():
+            raise BackendError("the installation is already running")
+        if self.process is not None and self.process.is_running():
+            raise BackendError("stop the backend before installing it again")
+        self.installer = InstallRun(plan, self.log_dir, slicer_python, slicer_env)
+        self.installer.start()
         return self.installer
 
     # ------------------------------------------------------------------------------------------ local
@@ -54,68 +100,129 @@ class BackendManager:
     def start_local(self, model: str, device: str = "auto") -> BackendProcess:
         if self.needs_install():
             raise BackendError("the backend is not installed yet: press Install (it asks before installing anything)")
-        self.stop()
-        self.mode = LOCAL
-        self.process = BackendProcess(self.python, model, device)
+        if self.process is not None and self.process.is_running():
+            if self.process.stopping:
+                raise BackendError("the backend is still stopping; press Start again in a moment")
+            raise BackendError("the backend is already running (Stop or Restart it first)")
+        self.process = BackendProcess(self.python, model, device, log_dir=self.log_dir)
         self.process.start()
         return self.process
 
     def stop(self) -> None:
+        """Ask the local backend to stop; returns at once (the tree is killed later if it does not exit)."""
+        self._restart_pending = False
         if self.process is not None:
-            self.process.stop()
+            self.process.request_stop()
 
-    def restart(self) -> BackendProcess:
+    def restart(self) -> None:
         if self.process is None:
             raise BackendError("the backend was never started")
-        self.process.restart()
-        return self.process
+        self.process.request_stop()
+        self._restart_pending = True  # started again by poll() once the old one has exited
 
     @property
     def state(self) -> str:
-        """stopped / starting / running / crashed / exited (local), or remote."""
-        if self.mode == REMOTE:
-            return REMOTE
+        """stopped / starting / running / stopping / exited / crashed (the local backend)."""
+        if self._restart_pending:
+            return "restarting"
         return self.process.state if self.process else "stopped"
+
+    def local_target(self) -> Target:
+        if self.process is None or self.process.state != "running":
+            state = self.state
+            hint = " (see the log in the Backend section)" if state == "crashed" else ""
+            raise BackendError(f"the local backend is {state}{hint}: press Start")
+        return Target(self.process.url, self.process.token, handover_dir=self.process.handover_dir)
+
+    # ------------------------------------------------------------------------------------------ targets
+
+    def target(self, remote: bool, url: str = "", token: str = "", ca_bundle: str | None = None) -> Target:
+        """Where the next request goes, decided now from the panel's mode (nothing is remembered)."""
+        if remote:
+            if not url.strip():
+                raise BackendError("no remote backend configured: enter its URL and token")
+            return Target.remote(url, token, ca_bundle)
+        return self.local_target()
+
+    @staticmethod
+    def needs_consent(target: Target) -> bool:
+        """Image data leaves this computer only after the user agreed (loopback URLs stay on it)."""
+        return not target.loopback
+
+    def request_status(self, target: Target, on_done) -> Call:
+        """GET /v1/info without waiting: `on_done(text, error)` on the main thread (one of them is None)."""
+        def done(call: Call) -> None:
+            if call.ok:
+                try:
+                    on_done(describe_device(call.json()), None)
+                    return
+                except BackendError as error:
+                    on_done(None, error)
+                    return
+            on_done(None, call.error)
+
+        return self.transport.request(target, "GET", "/v1/info", timeout=10, on_done=done)
+
+    # ------------------------------------------------------------------------------------------ batch
+
+    def batch_conflict(self, device: str) -> str | None:
+        """A warning when a batch would load a second model beside the interactive one on the same GPU."""
+        if device == "cpu" or self.process is None or self.process.state != "running":
+            return None
+        running_on = str((self.process.ready_info or {}).get("device", ""))
+        if not running_on.startswith("cuda"):
+            return None
+        return (f"The interactive backend already holds the model on {running_on}. The batch would load a second "
+                f"copy of the model (about {17:.0f} GB) beside it on the same GPU, which may not fit and slows both "
+                f"down. Stop the interactive backend first, or run the batch on another device.")
+
+    def start_batch(self, input_folder: str, output_folder: str, task: str, prompt: str, model: str, device: str,
+                    options: dict) -> BatchRun:
+        if self.needs_install():
+            raise BackendError("install the backend first (Backend section)")
+        if self.batch is not None and self.batch.is_running():
+            raise BackendError("a batch is already running")
+        run = BatchRun(self.python, input_folder, output_folder, task, prompt, model, device, options,
+                       log_dir=self.log_dir)
+        run.start()
+        self.batch = run
+        return run
+
+    # ------------------------------------------------------------------------------------------ session
+
+    def poll(self) -> None:
+        """Advance everything that runs outside Slicer (cheap; from the panel's timer)."""
+        for child in (self.process, self.batch, self.gpu_probe):
+            if child is not None:
+                child.poll()
+        if self.installer is not None:
+            self.installer.poll()
+        self.transport.poll()
+        if self._restart_pending and self.process is not None and not self.process.is_running():
+            self._restart_pending = False
+            old, self.process = self.process, None
+            self.start_local(old.model, old.device)
 
     def drain_logs(self) -> list[str]:
         lines = []
-        for source in (self.installer, self.process):
+        if self.installer is not None:
+            lines.extend(self.installer.drain())
+        for source in (self.process, self.batch):
             if source is not None:
                 lines.extend(source.drain())
         return lines
 
-    # ------------------------------------------------------------------------------------------ remote
-
-    def use_remote(self, url: str, token: str, ca_bundle: str | None = None) -> None:
-        self.stop()
-        self.mode = REMOTE
-        self._remote = (normalise_url(url), token, ca_bundle or None)
-
-    def remote_needs_consent(self) -> bool:
-        """Image data leaves this computer only after the user agreed (loopback URLs stay on it)."""
-        return self.mode == REMOTE and self._remote is not None and not is_loopback(self._remote[0])
-
-    # ------------------------------------------------------------------------------------------ client
-
-    def client(self) -> BackendClient:
-        if self.mode == REMOTE:
-            if self._remote is None:
-                raise BackendError("no remote backend configured: enter its URL and token")
-            url, token, ca_bundle = self._remote
-            return BackendClient(url, token, ca_bundle=ca_bundle)
-        if self.process is None or self.process.state != "running":
-            state = self.process.state if self.process else "stopped"
-            hint = " (see the log in the Backend section)" if state == "crashed" else ""
-            raise BackendError(f"the local backend is {state}{hint}: press Start")
-        return BackendClient(self.process.url, self.process.token)
-
-    def device_status(self) -> str:
-        """One line for the panel: GPU name and memory, or a clear CPU warning."""
-        info = self.client().info()
-        device = str(info.get("device", "?"))
-        gpu = info.get("gpu") or {}
-        warning = " — RANDOM TEST WEIGHTS" if info.get("random_weights") else ""
-        if device.startswith("cuda") and gpu:
-            total = gpu.get("total_mb")
-            return f"GPU: {gpu.get('name', device)}" + (f", {total / 1024:.0f} GB" if isinstance(total, (int, float)) else "") + warning
-        return f"CPU only: expect minutes per volume (no CUDA GPU in the backend){warning}"
+    def shutdown(self) -> None:
+        """Stop everything (Slicer is exiting): ask all at once, wait a few seconds in total, kill what is left."""
+        self._restart_pending = False
+        children = [c for c in (self.process, self.batch, self.installer, self.gpu_probe) if c is not None]
+        for child in children:
+            child.request_stop(SHUTDOWN_WAIT_S)
+        deadline = time.monotonic() + SHUTDOWN_WAIT_S
+        while time.monotonic() < deadline and any(child.is_running() for child in children):
+            for child in children:
+                child.poll()
+            time.sleep(0.05)
+        for child in children:
+            child.stop(0.5)
+        self.transport.close()

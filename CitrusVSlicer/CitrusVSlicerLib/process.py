@@ -1,47 +1,61 @@
-"""Child processes that never block the UI: the backend server and the first-use installer.
+"""Child processes the panel follows without ever blocking: the backend server, the installer's steps, batch runs.
 
-A reader thread collects the child's output lines into a queue; the panel drains it from a timer on the
-main thread. The child runs in its own process group (session), so stopping it stops everything it
-started (pip, uvicorn workers...). Standard library only.
+No reader threads (inside Slicer they would barely run: PythonQt holds the GIL while Qt's loop runs): a child
+writes its output into a log file, and `poll()`, called from the panel's timer, reads what is new. The log stays
+on disk for troubleshooting. Every child:
+  * starts from Slicer's startup environment (environment.py), in a process group of its own, without a console
+    window on Windows;
+  * gets a pipe as stdin that the module keeps open and never writes to: closing it is the graceful stop (the
+    backend and batch run with `--exit-with-parent`), and when Slicer exits or crashes the operating system
+    closes it, so nothing is left holding a GPU;
+  * is stopped without waiting: `request_stop()` closes the pipe and returns; `poll()` kills the whole tree if it
+    is still alive after the grace period. `stop()` is the waiting variant for Slicer's exit and for scripts.
+Standard library only.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
 
+from . import environment
+from .environment import isolated, popen_options, startup_environment
+
 READY_EVENT = "ready"
+KEEP_LOGS = 10
 
 
-def drain_queue(items: queue.Queue) -> list:
-    """Everything queued so far, without waiting (the panel's timer calls this on the main thread)."""
-    out = []
-    while True:
-        try:
-            out.append(items.get_nowait())
-        except queue.Empty:
-            return out
+def default_log_dir() -> Path:
+    return Path(os.environ.get("CITRUSV_SLICER_LOGS", Path.home() / ".citrusv-slicer" / "logs"))
 
 
 class StreamingProcess:
-    """A child process whose stdout+stderr lines are collected by a thread, with a tree-wide stop."""
+    """A child whose output lines are picked up by `poll()`; `graceful` says how it is asked to stop:
+    "stdin" (it watches its stdin and exits on end-of-file) or "terminate" (SIGTERM to its group; on Windows
+    there is no such signal, so the tree is killed at once)."""
 
-    def __init__(self, command: list[str], env: dict | None = None, cwd: str | None = None, keep_lines: int = 5000):
-        self.command = command
-        self.env = env
+    def __init__(self, command: list[str], env: dict | None = None, cwd: str | None = None, name: str = "process",
+                 log_dir: Path | None = None, graceful: str = "terminate", keep_lines: int = 5000):
+        self.command = [str(part) for part in command]
+        self.env = env if env is not None else startup_environment()
         self.cwd = cwd
+        self.name = name
+        self.log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self.graceful = graceful
         self.lines: deque[str] = deque(maxlen=keep_lines)
-        self._queue: queue.Queue[str] = queue.Queue()
+        self.log_path: Path | None = None
+        self._new: list[str] = []
         self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
+        self._log = None
+        self._partial = b""
+        self._kill_at: float | None = None
+        self._stop_requested = False
 
     @property
     def pid(self) -> int | None:
@@ -54,87 +68,127 @@ class StreamingProcess:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested and self.is_running()
+
     def start(self) -> None:
         if self.is_running():
             raise RuntimeError("already running")
-        options = {"start_new_session": True} if os.name != "nt" else {
-            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, encoding="utf-8", bufsize=1, env=self.env, cwd=self.cwd,
-                                         errors="replace", **options)
-        self._reader = threading.Thread(target=self._read, name="citrusv-process-reader", daemon=True)
-        self._reader.start()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._prune_logs()
+        self.log_path = self.log_dir / f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.log"
+        with open(self.log_path, "wb") as sink:
+            self._process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=sink,
+                                             stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, **popen_options())
+        self._log = open(self.log_path, "rb")
+        self._partial = b""
+        self._kill_at = None
+        self._stop_requested = False
 
-    def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-            self.on_line(line)
+    # ------------------------------------------------------------------------------------------ output
+
+    def poll(self) -> None:
+        """Pick up new output; finish a requested stop. Cheap: call it from a timer."""
+        if self._log is not None:
+            data = self._log.read()
+            if data:
+                lines = (self._partial + data).split(b"\n")
+                self._partial = lines.pop()
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    self.lines.append(line)
+                    self._new.append(line)
+                    self.on_line(line)
+        if self._kill_at is not None and self.is_running() and time.monotonic() >= self._kill_at:
+            environment.kill_tree(self._process.pid)
+            self._kill_at = None
 
     def on_line(self, line: str) -> None:
-        """Hook for subclasses (called on the reader thread)."""
+        """Hook for subclasses (called on the main thread, from poll)."""
 
     def drain(self) -> list[str]:
-        """New output lines since the last call (call from the main thread's timer)."""
-        return drain_queue(self._queue)
+        """New output lines since the last call."""
+        self.poll()
+        new, self._new = self._new, []
+        return new
+
+    # ------------------------------------------------------------------------------------------ stopping
+
+    def request_stop(self, grace_seconds: float = 10.0) -> None:
+        """Ask the child (and everything it started) to stop; returns at once. The tree is killed after the grace
+        period by the next `poll()` past it."""
+        if not self.is_running():
+            return
+        self._stop_requested = True
+        self._close_stdin()
+        if self.graceful == "terminate":
+            if environment.platform_name() == "nt":  # no SIGTERM (and CTRL_BREAK_EVENT fails without a console)
+                grace_seconds = 0.0
+            else:
+                try:
+                    os.killpg(self._process.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._kill_at = time.monotonic() + grace_seconds
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop and wait (Slicer's exit, scripts, tests): at most about `grace_seconds` + 5 s."""
+        if self.is_running():
+            self.request_stop(grace_seconds)
+            try:
+                self._process.wait(grace_seconds)
+            except subprocess.TimeoutExpired:
+                environment.kill_tree(self._process.pid)
+                self._process.wait(5)
+        self.poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the child to exit (scripts, tests; the panel never waits)."""
         if self._process is None:
             return None
         try:
             code = self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        self.poll()
         return code
 
-    def stop(self, grace_seconds: float = 5.0) -> None:
-        """Terminate the child and everything it started; kill what is left after the grace period."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._signal_group(signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT)
-        try:
-            self._process.wait(grace_seconds)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal_group(signal.SIGKILL if os.name != "nt" else None)
-        self._process.wait(5)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+    def _close_stdin(self) -> None:
+        if self._process is not None and self._process.stdin is not None and not self._process.stdin.closed:
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
 
-    def _signal_group(self, sig) -> None:
-        if os.name == "nt":
-            if sig is None:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True)
-            else:
-                self._process.send_signal(sig)
-            return
-        try:
-            os.killpg(self._process.pid, sig)
-        except ProcessLookupError:
-            pass
+    def _prune_logs(self) -> None:
+        logs = sorted(self.log_dir.glob(f"{self.name}-*.log"), key=lambda path: path.stat().st_mtime)
+        for old in logs[:-KEEP_LOGS]:
+            try:
+                old.unlink()
+            except OSError:
+                pass
 
 
 def backend_command(python: str, model: str, device: str = "auto", host: str = "127.0.0.1", port: int = 0) -> list[str]:
-    return [python, "-m", "citrusv_backend.cli", "serve", "--model", model, "--host", host, "--port", str(port),
-            "--device", device]
+    return isolated(python) + ["-m", "citrusv_backend.cli", "serve", "--model", model, "--host", host, "--port",
+                               str(port), "--device", device, "--exit-with-parent"]
 
 
 class BackendProcess(StreamingProcess):
     """`citrusv serve` on 127.0.0.1 with a fresh token per launch (passed in the environment, never logged)."""
 
-    def __init__(self, python: str, model: str, device: str = "auto", extra_env: dict | None = None):
+    def __init__(self, python: str, model: str, device: str = "auto", extra_env: dict | None = None,
+                 log_dir: Path | None = None):
         self.token = secrets.token_urlsafe(32)
-        env = dict(os.environ, **(extra_env or {}))
+        env = startup_environment()
+        env.update(extra_env or {})
         env["CITRUSV_TOKEN"] = self.token
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        super().__init__(backend_command(python, model, device), env=env)
+        super().__init__(backend_command(python, model, device), env=env, name="backend", log_dir=log_dir,
+                         graceful="stdin")
+        self.model = model
+        self.device = device
         self.ready_info: dict | None = None
-        self._ready = threading.Event()
-        self._stopped_by_us = False
 
     def on_line(self, line: str) -> None:
         if line.startswith("{") and '"ready"' in line:
@@ -144,47 +198,45 @@ class BackendProcess(StreamingProcess):
                 return
             if info.get("event") == READY_EVENT:
                 self.ready_info = info
-                self._ready.set()
 
     @property
     def url(self) -> str | None:
         if not self.ready_info:
             return None
-        return f"http://{self.ready_info.get('host', '127.0.0.1')}:{self.ready_info['port']}"
+        host = self.ready_info.get("host", "127.0.0.1")
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.ready_info['port']}"
+
+    @property
+    def handover_dir(self) -> str | None:
+        return (self.ready_info or {}).get("handover_dir")
 
     @property
     def state(self) -> str:
+        """stopped / starting / running / stopping / exited / crashed."""
         if self._process is None:
             return "stopped"
         if self.is_running():
-            return "running" if self._ready.is_set() else "starting"
-        return "exited" if self.returncode == 0 or self._stopped_by_us else "crashed"
+            if self._stop_requested:
+                return "stopping"
+            return "running" if self.ready_info else "starting"
+        return "exited" if self.returncode == 0 or self._stop_requested else "crashed"
 
     def start(self) -> None:
-        self._ready.clear()
         self.ready_info = None
-        self._stopped_by_us = False
         super().start()
 
-    def stop(self, grace_seconds: float = 5.0) -> None:
-        self._stopped_by_us = True
-        super().stop(grace_seconds)
-
     def wait_ready(self, timeout: float) -> bool:
-        """Block until the ready line (tests, scripts); the panel polls `state` instead."""
+        """Poll until the ready line (scripts, tests; the panel polls `state` from its timer instead)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._ready.wait(0.2):
+            self.poll()
+            if self.ready_info:
                 return True
             if not self.is_running():
-                return False
+                self.poll()
+                return bool(self.ready_info)
+            time.sleep(0.05)
         return False
-
-    def restart(self, timeout: float | None = None) -> None:
-        self.stop()
-        self.start()
-        if timeout is not None:
-            self.wait_ready(timeout)
 
 
 def bundled_backend_dir(module_dir: Path) -> Path | None:

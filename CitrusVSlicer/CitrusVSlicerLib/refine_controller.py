@@ -2,14 +2,13 @@
 refinement steps, sent one at a time; Undo and Redo; answers applied to the segment on the main thread.
 
 Transport: `send(request, on_answer, on_error)` delivers one request and later calls back, on the main thread, with
-the answer's JSON or an error message. `ThreadedSender` is the module's current one (a worker thread making the
-HTTP call, callbacks run by the panel's timer); tests pass a direct one. Requests are built when they are sent,
-so each carries the version of the segment the previous answer left (no step is computed on a stale mask).
+the answer's JSON or an error message. `TransportSender` is the module's one (the request handed to the HTTP
+courier, transport.py; the callback run from `Transport.poll()`, no threads); tests may pass their own. Requests
+are built when they are sent, so each carries the version of the segment the previous answer left (no step is
+computed on a stale mask).
 """
 from __future__ import annotations
 
-import queue
-import threading
 from collections import deque
 from typing import Callable
 
@@ -17,9 +16,12 @@ import vtk
 
 import slicer
 
+from .endpoints import BackendError
 from .refine import Request, SegmentRefinement, StaleAnswer, markup_points, roi_box, world_to_ijk
 
 POINT_EVENTS = ("PointPositionDefinedEvent", "PointEndInteractionEvent")
+# A step with re-propagation runs SAM2 over many slices; on a CPU backend that takes a while.
+REQUEST_TIMEOUT_SECONDS = 300.0
 
 
 class RefineController:
@@ -200,44 +202,44 @@ def _box_covers(box: dict, index: int, axis: int) -> bool:
     return low - 0.5 <= index <= high + 0.5
 
 
-class ThreadedSender:
-    """`send` for the panel: one worker thread makes the HTTP calls in order; `deliver()` (from the panel's timer,
-    on the main thread) runs the callbacks. HTTP only on the thread, MRML only on the main thread."""
+class TransportSender:
+    """`send` for the panel: each request goes to `target` through the module's courier; its answer (JSON, or the
+    error worded for the user) is handed on from `Transport.poll()`, on the main thread, where MRML may be used.
+    `close()` cancels what is in flight and drops its answers (the segment is no longer being refined)."""
 
-    def __init__(self, client):
-        self.client = client
-        self._requests: queue.Queue = queue.Queue()
-        self._answers: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="citrusv-refine", daemon=True)
-        self._thread.start()
+    def __init__(self, transport, target, timeout: float = REQUEST_TIMEOUT_SECONDS):
+        self.transport = transport
+        self.target = target
+        self.timeout = timeout
+        self._calls: dict[int, object] = {}
+        self.closed = False
 
     def __call__(self, request: Request, on_answer, on_error) -> None:
-        self.call(lambda: self.client.request_json(request.method, request.path, request.body), on_answer, on_error)
-
-    def call(self, work: Callable[[], object], on_answer, on_error) -> None:
-        """Any backend call (an upload) on the worker thread, answered like a request."""
-        self._requests.put((work, on_answer, on_error))
-
-    def deliver(self) -> None:
-        while True:
-            try:
-                callback, value = self._answers.get_nowait()
-            except queue.Empty:
+        def answered(call) -> None:
+            self._calls.pop(call.number, None)
+            if self.closed or call.state == "cancelled":
                 return
-            callback(value)
+            if call.error is not None:
+                return on_error(str(call.error))
+            try:
+                answer = call.json()
+            except BackendError as error:
+                return on_error(str(error))
+            on_answer(answer)
+
+        if self.closed:
+            return on_error("refinement of this segment was stopped")
+        call = self.transport.request(self.target, request.method, request.path, json_body=request.body,
+                                      timeout=self.timeout, on_done=answered)
+        if not call.done:
+            self._calls[call.number] = call
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._calls)
 
     def close(self) -> None:
-        self._requests.put(None)
-
-    def _loop(self) -> None:
-        from .client import BackendError
-
-        while (item := self._requests.get()) is not None:
-            work, on_answer, on_error = item
-            try:
-                self._answers.put((on_answer, work()))
-            except BackendError as error:
-                self._answers.put((on_error, str(error)))
-            except Exception as error:  # a bug or a broken connection must still reach the panel
-                self._answers.put((on_error, f"{type(error).__name__}: {error}"))
-
+        self.closed = True
+        for call in list(self._calls.values()):
+            call.cancel()
+        self._calls.clear()

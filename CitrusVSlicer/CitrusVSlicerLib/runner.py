@@ -1,19 +1,23 @@
-"""One Apply in a background thread: upload the volume (once), submit the job, follow it, fetch the result.
+"""One Apply as a state machine on the main thread: upload the voxels (upload.py), submit the job, follow it, fetch
+and decode the result.
 
-The thread only talks HTTP; it never touches MRML or Qt. The panel drains `events()` from a timer on the
-main thread and writes the result into the scene there. Cancel asks the backend to stop the job and
-returns the runner to idle as soon as the backend confirms (or after a short timeout).
+Every step is short and non-blocking: the panel's timer calls `poll()`, which does a little work (a time-boxed
+block of the voxel file, a look at the courier's answers, a block of mask inflating) and returns how soon it wants
+to be called again (0 while there is local work, a few milliseconds while an answer is due, the polling interval
+while the job runs). HTTP goes through transport.py; nothing here waits, sleeps or uses threads. The runner never
+touches MRML or Qt: `events()` hands progress and the result to the caller.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import json
 import time
 from dataclasses import dataclass
 
-from .client import BackendClient, BackendError
-from .process import drain_queue
+from .client import ResultDecoder, uploadable
+from .endpoints import BackendError, Target
 from .results import SceneResult
+from .transport import Call, Transport
+from .upload import ANSWER_WAIT_SECONDS, VolumeUpload
 
 POLL_SECONDS = 0.3
 CANCEL_WAIT_SECONDS = 10.0
@@ -26,104 +30,206 @@ class Event:
     fraction: float = 0.0
     message: str = ""
     result: SceneResult | None = None
+    written: dict | None = None   # the nodes a scene Apply wrote (apply.py)
 
 
 class ApplyRunner:
     """Runs one task on one volume; `state` is idle / running / cancelling / done / failed / cancelled."""
 
-    def __init__(self, client: BackendClient, voxels, ijk_to_ras, volume_name: str, task: str, prompt: str,
-                 options: dict | None = None, volume_id: str | None = None, dicom_reference: dict | None = None):
-        self.client = client
-        self.voxels = voxels
+    def __init__(self, transport: Transport, target: Target, voxels, ijk_to_ras, volume_name: str, task: str,
+                 prompt: str, options: dict | None = None, volume_id: str | None = None, source_changed=None,
+                 dicom_reference: dict | None = None):
+        self.transport = transport
+        self.target = target
+        self.voxels = uploadable(voxels)
         self.ijk_to_ras = ijk_to_ras
         self.volume_name = volume_name
         self.task = task
         self.prompt = prompt
         self.options = options or {}
-        self.volume_id = volume_id           # reuse an upload of the same volume
-        self.dicom_reference = dicom_reference   # the source DICOM series, sent with the upload
-        self.on_uploaded = lambda volume_id: None   # lets the caller remember the upload
+        self.volume_id = volume_id               # reuse an upload of the same volume
+        self.dicom_reference = dicom_reference   # the source DICOM series, attached to the upload
+        self.on_uploaded = lambda volume_id: None  # lets the caller remember the upload
+        self.source_changed = source_changed     # () -> bool: the volume was modified while it was being written
         self.job_id: str | None = None
         self.state = "idle"
-        self._events: queue.Queue[Event] = queue.Queue()
-        self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.stage = "idle"
+        self._events: list[Event] = []
+        self._upload: VolumeUpload | None = None
+        self._call: Call | None = None
+        self._decoder: ResultDecoder | None = None
+        self._reused = volume_id is not None
+        self._next_poll = 0.0
+        self._cancel_sent_at: float | None = None
+        self.started = self.finished = None
+
+    # ------------------------------------------------------------------------------------------ interface
 
     def start(self) -> None:
         self.state = "running"
-        self._thread = threading.Thread(target=self._run, name="citrusv-apply", daemon=True)
-        self._thread.start()
+        self.started = time.monotonic()
+        if self.volume_id is not None:
+            self._submit()
+        else:
+            self._begin_upload()
 
     def cancel(self) -> None:
-        if self.state == "running":
-            self.state = "cancelling"
-            self._cancel.set()
+        if self.state != "running":
+            return
+        self.state = "cancelling"
+        if self.job_id is None:  # nothing on the server yet: stop right here
+            self._finish_cancelled()
 
     def events(self) -> list[Event]:
-        return drain_queue(self._events)
+        events, self._events = self._events, []
+        return events
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "cancelling")
 
-    def _emit(self, kind: str, **fields) -> None:
-        self._events.put(Event(kind, **fields))
-
-    def _run(self) -> None:
+    def poll(self) -> float:
+        """Advance; returns the seconds until the next call is useful."""
+        if not self.active:
+            return 1.0
+        self.transport.poll()
+        if not self.active:  # a completed call may have finished us
+            return 1.0
         try:
-            reused = self.volume_id is not None
-            if not reused:
-                self._upload()
-            if self._cancel.is_set():
-                return self._finish_cancelled()
-            try:
-                self.job_id = self.client.submit_job(self.volume_id, self.task, self.prompt, self.options)
-            except BackendError as error:
-                if not (reused and "404" in str(error)):
-                    raise
-                self._upload()  # the backend evicted (or restarted and lost) our earlier upload
-                self.job_id = self.client.submit_job(self.volume_id, self.task, self.prompt, self.options)
-            self._follow()
+            return self._advance()
         except BackendError as error:
-            self.state = "failed"
-            self._emit("error", message=str(error))
-        except Exception as error:  # a bug or a network failure must still bring the panel back to idle
-            self.state = "failed"
-            self._emit("error", message=f"{type(error).__name__}: {error}")
+            self._fail(str(error))
+        except Exception as error:  # a bug must still bring the panel back to idle, with the reason shown
+            self._fail(f"{type(error).__name__}: {error}")
+        return 1.0
 
-    def _upload(self) -> None:
-        self._emit("progress", stage="upload", message=f"sending {self.volume_name} to the backend")
-        self.volume_id = self.client.upload_volume(self.voxels, self.ijk_to_ras, self.volume_name,
-                                                   dicom=self.dicom_reference)
-        self.on_uploaded(self.volume_id)
+    # ------------------------------------------------------------------------------------------ stages
 
-    def _follow(self) -> None:
-        cancel_sent_at = None
-        while True:
-            if self._cancel.is_set() and cancel_sent_at is None:
-                self.client.cancel_job(self.job_id)
-                cancel_sent_at = time.monotonic()
-            job = self.client.job(self.job_id)
-            status = job.get("status")
-            progress = job.get("progress") or {}
-            if status in ("queued", "running"):
-                self._emit("progress", stage=progress.get("stage", status), fraction=float(progress.get("fraction") or 0.0),
-                           message=progress.get("message", ""))
-                if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > CANCEL_WAIT_SECONDS:
-                    return self._finish_cancelled("the backend did not confirm in time; it will stop the job later")
-                time.sleep(POLL_SECONDS)
-                continue
-            if status == "done":
-                result = self.client.result(self.job_id, self.voxels.shape)
-                self.state = "done"
-                self._emit("done", result=result)
-            elif status == "cancelled":
-                self._finish_cancelled()
-            else:
-                self.state = "failed"
-                self._emit("error", message=(job.get("error") or {}).get("message", f"job {status}"))
+    def _advance(self) -> float:
+        if self.stage == "upload":
+            return self._upload.poll()
+        if self.stage == "decode":
+            result = self._decoder.step()
+            if result is not None:
+                self.state = self.stage = "done"
+                self.finished = time.monotonic()
+                self._events.append(Event("done", result=result))
+                return 1.0
+            return 0.0
+        if self.stage == "follow" and self._call is None and time.monotonic() >= self._next_poll:
+            self._poll_job()
+        if self._call is not None:
+            return ANSWER_WAIT_SECONDS
+        return max(0.0, self._next_poll - time.monotonic())
+
+    def _begin_upload(self) -> None:
+        self._upload = VolumeUpload(self.transport, self.target, self.voxels, self.ijk_to_ras, self.volume_name,
+                                    self.dicom_reference, self.source_changed)
+        self._upload.on_progress = lambda fraction, message: self._progress("upload", fraction, message)
+        self._upload.on_done = self._uploaded
+        self.stage = "upload"
+        self._upload.start()
+
+    def _uploaded(self, volume_id: str | None, error: str | None) -> None:
+        if not self.active:
             return
+        if error is not None:
+            return self._fail(error)
+        self.volume_id = volume_id
+        self.on_uploaded(volume_id)
+        if self.state == "cancelling":
+            return self._finish_cancelled()
+        self._submit()
+
+    def _submit(self) -> None:
+        self.stage = "submit"
+        body = {"volume_id": self.volume_id, "task": self.task, "prompt": self.prompt, "options": self.options}
+        self._call = self.transport.request(self.target, "POST", "/v1/jobs", json_body=body, on_done=self._submitted)
+
+    def _submitted(self, call: Call) -> None:
+        self._call = None
+        if not self.active:
+            return
+        if not call.ok and self._reused and call.status == 404:
+            # The backend evicted (or restarted and lost) our earlier upload: send the volume again.
+            self._reused = False
+            self.volume_id = None
+            return self._begin_upload()
+        if call.error:
+            return self._fail(str(call.error))
+        self.job_id = call.json()["job_id"]
+        if self.state == "cancelling":
+            self._send_cancel()
+        self.stage = "follow"
+        self._next_poll = time.monotonic()
+
+    def _poll_job(self) -> None:
+        if self.state == "cancelling" and self._cancel_sent_at is None:
+            self._send_cancel()
+        self._call = self.transport.request(self.target, "GET", f"/v1/jobs/{self.job_id}", on_done=self._job_status)
+
+    def _send_cancel(self) -> None:
+        self._cancel_sent_at = time.monotonic()
+        self.transport.request(self.target, "DELETE", f"/v1/jobs/{self.job_id}")
+
+    def _job_status(self, call: Call) -> None:
+        self._call = None
+        if not self.active:
+            return
+        if call.error:
+            return self._fail(str(call.error))
+        job = call.json()
+        status = job.get("status")
+        progress = job.get("progress") or {}
+        if status in ("queued", "running"):
+            if self.state == "cancelling" and self._cancel_sent_at is not None and \
+                    time.monotonic() - self._cancel_sent_at > CANCEL_WAIT_SECONDS:
+                return self._finish_cancelled("the backend did not confirm in time; it will stop the job later")
+            self._progress(progress.get("stage", status), float(progress.get("fraction") or 0.0),
+                           progress.get("message", ""))
+            self._next_poll = time.monotonic() + POLL_SECONDS
+        elif status == "done":
+            self.stage = "result"
+            self._call = self.transport.request(self.target, "GET", f"/v1/jobs/{self.job_id}/result", timeout=120,
+                                                large_response=True, on_done=self._result)
+        elif status == "cancelled":
+            self._finish_cancelled()
+        else:
+            self._fail((job.get("error") or {}).get("message", f"job {status}"))
+
+    def _result(self, call: Call) -> None:
+        self._call = None
+        if not self.active:
+            return
+        if call.error:
+            return self._fail(str(call.error))
+        try:
+            payload = json.loads(call.body())
+        except ValueError:
+            return self._fail(f"the result of job {self.job_id} is not JSON")
+        self._decoder = ResultDecoder(payload, self.voxels.shape)
+        self.stage = "decode"
+
+    # ------------------------------------------------------------------------------------------ endings
+
+    def _progress(self, stage: str, fraction: float, message: str) -> None:
+        self._events.append(Event("progress", stage=stage, fraction=fraction, message=message))
+
+    def _fail(self, message: str) -> None:
+        self._cleanup()
+        self.state = self.stage = "failed"
+        self.finished = time.monotonic()
+        self._events.append(Event("error", message=message))
 
     def _finish_cancelled(self, message: str = "cancelled") -> None:
-        self.state = "cancelled"
-        self._emit("cancelled", message=message)
+        self._cleanup()
+        self.state = self.stage = "cancelled"
+        self.finished = time.monotonic()
+        self._events.append(Event("cancelled", message=message))
+
+    def _cleanup(self) -> None:
+        if self._upload is not None:
+            self._upload.cancel()
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None

@@ -3,7 +3,9 @@
 MRML only (works in Slicer and in the `slicer-core` wheel); no Qt, no slicer.app. Masks arrive as crops on
 the input volume's own voxel grid and are written with that volume's IJK->RAS matrix, so they land on
 exactly the voxels they describe for any spacing, origin and direction. Existing segments are never
-overwritten: a name already taken gets a numbered suffix unless the caller asks to replace it.
+overwritten: a name already taken gets a numbered suffix unless the caller asks to replace it. A findings table
+that is reused keeps its rows: each Apply appends its own, with a run number, and gets its own report text node,
+referenced from the table in run order.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from vtk.util import numpy_support
 import slicer
 
 from .results import SceneResult, SegmentMask
+from .terminology import terminology_entry
 
 REPORT_REFERENCE_ROLE = "CitrusVReport"
 SOURCE_VOLUME_ROLE = "CitrusVSourceVolume"
@@ -29,18 +32,9 @@ FINDING_COLUMNS = [
     ("mean_intensity", vtk.vtkDoubleArray, "", "Mean voxel value inside the segment (HU for CT)"),
     ("slice", vtk.vtkIntArray, "", "Slice index (along the slicing axis) where it was found"),
     ("segment", vtk.vtkStringArray, "", "Name of the linked segment"),
+    ("run", vtk.vtkIntArray, "", "Which Apply produced the row (1, 2, ...): its report is the run's text node"),
+    ("report", vtk.vtkStringArray, "", "Name of the report text node of that run"),
 ]
-
-# SNOMED CT codes of common targets, for Slicer's terminology (segment colour/naming in DICOM SEG export).
-ANATOMY_CODES = {
-    "liver": ("10200004", "Liver"), "spleen": ("78961009", "Spleen"), "heart": ("80891009", "Heart"),
-    "left lung": ("44029006", "Left lung"), "right lung": ("3341006", "Right lung"), "lung": ("39607008", "Lung"),
-    "left kidney": ("18639004", "Left kidney"), "right kidney": ("9846003", "Right kidney"),
-    "kidney": ("64033007", "Kidney"), "pancreas": ("15776009", "Pancreas"), "aorta": ("15825003", "Aorta"),
-    "stomach": ("69695003", "Stomach"), "gallbladder": ("28231008", "Gallbladder"), "brain": ("12738006", "Brain"),
-    "bladder": ("89837001", "Urinary bladder"), "prostate": ("41216001", "Prostate"),
-}
-
 
 def ijk_to_ras_matrix(volume_node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
@@ -62,14 +56,6 @@ def volume_array_and_geometry(volume_node) -> tuple[np.ndarray, np.ndarray]:
     return voxels, ijk_to_ras_matrix(volume_node)
 
 
-def _terminology_entry(name: str) -> str | None:
-    code = ANATOMY_CODES.get(name.strip().lower())
-    if code is None:
-        return None
-    return ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~"
-            f"SCT^{code[0]}^{code[1]}~^^~Anatomic codes - DICOM master list~^^~^^")
-
-
 def _unique_segment_name(segmentation, name: str) -> str:
     taken = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
     if name not in taken:
@@ -80,6 +66,14 @@ def _unique_segment_name(segmentation, name: str) -> str:
     return f"{name} ({number})"
 
 
+def _vtk_matrix(array: np.ndarray):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
 def _oriented_crop(mask: SegmentMask, ijk_to_ras: np.ndarray):
     oriented = slicer.vtkOrientedImageData()
     k, j, i = mask.offset_kji
@@ -88,17 +82,12 @@ def _oriented_crop(mask: SegmentMask, ijk_to_ras: np.ndarray):
     values = numpy_support.numpy_to_vtk(np.ascontiguousarray(mask.crop, dtype=np.uint8).ravel(), deep=True,
                                         array_type=vtk.VTK_UNSIGNED_CHAR)
     oriented.GetPointData().SetScalars(values)
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, ijk_to_ras[r, c])
-    oriented.SetImageToWorldMatrix(matrix)
+    oriented.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
     return oriented
 
 
 def create_segmentation_node(scene, volume_node, name: str):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    node.CreateDefaultDisplayNodes()
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     node.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volume_node.GetID())
     if volume_node.GetParentTransformNode() is not None:
@@ -113,6 +102,9 @@ def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation
         segmentation_node = create_segmentation_node(scene, volume_node, f"{volume_node.GetName()} CitrusV")
     elif segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    # A node made by a selector's "Create new" entry has no display node (qMRMLNodeFactory): segments would be
+    # invisible. Idempotent for nodes that have one.
+    segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     ijk_to_ras = ijk_to_ras_matrix(volume_node)
     segment_ids = []
@@ -127,7 +119,7 @@ def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation
             oriented, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
             oriented.GetExtent())
         segment = segmentation.GetSegment(segment_id)
-        entry = _terminology_entry(mask.name)
+        entry = terminology_entry(mask.name, mask.laterality)
         if entry:
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         segment.SetTag("CitrusV.Laterality", mask.laterality or "")
@@ -135,48 +127,87 @@ def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation
     return segmentation_node, segment_ids
 
 
-def write_findings_table(scene, result: SceneResult, table_node=None, name: str = "CitrusV findings"):
-    """Findings rows into a table node (typed columns with units and descriptions), the report as a text node."""
-    if table_node is None:
-        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    table_node.RemoveAllColumns()
+def _ensure_columns(table_node) -> None:
+    """The typed columns, added to a new table or to one written by an older version (existing rows kept)."""
     table = table_node.GetTable()
+    rows = table.GetNumberOfRows()
     for column, array_class, unit, description in FINDING_COLUMNS:
+        if table.GetColumnByName(column) is not None:
+            continue
         array = array_class()
         array.SetName(column)
+        array.SetNumberOfTuples(rows)
+        for index in range(rows):
+            _set_value(array, array_class, index, None)
         table.AddColumn(array)
         table_node.SetColumnDescription(column, description)
         if unit:
             table_node.SetColumnUnitLabel(column, unit)
+
+
+def _set_value(array, array_class, index: int, value) -> None:
+    if array_class is vtk.vtkStringArray:
+        array.SetValue(index, "" if value is None else str(value))
+    elif array_class is vtk.vtkIntArray:
+        array.SetValue(index, -1 if value is None else int(value))
+    else:
+        array.SetValue(index, float("nan") if value is None else float(value))
+
+
+def write_findings_table(scene, result: SceneResult, table_node=None, name: str = "CitrusV findings"):
+    """Append this run's findings to a table node (typed columns with units and descriptions); the run's report goes
+    into a text node of its own, referenced from the table (role CitrusVReport, one reference per run)."""
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    _ensure_columns(table_node)
+    run = table_node.GetNumberOfNodeReferences(REPORT_REFERENCE_ROLE) + 1
+    report = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{table_node.GetName()} report {run}")
+    report.SetText(result.report_text)
+    report.SetAttribute("CitrusV.Prompt", result.prompt)
+    report.SetAttribute("CitrusV.Task", result.task)
+    report.SetAttribute("CitrusV.Run", str(run))
+    table_node.AddNodeReferenceID(REPORT_REFERENCE_ROLE, report.GetID())
+    table = table_node.GetTable()
     for row in result.findings:
+        values = dict(row, run=run, report=report.GetName())
         table.InsertNextBlankRow()
         index = table.GetNumberOfRows() - 1
         for column, array_class, _, _ in FINDING_COLUMNS:
-            value = row.get(column)
-            if array_class is vtk.vtkStringArray:
-                table.GetColumnByName(column).SetValue(index, "" if value is None else str(value))
-            elif array_class is vtk.vtkIntArray:
-                table.GetColumnByName(column).SetValue(index, -1 if value is None else int(value))
-            else:
-                table.GetColumnByName(column).SetValue(index, float("nan") if value is None else float(value))
+            _set_value(table.GetColumnByName(column), array_class, index, values.get(column))
     table.Modified()
-    table_node.SetAttribute("CitrusV.Prompt", result.prompt)
+    table_node.SetAttribute("CitrusV.Prompt", result.prompt)  # the latest run's; every report keeps its own
     table_node.SetAttribute("CitrusV.Task", result.task)
     table_node.SetAttribute("CitrusV.RandomWeights", "1" if result.random_weights else "0")
-    report = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{table_node.GetName()} report")
-    report.SetText(result.report_text)
-    table_node.SetNodeReferenceID(REPORT_REFERENCE_ROLE, report.GetID())
     return table_node, report
 
 
-def write_boxes(scene, boxes: list[dict]) -> list:
-    """One ROI markup per 3D box (patient-axis aligned, RAS)."""
+def write_boxes(scene, boxes: list[dict], volume_node=None) -> list:
+    """One ROI markup per 3D box. With the box's voxel bounds and the volume, the ROI is oriented like the volume's
+    voxel grid (exact for oblique volumes) and follows the volume's parent transform; without them (an older
+    backend), it is the patient-axis hull of the box."""
+    ijk_to_ras = ijk_to_ras_matrix(volume_node) if volume_node is not None else None
     nodes = []
     for number, box in enumerate(boxes, start=1):
-        low, high = np.array(box["ras_min"], float), np.array(box["ras_max"], float)
         roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.get("label") or f"CitrusV box {number}")
-        roi.SetCenter(*((low + high) / 2.0))
-        roi.SetSize(*(high - low))
+        if ijk_to_ras is not None and "index_min_kji" in box and "index_max_kji" in box:
+            low = np.array(box["index_min_kji"], float)[::-1]   # (i, j, k)
+            high = np.array(box["index_max_kji"], float)[::-1]
+            axes = ijk_to_ras[:3, :3]
+            spacing = np.linalg.norm(axes, axis=0)
+            directions = axes / spacing
+            if np.linalg.det(directions) < 0:  # a flipped grid: one axis reversed keeps the same box, as a rotation
+                directions[:, 0] = -directions[:, 0]
+            orientation = np.eye(4)
+            orientation[:3, :3] = directions
+            roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(orientation))
+            roi.SetCenter(*(ijk_to_ras @ np.r_[(low + high) / 2.0, 1.0])[:3])
+            roi.SetSize(*((high - low) * spacing))
+        else:
+            low, high = np.array(box["ras_min"], float), np.array(box["ras_max"], float)
+            roi.SetCenter(*((low + high) / 2.0))
+            roi.SetSize(*(high - low))
+        if volume_node is not None and volume_node.GetParentTransformNode() is not None:
+            roi.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
         roi.SetAttribute("CitrusV.Slices", "{}-{}".format(*box.get("slices", ["", ""])))
         nodes.append(roi)
     return nodes
@@ -212,7 +243,7 @@ def write_result(scene, volume_node, result: SceneResult, segmentation_node=None
                 scene, volume_node, result.segments, segmentation_node, replace_existing)
         if result.findings or result.report_text:
             written["table"], written["report"] = write_findings_table(scene, result, table_node)
-        written["rois"] = write_boxes(scene, result.boxes)
+        written["rois"] = write_boxes(scene, result.boxes, volume_node)
     finally:
         scene.EndState(scene.BatchProcessState)
     nodes = [n for n in (written["segmentation"], written["table"], written["report"], *written["rois"]) if n is not None]

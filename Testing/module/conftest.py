@@ -22,3 +22,18 @@ def mrml_scene():
     scene = make_scene()
     yield scene
     scene.Clear(1)
+
+
+@pytest.fixture(scope="session")
+def module_backend(tiny_checkpoint, session_dir):
+    """The module's own local backend (a BackendManager starting `citrusv serve` with the tiny checkpoint), once per
+    session; its python is this interpreter (the test environment has the backend installed)."""
+    from CitrusVSlicerLib.manager import BackendManager
+
+    manager = BackendManager(MODULE_DIR, env_dir=session_dir / "module-env", python=sys.executable,
+                             log_dir=session_dir / "module-logs", work_dir=session_dir / "module-work")
+    process = manager.start_local(str(tiny_checkpoint), "cpu")
+    assert process.wait_ready(300), "\n".join(process.lines)
+    yield manager
+    manager.shutdown()
+

@@ -1,7 +1,7 @@
 """The module's logic end to end: real MRML volume node -> real backend process (tiny checkpoint) -> scene.
 
-Also the process manager with real child processes: start, health, crash detection, restart, and a stop
-that takes the whole process tree down.
+Also the process manager with real child processes: start, health, crash detection, restart, and a stop that takes
+the whole process tree down. Everything is driven by polling, as the panel's timer drives it.
 """
 from __future__ import annotations
 
@@ -15,36 +15,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from module_helpers import run_until
 from test_writers import add_volume, oblique_ijk_to_ras, segment_array
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "CitrusVSlicer"
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_checkpoint):
-    from CitrusVSlicerLib.manager import BackendManager
-
-    manager = BackendManager(MODULE_DIR, python=sys.executable)
-    process = manager.start_local(str(tiny_checkpoint), "cpu")
-    assert process.wait_ready(180), "\n".join(process.lines)
-    yield manager
-    manager.stop()
-
-
-def run_to_end(runner, timeout: float = 300):
-    deadline = time.monotonic() + timeout
+def run_to_end(manager, runner, timeout: float = 300):
     events = []
-    while time.monotonic() < deadline:
+
+    def step():
+        manager.poll()
+        runner.poll()
         events.extend(runner.events())
-        if events and events[-1].kind in ("done", "error", "cancelled"):
-            return events
-        time.sleep(0.05)
-    raise AssertionError(f"runner still {runner.state} after {timeout} s")
+
+    run_until(step, lambda: not runner.active, timeout, step=0.01)
+    events.extend(runner.events())
+    return events
 
 
 @pytest.mark.slicer
 @pytest.mark.service
-def test_oblique_volume_node_to_segmentation_node(backend, mrml_scene, chest_ct_path):
+def test_oblique_volume_node_to_segmentation_node(module_backend, mrml_scene, chest_ct_path):
     """Segment voxels in the scene equal the backend's mask at the same patient coordinates."""
     from citrusv_backend.volume.io import Volume, read_volume
     from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
@@ -56,16 +48,17 @@ def test_oblique_volume_node_to_segmentation_node(backend, mrml_scene, chest_ct_
     volume_node = add_volume(mrml_scene, voxels, matrix)
     array, ijk_to_ras = volume_array_and_geometry(volume_node)
     options = {"mode": "per-slice", "slice_range": [3, 6], "window": "lung"}
-    runner = ApplyRunner(backend.client(), array, ijk_to_ras, "CT", "segment", "segment the left lung", options)
+    runner = ApplyRunner(module_backend.transport, module_backend.local_target(), array, ijk_to_ras, "CT", "segment",
+                         "segment the left lung", options)
     runner.start()
-    events = run_to_end(runner)
+    events = run_to_end(module_backend, runner)
     assert events[-1].kind == "done", events[-1].message
     assert any(e.kind == "progress" and e.stage == "upload" for e in events)
     result = events[-1].result
     written = write_result(mrml_scene, volume_node, result)
 
     # The same request in-process on the same voxels and matrix (the tiny model is deterministic).
-    expected = VolumePipeline(backend_engine(backend)).run(
+    expected = VolumePipeline(backend_engine(module_backend)).run(
         Volume.from_ijk_to_ras(array, ijk_to_ras), "segment the left lung", "segment",
         VolumeOptions(mode="per-slice", slice_range=(3, 6), window="lung"))
     segmentation = written["segmentation"]
@@ -94,105 +87,117 @@ def backend_engine(manager):
 
 @pytest.mark.slicer
 @pytest.mark.service
-def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(backend, mrml_scene, chest_ct_path):
+def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(module_backend, mrml_scene, chest_ct_path):
     from citrusv_backend.volume.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.writers import volume_array_and_geometry
 
     voxels = read_volume(chest_ct_path).voxels[14:18].copy()
     volume_node = add_volume(mrml_scene, voxels, np.diag([-3.0, -3.0, 10.0, 1.0]))
-    from CitrusVSlicerLib.writers import volume_array_and_geometry
-
     array, ijk_to_ras = volume_array_and_geometry(volume_node)
-    client = backend.client()
-    first = ApplyRunner(client, array, ijk_to_ras, "CT", "ask", "What is shown?", {"max_new_tokens": 4})
+    transport, target = module_backend.transport, module_backend.local_target()
+    first = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "What is shown?", {"max_new_tokens": 4})
     first.start()
-    assert run_to_end(first)[-1].kind == "done"
-    second = ApplyRunner(client, array, ijk_to_ras, "CT", "ask", "Anything else?", {"max_new_tokens": 4},
+    assert run_to_end(module_backend, first)[-1].kind == "done"
+    second = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "Anything else?", {"max_new_tokens": 4},
                          volume_id=first.volume_id)
     second.start()
-    events = run_to_end(second)
+    events = run_to_end(module_backend, second)
     assert events[-1].kind == "done" and not any(e.stage == "upload" for e in events)
     assert events[-1].result.answer  # the free-text answer of the tiny model
     # An id the backend does not know (evicted, restarted): the runner uploads again instead of failing.
-    third = ApplyRunner(client, array, ijk_to_ras, "CT", "ask", "Again?", {"max_new_tokens": 2}, volume_id="v-gone")
+    third = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "Again?", {"max_new_tokens": 2},
+                        volume_id="v-gone")
     third.start()
-    events = run_to_end(third)
+    events = run_to_end(module_backend, third)
     assert events[-1].kind == "done" and any(e.stage == "upload" for e in events)
 
 
 @pytest.mark.slicer
 @pytest.mark.service
-def test_cancel_mid_job_returns_to_idle(backend, chest_ct_path):
+def test_cancel_mid_job_returns_to_idle(module_backend, chest_ct_path):
     from citrusv_backend.volume.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
 
     volume = read_volume(chest_ct_path)
-    runner = ApplyRunner(backend.client(), volume.voxels, volume.geometry.ijk_to_ras(), "CT", "segment",
-                         "segment the left lung", {"mode": "per-slice"})
+    runner = ApplyRunner(module_backend.transport, module_backend.local_target(), volume.voxels,
+                         volume.geometry.ijk_to_ras(), "CT", "segment", "segment the left lung", {"mode": "per-slice"})
     runner.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(e.kind == "progress" and e.stage.startswith("per-slice")
-                                                  for e in runner.events()):
-        time.sleep(0.05)
+    seen = []
+
+    def step():
+        module_backend.poll()
+        runner.poll()
+        seen.extend(runner.events())
+
+    run_until(step, lambda: any(e.kind == "progress" and e.stage.startswith("per-slice") for e in seen), 120)
     runner.cancel()
     assert runner.state == "cancelling"
     started = time.monotonic()
-    events = run_to_end(runner, timeout=30)
+    events = run_to_end(module_backend, runner, timeout=30)
     assert events[-1].kind == "cancelled" and runner.state == "cancelled"
     assert time.monotonic() - started < 15
-    assert backend.client().job(runner.job_id)["status"] == "cancelled"
+    status = module_backend.transport.request(module_backend.local_target(), "GET", f"/v1/jobs/{runner.job_id}")
+    run_until(module_backend.poll, lambda: status.done, 30)
+    assert status.json()["status"] == "cancelled"
 
 
 @pytest.mark.service
-def test_unreachable_and_wrong_token_are_clear_errors(backend):
-    from CitrusVSlicerLib.client import BackendClient, BackendError
+def test_unreachable_and_wrong_token_are_clear_errors(module_backend):
+    from CitrusVSlicerLib.endpoints import Target
 
-    with pytest.raises(BackendError, match="refused the token"):
-        BackendClient(backend.process.url, "wrong-token").info()
-    with pytest.raises(BackendError, match="cannot connect"):
-        BackendClient("127.0.0.1:9", "x", timeout=2).health()
+    transport = module_backend.transport
+    wrong = transport.request(Target(module_backend.local_target().url, "wrong-token"), "GET", "/v1/info")
+    nobody = transport.request(Target("http://127.0.0.1:9", "x"), "GET", "/healthz", timeout=2)
+    run_until(module_backend.poll, lambda: wrong.done and nobody.done, 30)
+    assert "refused the token" in str(wrong.error)
+    assert "cannot connect" in str(nobody.error) and "proxy" not in str(nobody.error)  # no proxy hint for loopback
 
 
 @pytest.mark.unit
 def test_remote_needs_consent_unless_loopback(tmp_path):
-    from CitrusVSlicerLib.client import normalise_url
+    from CitrusVSlicerLib.endpoints import Target, normalise_url
     from CitrusVSlicerLib.manager import BackendManager
 
-    manager = BackendManager(MODULE_DIR, env_dir=tmp_path / "env")
-    manager.use_remote("gpu-server.example.org:8000", "token")
-    assert manager.remote_needs_consent()
-    manager.use_remote("http://127.0.0.1:8000", "token")
-    assert not manager.remote_needs_consent()
+    manager = BackendManager(MODULE_DIR, env_dir=tmp_path / "env", work_dir=tmp_path / "io")
+    assert manager.needs_consent(manager.target(True, "gpu-server.example.org:8000", "token"))
+    assert not manager.needs_consent(manager.target(True, "http://127.0.0.1:8000", "token"))
+    assert not manager.needs_consent(manager.target(True, "http://[::1]:8000", "token"))
     assert normalise_url("gpu:8000/") == "http://gpu:8000"
-    assert manager.client().session.verify is True  # certificate checks can never be switched off
+    # Certificates are always verified: a target carries a CA bundle at most, there is no way to switch checks off.
+    assert set(Target.__dataclass_fields__) == {"url", "token", "ca_bundle", "handover_dir"}
+    manager.transport.close()
 
 
 # ---------------------------------------------------------------------------------------------- processes
 
 @pytest.mark.service
-def test_crash_is_detected_and_restart_brings_it_back(tiny_checkpoint):
+@pytest.mark.slow
+def test_crash_is_detected_and_restart_brings_it_back(tiny_checkpoint, tmp_path):
+    from CitrusVSlicerLib.endpoints import BackendError
     from CitrusVSlicerLib.manager import BackendManager
 
-    manager = BackendManager(MODULE_DIR, python=sys.executable)
+    manager = BackendManager(MODULE_DIR, python=sys.executable, log_dir=tmp_path / "logs", work_dir=tmp_path / "io")
     process = manager.start_local(str(tiny_checkpoint), "cpu")
     try:
-        assert process.wait_ready(180)
-        assert manager.state == "running" and manager.client().health()["status"] == "ok"
+        run_until(manager.poll, lambda: manager.state in ("running", "crashed"), 300, step=0.05)
+        assert manager.state == "running"
         os.kill(process.pid, signal.SIGKILL)
-        process.wait(20)
-        assert manager.state == "crashed"
-        from CitrusVSlicerLib.client import BackendError
-
+        run_until(manager.poll, lambda: manager.state == "crashed", 20)
         with pytest.raises(BackendError, match="crashed"):
-            manager.client()
-        old_token = process.token
+            manager.local_target()
         manager.restart()
-        assert process.wait_ready(180) and manager.state == "running"
-        assert manager.client().health()["status"] == "ok" and process.token == old_token
-        manager.stop()
-        assert manager.state == "exited"
+        assert manager.state == "restarting"
+        run_until(manager.poll, lambda: manager.state in ("running", "crashed"), 300, step=0.05)
+        assert manager.state == "running" and manager.process is not process
+        health = manager.transport.request(manager.local_target(), "GET", "/healthz")
+        run_until(manager.poll, lambda: health.done, 30)
+        assert health.json()["status"] == "ok"
+        log_text = manager.process.log_path.read_text()
+        assert manager.process.token not in log_text  # the token travels in the environment, never in the log
     finally:
-        manager.stop()
+        manager.shutdown()
+    assert manager.state == "exited"
 
 
 @pytest.mark.unit
@@ -201,21 +206,23 @@ def test_stop_kills_the_whole_process_tree(tmp_path):
 
     pid_file = tmp_path / "grandchild.pid"
     script = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, lambda *a: None)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         open({str(pid_file)!r}, "w").write(str(child.pid))
         print("started", flush=True)
-        signal_ignored = __import__("signal").signal(__import__("signal").SIGTERM, lambda *a: None)
         time.sleep(600)
     """)
-    process = StreamingProcess([sys.executable, "-c", script])
+    process = StreamingProcess([sys.executable, "-c", script], log_dir=tmp_path)
     process.start()
     deadline = time.monotonic() + 20
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     grandchild = int(pid_file.read_text())
-    process.stop(grace_seconds=1.0)  # the parent ignores SIGTERM: the kill must still take everything down
-    assert not process.is_running()
+    started = time.monotonic()
+    process.request_stop(grace_seconds=1.0)  # ignores SIGTERM and its stdin: the tree is killed after the grace
+    assert time.monotonic() - started < 0.5, "request_stop must not wait"
+    run_until(process.poll, lambda: not process.is_running(), 15)
     assert _wait_gone(grandchild), "the grandchild survived the stop"
     assert "started" in process.lines
 
@@ -244,13 +251,18 @@ def test_install_plan_and_failure_explanations(tmp_path):
 
     backend_dir = bundled_backend_dir(MODULE_DIR)
     assert backend_dir is not None and (backend_dir / "bootstrap.py").is_file()
-    plan = plan_install(backend_dir, tmp_path / "env")
-    assert plan.command()[1].endswith("bootstrap.py") and plan.command()[2] == "setup"
+    plan = plan_install(backend_dir, tmp_path / "env", base_python="/opt/python3.12/bin/python3")
+    command = plan.bootstrap_command(plan.base_python)
+    assert command[:2] == ["/opt/python3.12/bin/python3", "-I"] and command[-4:-2] == [str(backend_dir / "bootstrap.py"), "setup"]
     assert plan.environment()["CITRUSV_VENV"] == str(tmp_path / "env")
-    assert "GB" in plan.describe() and str(tmp_path / "env") in plan.describe()
+    assert "GB" in plan.describe() and str(tmp_path / "env") in plan.describe() and "/opt/python3.12" in plan.describe()
+    automatic = plan_install(backend_dir, tmp_path / "env")
+    assert automatic.base_python is None and "uv" in automatic.describe()
     assert "disk is full" in explain_failure(["...", "OSError: [Errno 28] No space left on device"], plan)
     assert "proxy" in explain_failure(["Temporary failure in name resolution"], plan)
     assert "never disable" in explain_failure(["SSL: CERTIFICATE_VERIFY_FAILED"], plan)
+    too_old = explain_failure(["CitrusV's backend needs Python 3.10 or newer; /usr/bin/python3 is 3.9.10."], plan)
+    assert "Backend Python" in too_old and "Slicer 5.8 or newer" not in too_old
     assert "boom" in explain_failure(["ERROR: boom"], plan)
 
 
@@ -260,7 +272,9 @@ def test_batch_command_and_progress_parsing(tmp_path):
 
     command = batch_command("py", "/in", "/out", "segment", "segment the liver", "tiny", "cpu",
                             {"mode": "hybrid", "slice_range": [2, 9], "window": "auto"})
-    assert command[:5] == ["py", "-m", "citrusv_backend.cli", "batch", "/in"]
+    assert command[:2] == ["py", "-I"] and command[command.index("-m") + 1:command.index("-m") + 4] == [
+        "citrusv_backend.cli", "batch", "/in"]
+    assert "--exit-with-parent" in command
     assert command[command.index("--slice-range") + 1] == "2:9" and command[command.index("--mode") + 1] == "hybrid"
     (tmp_path / "in").mkdir()
     with pytest.raises(ValueError, match="must differ"):
@@ -268,3 +282,4 @@ def test_batch_command_and_progress_parsing(tmp_path):
     run = BatchRun("py", str(tmp_path / "in"), str(tmp_path / "out"), "segment", "x", "tiny", "cpu", {})
     run.on_line("[batch] case 3/10 done, 1 failed, ETA 00:02:00")
     assert (run.progress.done, run.progress.total, run.progress.failed) == (3, 10, 1)
+    assert run.output_folder == str(tmp_path / "out")

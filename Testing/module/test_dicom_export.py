@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from dicom_checks import assert_seg_lies_on_labelmap
 from dicom_series_maker import chest_ct_series, rotation
-from test_backend_flow import backend, run_to_end  # noqa: F401 (the backend fixture)
+from module_helpers import run_until
+from test_backend_flow import run_to_end
 from test_writers import add_volume, segment_array
 
 pytestmark = [pytest.mark.slicer, pytest.mark.service]
@@ -67,9 +68,10 @@ def test_reference_from_the_database_matches_slices_by_position(mrml_scene, load
     assert dicom_reference(cropped, volume.geometry.ijk_to_ras(), DicomDatabase(series.files)) is None
 
 
-def test_export_saves_the_backends_seg_and_sr_for_the_database(backend, mrml_scene, loaded_series, tmp_path):  # noqa: F811
+def test_export_saves_the_backends_seg_and_sr_for_the_database(module_backend, mrml_scene, loaded_series, tmp_path):
     from CitrusVSlicerLib.dicom_export import DicomExportError, dicom_reference, export_result
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.transport import Fetched, fetch_all
     from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
 
     series, volume = loaded_series
@@ -77,16 +79,22 @@ def test_export_saves_the_backends_seg_and_sr_for_the_database(backend, mrml_sce
     node.SetAttribute("DICOM.instanceUIDs", " ".join(series.sop_uids))
     array, ijk_to_ras = volume_array_and_geometry(node)
     reference = dicom_reference(node, ijk_to_ras, DicomDatabase(series.files))
-    client = backend.client()
-    runner = ApplyRunner(client, array, ijk_to_ras, "CT", "segment", "segment the left lung",
+    transport, target = module_backend.transport, module_backend.local_target()
+    # The raw upload (handover) with the reference attached after it (PUT /v1/volumes/{id}/dicom).
+    runner = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "segment", "segment the left lung",
                          {"mode": "per-slice", "slice_range": [15, 18]}, dicom_reference=reference)
     runner.start()
-    events = run_to_end(runner)
+    events = run_to_end(module_backend, runner)
     assert events[-1].kind == "done", events[-1].message
     result = events[-1].result
     written = write_result(mrml_scene, node, result)
+    fetched = []
+    fetch_all(transport, target, list(result.dicom["files"].values()), lambda bodies, error: fetched.append((bodies, error)))
+    run_until(module_backend.poll, lambda: fetched, 60)
+    bodies, error = fetched[0]
+    assert error is None, error
     imported = []
-    done = export_result(client, result.dicom, tmp_path / "export", imported.append)
+    done = export_result(Fetched(bodies), result.dicom, tmp_path / "export", imported.append)
     assert imported == [str(tmp_path / "export")] and done["segmentation_exported_by"] == "backend"
     assert sorted(p.name for p in done["files"]) == ["citrusv_seg.dcm", "citrusv_sr.dcm"]
     seg = pydicom.dcmread(tmp_path / "export" / "citrusv_seg.dcm")
@@ -96,4 +104,4 @@ def test_export_saves_the_backends_seg_and_sr_for_the_database(backend, mrml_sce
     sr = pydicom.dcmread(tmp_path / "export" / "citrusv_sr.dcm")
     assert sr.StudyInstanceUID == series.study_uid and sr.PatientID == seg.PatientID
     with pytest.raises(DicomExportError, match="not loaded from the DICOM database"):
-        export_result(client, None, tmp_path / "none", imported.append)
+        export_result(Fetched({}), None, tmp_path / "none", imported.append)

@@ -1,12 +1,14 @@
 """Refinement on the Slicer side with real MRML (slicer-core): markups in world RAS land on the voxel they mark
 (oblique, flipped, parent transforms on the volume and on the markups), an ROI becomes its IJK box, steps from the
-real backend land in the segment, Undo gives back the exact labelmap, hand edits restart the session."""
+real backend (through the module's courier, as the panel sends them) land in the segment, Undo gives back the exact
+labelmap, hand edits restart the session."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import vtk
 
+from module_helpers import run_until
 from test_writers import add_volume, oblique_ijk_to_ras
 
 pytestmark = pytest.mark.slicer
@@ -106,39 +108,30 @@ def test_a_segment_is_written_exactly_and_its_neighbours_stay(mrml_scene):
 
 # ---------------------------------------------------------------------------------------------- with the backend
 
-@pytest.fixture(scope="module")
-def backend_client(tiny_checkpoint, tmp_path_factory):
-    import os
-
-    from citrusv_backend.server.process import start_server
-    from CitrusVSlicerLib.client import BackendClient
-
-    env = {key: value for key, value in os.environ.items() if key != "CITRUSV_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
-    process = start_server(tiny_checkpoint, "--device", "cpu", env=env,
-                           log_path=tmp_path_factory.mktemp("refine-server") / "server.log", timeout=300)
-    yield BackendClient(process.url, process.token, timeout=300)
-    process.stop()
+def request_json(manager, method: str, path: str, body=None):
+    """One request through the module's courier (what the panel's requests go through), answered by polling."""
+    call = manager.transport.request(manager.local_target(), method, path, json_body=body)
+    run_until(manager.transport.poll, lambda: call.done, 120)
+    return call.json()
 
 
-def direct_sender(client):
-    """The transport for tests: the request at once, the answer right away (the panel's runs on a thread)."""
-    from CitrusVSlicerLib.client import BackendError
+def upload(manager, target, volume_node) -> str:
+    """The volume sent the panel's way (upload.py: the voxel file handed over, or streamed as the raw body)."""
+    from CitrusVSlicerLib.upload import VolumeUpload
+    from CitrusVSlicerLib.writers import volume_array_and_geometry
 
-    def send(request, on_answer, on_error):
-        try:
-            answer = client.request_json(request.method, request.path, request.body)
-        except BackendError as error:
-            return on_error(str(error))
-        on_answer(answer)
-
-    return send
+    voxels, ijk_to_ras = volume_array_and_geometry(volume_node)
+    sent = VolumeUpload(manager.transport, target, voxels, ijk_to_ras, volume_node.GetName())
+    sent.start()
+    run_until(lambda: (manager.transport.poll(), sent.poll()), lambda: not sent.active, 120)
+    assert sent.state == "done", sent.error
+    return sent.volume_id
 
 
 @pytest.fixture
-def lung_scene(mrml_scene, chest_ct_path, chest_ct_segmentation_path, backend_client):
+def lung_scene(mrml_scene, chest_ct_path, chest_ct_segmentation_path, module_backend):
     """The chest CT's slices 12..21 as an oblique, flipped volume under a transform, with its left lung segment."""
     from citrusv_backend.volume.io import read_volume
-    from CitrusVSlicerLib.writers import volume_array_and_geometry
 
     voxels = read_volume(chest_ct_path).voxels[12:22].copy()
     lung = read_volume(chest_ct_segmentation_path).voxels[12:22] == LEFT_LUNG
@@ -151,24 +144,35 @@ def lung_scene(mrml_scene, chest_ct_path, chest_ct_segmentation_path, backend_cl
     from CitrusVSlicerLib.refine import write_segment
 
     write_segment(segmentation, segment_id, volume, lung)
-    array, ijk_to_ras = volume_array_and_geometry(volume)
-    volume_id = backend_client.upload_volume(array, ijk_to_ras, "CT")
+    volume_id = upload(module_backend, module_backend.local_target(), volume)
     return volume, segmentation, segment_id, volume_id, lung
 
 
-def controller_for(backend_client, lung_scene, statuses):
+class Stepper:
+    """The controller with the module's sender (TransportSender: each request through the courier, the answer
+    applied from Transport.poll()); `settle()` polls as the panel's timer does until no step is on its way."""
+
+    def __init__(self, manager, controller, sender):
+        self.manager, self.controller, self.sender = manager, controller, sender
+
+    def settle(self) -> None:
+        run_until(self.manager.transport.poll, lambda: not self.controller.busy and not self.sender.busy, 300)
+
+
+def controller_for(module_backend, lung_scene, statuses):
     from CitrusVSlicerLib.refine import SegmentRefinement
-    from CitrusVSlicerLib.refine_controller import RefineController
+    from CitrusVSlicerLib.refine_controller import RefineController, TransportSender
 
     volume, segmentation, segment_id, volume_id, _ = lung_scene
     include = segmentation.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
     exclude = segmentation.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "exclude")
     roi = segmentation.GetScene().AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    controller = RefineController(direct_sender(backend_client), lambda text, error: statuses.append((text, error)),
+    sender = TransportSender(module_backend.transport, module_backend.local_target())
+    controller = RefineController(sender, lambda text, error: statuses.append((text, error)),
                                   settings={"axis": "axial", "window": "lung"}, options={"propagate": False})
     refinement = SegmentRefinement(volume_id, segmentation, segment_id, volume)
     controller.attach(refinement, include, exclude, roi)
-    return controller, refinement, include, exclude, roi
+    return Stepper(module_backend, controller, sender), refinement, include, exclude, roi
 
 
 def place(node, volume, ijk) -> None:
@@ -176,27 +180,30 @@ def place(node, volume, ijk) -> None:
     node.AddControlPointWorld(vtk.vtkVector3d(*voxel_world(volume, ijk)))
 
 
-def test_placements_refine_the_segment_and_undo_restores_it(backend_client, lung_scene):
+def test_placements_refine_the_segment_and_undo_restores_it(module_backend, lung_scene):
     from CitrusVSlicerLib.refine import read_segment, roi_box
 
     volume, segmentation, segment_id, volume_id, lung = lung_scene
     statuses: list = []
-    controller, refinement, include, exclude, roi = controller_for(backend_client, lung_scene, statuses)
+    steps, refinement, include, exclude, roi = controller_for(module_backend, lung_scene, statuses)
     k, j, i = 5, *[int(v) for v in np.argwhere(lung[5]).mean(axis=0).round()]
     assert lung[k, j, i]
     place(exclude, volume, (i, j, k))          # the observer sends the step; the answer lands in the segment
+    steps.settle()
     assert not any(error for _, error in statuses), statuses
     after = read_segment(segmentation, segment_id, volume)
     assert not after[k, j, i], "the excluded voxel left the segment"
     others = [s for s in range(lung.shape[0]) if s != k]
     assert np.array_equal(after[others], lung[others]) and not np.array_equal(after[k], lung[k])
-    on_server = backend_client.request_json("GET", refinement.path)
+    on_server = request_json(module_backend, "GET", refinement.path)
     assert on_server["version"] == refinement.version == 1 and on_server["slice_axis_ijk"] == refinement.slice_axis
     assert on_server["voxels"] == int(after.sum())
 
-    controller.undo()                          # Ctrl+Z: one refinement, one step
+    steps.controller.undo()               # Ctrl+Z: one refinement, one step
+    steps.settle()
     assert np.array_equal(read_segment(segmentation, segment_id, volume), lung)
-    controller.redo()
+    steps.controller.redo()
+    steps.settle()
     assert np.array_equal(read_segment(segmentation, segment_id, volume), after)
 
     # A box drawn on slice 3 in a view aligned with the volume (the ROI under the volume's transform, along its axes).
@@ -214,37 +221,41 @@ def test_placements_refine_the_segment_and_undo_restores_it(backend_client, lung
     roi.SetSize(2.5 * 30, 2.2 * 20, 0.0)
     box = roi_box(volume, roi)
     assert np.allclose(box["ijk_min"], (25, 50, 3), atol=1e-6) and np.allclose(box["ijk_max"], (55, 70, 3), atol=1e-6)
-    controller.refine_box()
+    steps.controller.refine_box()
+    steps.settle()
     boxed = read_segment(segmentation, segment_id, volume)
     rows, cols = np.nonzero(boxed[3])
     assert rows.size and rows.min() >= box["ijk_min"][1] - 0.5 and rows.max() <= box["ijk_max"][1] + 0.5
     assert cols.min() >= box["ijk_min"][0] - 0.5 and cols.max() <= box["ijk_max"][0] + 0.5
     assert np.array_equal(boxed[[s for s in range(10) if s != 3]], after[[s for s in range(10) if s != 3]])
-    controller.detach()
+    steps.controller.detach()
 
 
-def test_a_hand_edit_restarts_the_session_and_stale_answers_are_refused(backend_client, lung_scene):
+def test_a_hand_edit_restarts_the_session_and_stale_answers_are_refused(module_backend, lung_scene):
     from CitrusVSlicerLib.refine import StaleAnswer, read_segment, write_segment
 
     volume, segmentation, segment_id, volume_id, lung = lung_scene
     statuses: list = []
-    controller, refinement, include, exclude, roi = controller_for(backend_client, lung_scene, statuses)
+    steps, refinement, include, exclude, roi = controller_for(module_backend, lung_scene, statuses)
     place(include, volume, (60, 60, 4))
+    steps.settle()
     assert refinement.version == 1
     edited = read_segment(segmentation, segment_id, volume)
     edited[7] = False                          # erased by hand in the Segment Editor
     write_segment(segmentation, segment_id, volume, edited)
     assert refinement.needs_restart()
     place(include, volume, (62, 58, 2))
+    steps.settle()
     assert refinement.version == 1, "a fresh session, then one step"
-    on_server = backend_client.request_json("GET", refinement.path)
+    on_server = request_json(module_backend, "GET", refinement.path)
     assert not on_server["can_redo"] and on_server["undo_steps"] == 1
     now = read_segment(segmentation, segment_id, volume)
     assert not now[7].any(), "the hand edit was kept"
-    controller.undo()
+    steps.controller.undo()
+    steps.settle()
     assert np.array_equal(read_segment(segmentation, segment_id, volume), edited)
     with pytest.raises(StaleAnswer, match="segment"):
         refinement.apply({"volume_id": volume_id, "segment": "another", "version": refinement.version + 1})
     with pytest.raises(StaleAnswer, match="version"):
         refinement.apply({"volume_id": volume_id, "segment": refinement.name, "version": refinement.version + 5})
-    controller.detach()
+    steps.controller.detach()

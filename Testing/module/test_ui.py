@@ -81,7 +81,7 @@ def test_bound_widget_classes_fit_the_setting_types():
             assert widget == "QComboBox", name
         elif annotation == "bool":
             assert widget == "QCheckBox", name
-        elif annotation == "int":
+        elif annotation == "int" or annotation.startswith("Annotated[int"):
             assert widget == "QSpinBox", name
         else:
             assert widget == "QLineEdit", name

@@ -33,6 +33,7 @@ from .app import MiB, ServiceConfig, ServiceState, create_app
 from .connections import guarded_protocol
 from .local_images import allowed_folders
 from .logs import capture_stderr, configure_logging, log_event
+from .raw_upload import ready_fields
 
 log = logging.getLogger("citrusv.server")
 
@@ -185,7 +186,8 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
             app = create_app(state)
             sock.listen(2048)
             ready = ready_line(state, address, port, token)
-            server = ReadyServer(uvicorn_config(app, settings.config), on_ready=lambda: _announce(ready, stdout))
+            server = ReadyServer(uvicorn_config(app, settings.config),
+                                 on_ready=lambda: _announce(ready | ready_fields(state), stdout))
             server.run(sockets=[sock])
             if server.exit_signal is not None:
                 log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)

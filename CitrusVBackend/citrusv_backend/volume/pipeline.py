@@ -766,4 +766,7 @@ def box_to_patient(group: dict, source: SliceSource) -> dict:
             "lps_min": low.tolist(), "lps_max": high.tolist(),
             "ras_min": np.minimum(ras_low, ras_high).tolist(), "ras_max": np.maximum(ras_low, ras_high).tolist(),
             "size_mm": (high - low).tolist(),
+            # The box is axis-aligned in voxel space (continuous (k, j, i), edges on voxel borders): with the
+            # IJK->RAS matrix a client draws it oriented like the volume instead of as a patient-axis hull.
+            "index_min_kji": corners.min(axis=0).tolist(), "index_max_kji": corners.max(axis=0).tolist(),
             "laterality": laterality_of(centre, volume.geometry, volume.shape)}

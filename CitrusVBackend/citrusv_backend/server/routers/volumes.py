@@ -1,5 +1,5 @@
-"""POST /v1/volumes (upload once: compressed voxels + IJK->RAS as JSON, or a NIfTI/NRRD/MHA file as multipart),
-GET and DELETE /v1/volumes/{id}."""
+"""POST /v1/volumes (upload once: compressed voxels + IJK->RAS as JSON, raw voxel bytes with the geometry in a header
+(see ../raw_upload.py), or a NIfTI/NRRD/MHA file as multipart), GET and DELETE /v1/volumes/{id}."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...volume.dicom_series import series_from_reference
 from ...volume.io import Volume, case_name
+from .. import raw_upload
 from ..errors import ApiError
-from ..schemas import VolumeInfo, VolumeUpload
+from ..schemas import DicomReference, VolumeInfo, VolumeUpload
 from ..uploads import check_file_name, decode_json_upload, read_volume_file
 from ..volumes import Reservation
 from . import Service
@@ -20,6 +22,9 @@ router = APIRouter(tags=["volumes"])
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": VolumeUpload.model_json_schema()},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+        "the little-endian voxel bytes, C order [k, j, i]; geometry in the X-CitrusV-Volume header (JSON: "
+        + ", ".join(raw_upload.RawVolumeHeader.model_fields) + ")")}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
         "modality": {"type": "string", "enum": ["CT", "MR", "PET"]}}}}}}}
@@ -31,10 +36,13 @@ async def upload_volume(request: Request, state: Service) -> dict:
     try:
         if kind == "application/json":
             volume, reservation = await _from_json(request, state)
+        elif kind == "application/octet-stream":
+            volume, reservation = await raw_upload.from_raw(request, state)
         elif kind == "multipart/form-data":
             volume, reservation = await _from_file(request, state)
         else:
-            raise ApiError(415, "send the volume as application/json (voxels + ijk_to_ras) or as multipart/form-data "
+            raise ApiError(415, "send the volume as application/json (voxels + ijk_to_ras), as application/octet-stream "
+                                "(raw voxels, geometry in the X-CitrusV-Volume header) or as multipart/form-data "
                                 "with a NIfTI/NRRD/MHA file in the field 'file'")
     except ClientDisconnect:
         raise ApiError(400, "the client disconnected before the upload was complete", type="client_disconnected") from None
@@ -47,6 +55,15 @@ async def upload_volume(request: Request, state: Service) -> dict:
 @router.get("/v1/volumes/{volume_id}", response_model=VolumeInfo)
 def get_volume(volume_id: str, state: Service) -> dict:
     return state.volumes.get(volume_id).describe(state.config.volume_ttl_s, state.volumes.clock())
+
+
+@router.put("/v1/volumes/{volume_id}/dicom", response_model=VolumeInfo)
+def attach_dicom(volume_id: str, body: DicomReference, state: Service) -> dict:
+    """The DICOM series a raw upload's voxels are (the JSON form carries it inline; a header is too small for it)."""
+    stored = state.volumes.get(volume_id)
+    volume = stored.volume
+    volume.dicom = series_from_reference(body.model_dump(), volume.geometry, volume.shape)  # refused unless it fits
+    return stored.describe(state.config.volume_ttl_s, state.volumes.clock())
 
 
 @router.delete("/v1/volumes/{volume_id}")
