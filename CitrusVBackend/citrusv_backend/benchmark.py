@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .volume.synthetic import synthetic_ct  # noqa: F401  (re-exported for the benches and tests)
+
 # name fragment -> (memory bandwidth GB/s, dense bf16 TFLOP/s), from the vendors' data sheets.
 GPU_LIMITS = {"H200": (4800, 989), "H100 NVL": (3900, 835), "H100 PCIe": (2000, 756), "H100": (3350, 989),
               "A100-SXM4-80GB": (2039, 312), "A100 80GB": (1935, 312), "A100": (1555, 312), "L40S": (864, 362),
@@ -105,25 +107,6 @@ def gpu_limits(device: torch.device) -> tuple[float, float] | None:
         if fragment in name:
             return limits
     return None
-
-
-def synthetic_ct(shape: tuple[int, int, int], seed: int = 0):
-    """A CT-like volume: air, a body ellipse of soft tissue, two lungs, a spine, a round lesion."""
-    from .volume.io import Volume
-    from .volume.quantify import VoxelGeometry
-
-    depth, rows, cols = shape
-    k, j, i = np.meshgrid(np.arange(depth), np.arange(rows), np.arange(cols), indexing="ij")
-    y, x = (j - rows / 2) / (rows / 2), (i - cols / 2) / (cols / 2)
-    voxels = np.full(shape, -1000, np.int16)
-    voxels[(x / 0.9) ** 2 + (y / 0.7) ** 2 < 1] = 40
-    for side in (-1, 1):
-        voxels[((x - side * 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -850
-    voxels[(x ** 2 + (y - 0.5) ** 2) < 0.01] = 700
-    lesion = ((x - 0.35) ** 2 + (y + 0.1) ** 2) * (cols / 2) ** 2 + ((k - depth / 2) * 2.0) ** 2 < (0.08 * cols) ** 2
-    voxels[lesion] = 60
-    voxels += np.random.default_rng(seed).normal(0, 15, shape).astype(np.int16)
-    return Volume(voxels, VoxelGeometry((0.8, 0.8, 2.0)), f"synthetic_{depth}x{rows}x{cols}")
 
 
 def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] = print) -> dict:

@@ -21,8 +21,8 @@ from . import option_types as types
 from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
-from .paths import writable_folder
-from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, open_engine, resolve_model_argument
+from .paths import check_not_inside_input, writable_folder
+from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, load_engine, open_engine, resolve_model_argument
 from .signals import SignalExit, exit_on_signals
 from .volume.arguments import add_volume_options, volume_options
 
@@ -33,15 +33,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--attention", default="auto", help="auto (flash_attention_2 if installed on CUDA, else sdpa)")
-
-
-def load_engine(args):
-    model = resolve_model_argument(args.model)
-    say(f"loading model {model} ...")
-    engine = open_engine(model, args.device, args.dtype, args.attention)
-    info = engine.loaded.describe()
-    say(f"  loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']}, {info['attention']} attention)")
-    return engine
 
 
 def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path, Path]:
@@ -81,14 +72,6 @@ def cmd_infer(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- volumes
-
-def check_not_inside_input(volume: Path, out: Path) -> None:
-    """A DICOM folder is never written into: a SEG among its files would make it a folder of two series."""
-    source, target = volume.resolve(), out.resolve()
-    if source.is_dir() and (target == source or target.is_relative_to(source)):
-        raise CitrusVError(f"--out {out} is inside the input folder {volume}; the input is never written, choose an "
-                           f"output folder outside it")
-
 
 def cmd_volume_task(args) -> int:
     check_not_inside_input(Path(args.volume), Path(args.out))

@@ -277,7 +277,7 @@ def _propagation_phase(engine, volume, budget, plain: bool) -> dict:
 
 def host_section(engine, settings, figure_type, say) -> tuple[list, dict]:
     """Everything above for `settings.host_shape`; returns figures and the details for the report."""
-    from .benchmark import synthetic_ct
+    from .volume.synthetic import synthetic_ct
     from .model.processor import TASK_PIXEL_BUDGETS
     from .volume.pipeline import SliceSource
     from .volume.windowing import CT_PRESETS

@@ -40,3 +40,14 @@ def open_engine(model: str, device: str | None, dtype: str | None, attention: st
 
     transformers_logging.set_verbosity_error()
     return CitrusVEngine.load(model, device=device, dtype=dtype, attention=attention)
+
+
+def load_engine(args):
+    """The engine of a command's --model/--device/--dtype/--attention, with progress lines on stderr."""
+    model = resolve_model_argument(args.model)
+    print(f"loading model {model} ...", file=sys.stderr, flush=True)
+    engine = open_engine(model, args.device, args.dtype, args.attention)
+    info = engine.loaded.describe()
+    print(f"  loaded in {info['load_seconds']:.1f} s on {info['device']} ({info['dtype']}, {info['attention']} "
+          f"attention)", file=sys.stderr, flush=True)
+    return engine

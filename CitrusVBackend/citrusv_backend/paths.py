@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from .errors import CitrusVError, InputError
 
 
 def writable_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
@@ -43,3 +43,11 @@ def describe_os_error(error: OSError) -> str:
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"{name.strip() or 'the input'}: permission denied"
     return f"{name.strip() or 'the input'}: {error.strerror or error}"
+
+
+def check_not_inside_input(volume: Path, out: Path) -> None:
+    """A DICOM folder is never written into: a SEG among its files would make it a folder of two series."""
+    source, target = volume.resolve(), out.resolve()
+    if source.is_dir() and (target == source or target.is_relative_to(source)):
+        raise CitrusVError(f"--out {out} is inside the input folder {volume}; the input is never written, choose an "
+                           f"output folder outside it")

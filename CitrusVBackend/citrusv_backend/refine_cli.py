@@ -68,9 +68,9 @@ def read_steps(args, lps_to_ijk: np.ndarray) -> list:
 
 
 def cmd_refine(args) -> int:
-    from .cli import check_not_inside_input, load_engine
+    from .model_source import load_engine
     from .console import ProgressPrinter, random_weights_banner, say
-    from .paths import writable_folder
+    from .paths import check_not_inside_input, writable_folder
     from .volume.arguments import parse_slice_range
     from .volume.io import read_volume
     from .volume.pipeline import VolumeOptions, VolumePipeline, task_budget

@@ -91,7 +91,9 @@ def test_upload_job_and_download_complete_under_the_gil_holding_loop(module_back
         k = segment.offset_kji[0]
         assert 148 <= k and k + segment.crop.shape[0] <= 151  # only the slices asked for
     stages = [e.stage for e in events if e.kind == "progress"]
-    assert stages[0] == "upload" and any(s.startswith("per-slice") for s in stages)
+    # The job's own stages ("per-slice: ...") show only when a poll finds it still running, which depends on the
+    # machine's speed (a fast job is done at the first poll); what is certain is that progress starts with the upload.
+    assert stages[0] == "upload", stages
     figures = {"longest_stall_ms": round(1000 * loop.longest_stall_s, 2), "ticks": len(loop.ticks),
                "wall_s": round(wall, 2), "volume_mb": round(voxels.nbytes / 1e6, 1)}
     (session_dir / "gil-loop-figures.json").write_text(json.dumps(figures))
