@@ -61,7 +61,7 @@ def slice_steps(engine, source, index: int, budget) -> dict[str, tuple[Callable,
     from .inference.engine import FORCED_SEGMENT_ANSWER, upsample_mask
     from .model.image_prep import resample
     from .model.processor import resize_for_qwen, sam2_pixel_values, smart_resize
-    from .volume.pipeline import fill_holes
+    from .volume.mask_cleanup import fill_holes
     from .volume.window_lookup import WindowLookup
 
     processor, fast = engine.processor, engine.processor.fast

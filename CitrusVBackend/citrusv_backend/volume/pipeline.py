@@ -44,6 +44,7 @@ from ..model.image_prep import PreparedImage
 from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
 from .orientation import PLANES
+from .mask_cleanup import postprocess
 from .presence import PRESENCE_RULES, Evidence, PresenceRule, consistent_slices
 from .propagation import Cancelled, PropagatedSlice, SliceFrames, propagate
 from .quantify import laterality_of, measure_segment
@@ -601,40 +602,6 @@ def spread(first: int, last: int, count: int) -> list[int]:
     """`count` slice indices spread evenly over [first, last), centred in their bins."""
     count = max(1, min(count, last - first))
     return sorted({first + int((n + 0.5) * (last - first) / count) for n in range(count)})
-
-
-def fill_holes(plane: np.ndarray) -> np.ndarray:
-    """`ndimage.binary_fill_holes` of a 2D mask, computed on its bounding box plus a one-pixel border.
-
-    Exact: a hole is background not connected to the image border; outside the box everything is background
-    connected to the border (the border ring around the box among it), so nothing outside changes and the
-    box, padded with that ring, has the same holes."""
-    from scipy import ndimage
-
-    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    if rows.size == 0:
-        return plane.copy()
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    filled = plane.copy()
-    filled[top:bottom, left:right] = ndimage.binary_fill_holes(np.pad(plane[top:bottom, left:right], 1))[1:-1, 1:-1]
-    return filled
-
-
-def postprocess(mask: np.ndarray, slice_axis: int, options: VolumeOptions) -> np.ndarray:
-    from scipy import ndimage
-
-    if options.fill_holes and mask.any():
-        mask = mask.copy()
-        for index in np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != slice_axis)))[0]:
-            plane = [slice(None)] * 3
-            plane[slice_axis] = index
-            mask[tuple(plane)] = fill_holes(mask[tuple(plane)])
-    if options.largest_component and mask.any():
-        components, count = ndimage.label(mask)
-        if count > 1:
-            sizes = ndimage.sum_labels(mask, components, index=range(1, count + 1))
-            mask = components == (int(np.argmax(sizes)) + 1)
-    return mask
 
 
 def segment_finding(segment: Segment) -> dict:
