@@ -59,6 +59,18 @@ def segmented(server, chest):
     return volume_id, job_id, result
 
 
+def test_the_jobs_slice_features_serve_the_first_click(client, segmented):
+    """The segmentation job encoded its key slice; a click there decodes on those features, with no encoding."""
+    volume_id, job_id, result = segmented
+    key = result["segments"][0]["key_slice"]
+    assert client.put(f"/v1/volumes/{volume_id}/segments/reuse", json={"job_id": job_id}).status_code == 201
+    answer = client.post(f"/v1/volumes/{volume_id}/segments/reuse/refine",
+                         json={"points": [click(key, 60, 70)], **NO_PROPAGATION})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["timings"]["encoded_slices"] == 0
+    assert client.delete(f"/v1/volumes/{volume_id}/segments/reuse").status_code == 200
+
+
 def test_clicks_undo_and_redo_over_http(client, chest, segmented):
     volume_id, job_id, result = segmented
     original = reassemble(result) == 1
@@ -96,7 +108,7 @@ def test_clicks_undo_and_redo_over_http(client, chest, segmented):
     assert nothing.status_code == 409 and nothing.json()["error"]["type"] == "nothing_to_redo"
 
     listed = client.get(f"/v1/volumes/{volume_id}/segments").json()["segments"]
-    assert [s["segment"] for s in listed] == ["lung"] and listed[0]["cached_feature_slices"] == [16]
+    assert [s["segment"] for s in listed] == ["lung"] and 16 in listed[0]["cached_feature_slices"]
     assert client.get("/v1/info").json()["refine"]["sessions"] >= 1
 
 
@@ -126,6 +138,20 @@ def test_bad_refinement_requests_are_clear(client, chest, segmented):
     assert client.delete(f"{base}/bad").json()["deleted"] is True
     ended = client.post(f"{base}/bad/undo")
     assert ended.status_code == 404 and "deleted by a client" in ended.json()["error"]["message"]
+
+
+def test_a_jobs_slice_features_go_with_its_volume(client, chest):
+    """Jobs fill the refinement cache; deleting the volume frees what its jobs left there."""
+    def cached() -> int:
+        return client.get("/v1/info").json()["refine"]["features"]["entries"]
+
+    before = cached()
+    volume_id = upload(client, chest, name="features")
+    job_id = submit(client, volume_id, "segment", "segment the left lung", slice_range=[16, 18], key_candidates=1)
+    assert wait(client, job_id, timeout=600)["status"] == "done"
+    assert cached() > before
+    assert client.delete(f"/v1/volumes/{volume_id}").status_code == 200
+    assert cached() == before
 
 
 def test_several_clients_refine_and_segment_at_once(server, chest, segmented):

@@ -117,6 +117,12 @@ class SAM2FeatureCache:
                 if entry is not None:
                     self._bytes -= entry.nbytes
 
+    def discard_where(self, predicate) -> None:
+        """Forget every entry whose key `predicate(key)` picks (e.g. all slices of a deleted volume)."""
+        with self._lock:
+            for key in [k for k in self._entries if predicate(k)]:
+                self._bytes -= self._entries.pop(key).nbytes
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

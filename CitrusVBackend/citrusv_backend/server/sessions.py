@@ -2,7 +2,8 @@
 
 A session keeps what makes the next click fast: the segment's mask, its corrected slices and logits, its
 undo / redo history, and — shared by every session on the same slices (volume, plane, window, pixel budget) —
-the SAM2 features of recently used slices, within one memory budget for the whole server. Sessions end when a
+the SAM2 features of recently used slices, within one memory budget for the whole server. Segmentation jobs
+fill the same cache (`features_for`), so the first click on a slice a job touched needs no encoding. Sessions end when a
 client deletes them, with their volume (eviction or deletion), after being idle for the volume TTL, or as the
 least recently used beyond `max_sessions`; a request for an ended session says why.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from ..volume.refine import RefinementSession
 from ..model.feature_cache import SAM2FeatureCache
 from ..volume.slice_features import SliceFeatureStore
+from ..volume.slice_source import volume_token
 from .errors import ApiError
 from .logs import log_event
 
@@ -49,7 +51,14 @@ class RefineSessions:
         self._sessions: OrderedDict[tuple[str, str], SessionEntry] = OrderedDict()
         self._stores: dict[tuple, SliceFeatureStore] = {}
         self._ended: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._tokens: dict[str, object] = {}   # volume id -> its identity in the cache keys
         self._lock = threading.Lock()
+
+    def features_for(self, volume_id: str, volume) -> SAM2FeatureCache:
+        """The cache a segmentation job on this volume fills (its slices' features serve later clicks)."""
+        with self._lock:
+            self._tokens[volume_id] = volume_token(volume)
+        return self.memory
 
     def open(self, volume_id: str, segment: str, source, budget, build) -> SessionEntry:
         """Start (or restart) the session: `build(store)` makes it on the shared feature store of its slices."""
@@ -58,6 +67,7 @@ class RefineSessions:
         now = self.clock()
         with self._lock:
             self._expire(now)
+            self._tokens[volume_id] = volume_token(source.volume)
             store = self._stores.get(store_key)
             if store is None:
                 store = self._stores[store_key] = SliceFeatureStore(self.engine, source, budget, self.memory)
@@ -110,6 +120,9 @@ class RefineSessions:
             for key in [k for k in self._sessions if k[0] == volume_id]:
                 self._end(key, f"its volume was evicted or deleted: {reason}")
             self._release_unused_stores()
+            token = self._tokens.pop(volume_id, None)
+        if token is not None:  # what its jobs left in the cache (keys: ((token, plane, window), slice, budget))
+            self.memory.discard_where(lambda key: isinstance(key[0], tuple) and key[0][0] is token)
 
     def stats(self) -> dict:
         with self._lock:

@@ -57,14 +57,18 @@ def validate_volume_job(request: JobRequest, volume: Volume, max_new_tokens: int
         raise InputError(f"slice {request.options.slice} is outside the volume's 0:{depth} along the {options.plane} axis")
 
 
-def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request: JobRequest) -> Callable[[Job], bytes]:
+def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request: JobRequest,
+                  feature_cache=None) -> Callable[[Job], bytes]:
+    """`feature_cache`: where the job's SAM2 slice features go (the refinement sessions' cache, so that a click
+    after the job needs no encoding); None: the job's own."""
     options = request.options.to_volume_options()
 
     def run(job: Job) -> bytes:
         if request.task == "ask":
             payload = ask_payload(engine, volume, request, options, job)
         else:
-            pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel)
+            pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel,
+                                      feature_cache=feature_cache)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
             payload = volume_result_payload(result, volume)
             job.extras["refine_seed"] = RefineSeed.of(result.source, options)  # how refinement must make its slices

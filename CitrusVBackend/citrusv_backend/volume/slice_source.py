@@ -16,6 +16,12 @@ from .windowing import Window
 log = logging.getLogger(__name__)
 
 
+def volume_token(volume: Volume) -> object:
+    """The volume object's identity in SAM2 feature-cache keys (kept on the object; never the volume itself, so a
+    cache entry does not keep a deleted volume in memory)."""
+    return volume.__dict__.setdefault("_feature_token", object())
+
+
 class SliceSource:
     """The volume's slices along one plane, windowed to uint8 (computed on demand, once).
 
@@ -33,7 +39,7 @@ class SliceSource:
         self.depth = volume.shape[self.orientation.slice_axis]
         self.height, self.width = self.orientation.plane_shape(volume.shape)
         # Stable for the same volume object, plane and window: a cache kept across requests finds its slices again.
-        self.identity = (volume.__dict__.setdefault("_feature_token", object()), plane, repr(window))
+        self.identity = (volume_token(volume), plane, repr(window))
         self._gray: dict[int, np.ndarray] = {}
         self._lookup: WindowLookup | None | bool = False  # False: not built yet
         self._lock = threading.Lock()

@@ -18,8 +18,9 @@ router = APIRouter(tags=["jobs"])
 def submit_job(body: JobRequest, request: Request, state: Service) -> dict:
     stored = state.volumes.get(body.volume_id)
     validate_volume_job(body, stored.volume, state.config.max_new_tokens)
-    job = Job(task=body.task, runner=volume_runner(state.engine, stored.id, stored.volume, body), volume_id=stored.id,
-              release=state.volumes.hold(stored))
+    features = state.refine.features_for(stored.id, stored.volume) if body.task == "segment" else None
+    job = Job(task=body.task, runner=volume_runner(state.engine, stored.id, stored.volume, body, features),
+              volume_id=stored.id, release=state.volumes.hold(stored))
     try:
         state.jobs.submit(job)
     except ApiError:
