@@ -72,10 +72,12 @@ def cmd_refine(args) -> int:
     from .console import ProgressPrinter, random_weights_banner, say
     from .paths import check_not_inside_input, writable_folder
     from .volume.arguments import parse_slice_range
+    from .model.feature_cache import SAM2FeatureCache
     from .volume.io import read_volume
     from .volume.pipeline import VolumeOptions, VolumePipeline, task_budget
     from .volume.refine import RefinementSession, RefineOptions
     from .volume.refine_prompts import prompts_by_slice
+    from .volume.slice_features import SliceFeatureStore
 
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)  # a bad output folder fails before the volume is read
@@ -85,8 +87,10 @@ def cmd_refine(args) -> int:
                             max_pixels=args.max_pixels)
     labels = _read_labels(args, volume) if args.labelmap else None
     engine = load_engine(args)
+    features = SAM2FeatureCache()  # the segmentation's slice features serve the clicks
     if labels is None:
-        result = VolumePipeline(engine, progress=ProgressPrinter()).run(volume, args.prompt, "segment", options)
+        result = VolumePipeline(engine, progress=ProgressPrinter(), feature_cache=features).run(
+            volume, args.prompt, "segment", options)
         labels, source = result.labels, result.source
         segment = next((s for s in result.segments if s.label == args.label), None)
         if segment is None:
@@ -95,8 +99,10 @@ def cmd_refine(args) -> int:
     else:
         source, query, anchors = _labelmap_source(volume, options, args.query), args.query, []
     before = labels == args.label
-    session = RefinementSession(engine, source, before, query=_model_query(query), budget=task_budget("segment", options),
-                                slice_range=options.validate(source.depth), anchors=anchors)
+    budget = task_budget("segment", options)
+    session = RefinementSession(engine, source, before, query=_model_query(query), budget=budget,
+                                slice_range=options.validate(source.depth), anchors=anchors,
+                                features=SliceFeatureStore(engine, source, budget, features))
     refine_options = RefineOptions(keep_text=args.keep_text, mask_prompt=not args.no_mask_prompt,
                                    propagate=not args.no_propagate, max_propagation_slices=args.max_propagation_slices,
                                    enforce_prompts=not args.no_enforce)
