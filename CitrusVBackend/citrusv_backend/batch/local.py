@@ -62,9 +62,11 @@ class Prefetcher:
             self.pool = self._new_pool()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            # A normal end waits for the (idle) readers: leaving them to interpreter exit races CPython 3.11's
+            # executor wake-up pipe ("Bad file descriptor" tracebacks at exit). A stop does not wait for reads.
+            self.pool.shutdown(wait=kind is None, cancel_futures=True)
 
     def _new_pool(self):
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
