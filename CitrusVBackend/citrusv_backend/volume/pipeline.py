@@ -290,6 +290,7 @@ class VolumePipeline:
         with worker_pool(self.workers) as pool:
             self._task = TaskWork(source, self._budget("segment", options), self._feature_cache(),
                                   HostStats(), pool, self.prefetch_depth)
+            counted = (self._task.features.hits, self._task.features.misses)  # a shared cache has earlier counts
             self._other_work = {}
             try:
                 if task == "segment":
@@ -309,7 +310,8 @@ class VolumePipeline:
                 for each in self._sources.values():
                     each.forget_slices()
         result.timings["host"] = work.host.summary()
-        result.timings["sam2_features"] = work.features.describe()
+        result.timings["sam2_features"] = work.features.describe() | {"hits": work.features.hits - counted[0],
+                                                                       "misses": work.features.misses - counted[1]}
         result.timings["total_s"] = round(time.perf_counter() - started, 3)
         self.progress("done", 1.0, f"{task} finished in {result.timings['total_s']:.1f} s")
         return result
