@@ -1,10 +1,12 @@
 """Output locations, checked before any work: a bad --out (a file, under a file, not writable) is a one-line
-usage error at once, not a traceback after a whole model run."""
+usage error at once, not a traceback after a whole model run; and files written whole or not at all
+(`atomic_path`: a killed run never leaves a half-written file under a final name)."""
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CitrusVError, InputError
@@ -51,3 +53,20 @@ def check_not_inside_input(volume: Path, out: Path) -> None:
     if source.is_dir() and (target == source or target.is_relative_to(source)):
         raise CitrusVError(f"--out {out} is inside the input folder {volume}; the input is never written, choose an "
                            f"output folder outside it")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary sibling path; rename it onto `path` only if the block completes."""
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path

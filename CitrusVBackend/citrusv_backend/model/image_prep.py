@@ -1,7 +1,7 @@
 """The image side of the model inputs, bit for bit what the reference computes, in a fraction of the time.
 
 The plain definitions live in processor.py (`resize_for_qwen`, the Hugging Face image processor with
-`do_resize=False`, `sam2_pixel_values`). Two facts make them fast without changing a single bit:
+`do_resize=False`) and reference_image.py (`sam2_pixel_values`). Two facts make them fast without changing a single bit:
 
 * every per-pixel step after the resampling (rescale, normalise, the ImageNet normalisation in float64 cast
   to float32) is a function of one uint8 value per channel, so it is computed once for the 256 possible values
@@ -49,7 +49,7 @@ class PreparedImage:
 
 def sam2_lookup_table() -> np.ndarray:
     """[3, 256] float32: `sam2_pixel_values`' arithmetic (x / 255, minus mean, over std, in float64) per value."""
-    from .processor import IMAGENET_MEAN, IMAGENET_STD
+    from .reference_image import IMAGENET_MEAN, IMAGENET_STD
 
     values = np.arange(256, dtype=np.float64)[:, None] / 255.0
     return ((values - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32).T.copy()
@@ -57,7 +57,7 @@ def sam2_lookup_table() -> np.ndarray:
 
 def image_pixels(image) -> np.ndarray:
     """uint8 [H, W] for a gray image, [H, W, 3] otherwise: the pixels the reference's `to_rgb` gives."""
-    from .processor import to_rgb
+    from .reference_image import to_rgb
 
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
@@ -197,7 +197,7 @@ class FastImagePrep:
                              self.sam2_pixel_values(resized) if sam2 else None)
 
     def _prepare_plain(self, pixels: np.ndarray, height: int, width: int, qwen: bool, sam2: bool) -> PreparedImage:
-        from .processor import sam2_pixel_values
+        from .reference_image import sam2_pixel_values
 
         rgb = Image.fromarray(pixels).convert("RGB")
         resized = rgb.resize((width, height))

@@ -6,7 +6,7 @@ pixel count within [min_pixels, max_pixels]); the image processor then only resc
 patches it. SAM2 side (reference: `DirectResize`): the *Qwen-resized* image, LANCZOS-stretched to the SAM2
 input size (1024 for the released model), /255, ImageNet mean/std computed in float64, cast to float32.
 
-The functions here are the plain definitions; `image_prep.FastImagePrep` computes the same bytes several
+The functions here (and in reference_image.py) are the plain definitions; `image_prep.FastImagePrep` computes the same bytes several
 times faster and is what the processor runs (see that module for why it is exact).
 
 Text: ChatML with the system prompt "You are a helpful assistant."; the image block goes where the query's first
@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..errors import CheckpointError, InputError
 from .image_prep import FastImagePrep, PreparedImage
+from .reference_image import IMAGENET_MEAN, IMAGENET_STD, sam2_pixel_values, to_rgb  # noqa: F401  (their home was here)
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SEG_TOKEN = "[SEG]"
@@ -34,8 +35,6 @@ EXTRA_SPECIAL_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 IMAGE_FACTOR = 28
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # qwen_vl_utils' defaults (MIN_PIXELS, MAX_PIXELS)
 MAX_RATIO = 200
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # Text that would break the prompt's structure: image placeholders make the image features and tokens
@@ -104,26 +103,10 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
     return h_bar, w_bar
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """qwen_vl_utils.to_rgb: transparent pixels become white, everything else `convert("RGB")`."""
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
-        return background
-    return image.convert("RGB")
-
-
 def resize_for_qwen(image: Image.Image, budget: PixelBudget) -> Image.Image:
     rgb = to_rgb(image)
     height, width = smart_resize(rgb.height, rgb.width, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
     return rgb.resize((width, height))  # PIL's default resampling (bicubic), as fetch_image
-
-
-def sam2_pixel_values(resized: Image.Image, size: int) -> torch.Tensor:
-    """[1, 3, size, size] float32: the reference's DirectResize + ImageNet normalisation."""
-    stretched = np.asarray(resized.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float64) / 255.0
-    normalised = (stretched - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    return torch.from_numpy(normalised.transpose(2, 0, 1).astype(np.float32)).unsqueeze(0)
 
 
 @dataclass

@@ -17,9 +17,8 @@ from typing import Callable
 
 from starlette.responses import StreamingResponse
 
-from .errors import ApiError
+from .errors import ApiError, job_failure
 from .jobs import Job, JobEnded
-from .routers import job_failure
 
 _END = object()  # the job has finished (its future holds the result or the failure)
 

@@ -93,3 +93,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CitrusVError)
     async def citrusv_error(request: Request, error: CitrusVError):
         return error_response(400, "invalid_input", str(error), request_id_of(request))
+
+
+JOB_ERROR_STATUS = {"invalid_input": 400, "out_of_memory": 503, "shutdown": 503, "cancelled": 503}
+
+
+def job_failure(job) -> ApiError:
+    """The HTTP error of a synchronous request whose `jobs.Job` failed or was cancelled."""
+    error = job.error or {"type": "cancelled", "message": "the request was cancelled"}
+    return ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"])

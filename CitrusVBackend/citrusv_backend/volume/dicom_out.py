@@ -232,7 +232,7 @@ def build_seg(result, series: DicomSeries, sources: list, model: str):
 
 
 def _color(label: int) -> tuple[int, int, int]:
-    from .outputs import segment_color
+    from .colors import segment_color
 
     return segment_color(label)
 
@@ -359,7 +359,7 @@ def dataset_bytes(dataset) -> bytes:
 
 def write_dicom_outputs(result, volume: Volume, out_dir: Path, case: str, model: str) -> dict[str, Path]:
     """`{case}_seg.dcm`, `{case}_sr.dcm` (and `{case}_image_NNNN.dcm` for a non-DICOM input), each written whole."""
-    from .outputs import atomic_path
+    from ..paths import atomic_path
 
     objects = dicom_objects(result, volume, model)
     named = [("dicom_sr", f"{case}_sr.dcm", objects.sr)]

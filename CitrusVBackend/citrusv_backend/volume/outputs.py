@@ -9,43 +9,20 @@ import csv
 import io
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..paths import atomic_path, write_text  # noqa: F401  (write_text: imported from here by others)
 from ..serialization import json_default
+from .colors import SEGMENT_COLORS, segment_color  # noqa: F401  (SEGMENT_COLORS: its home was here)
 from .io import Volume, write_labelmap
 from .pipeline import SliceSource, VolumeResult
 
-# Distinct, colour-blind-friendly colours (Okabe-Ito, then Tableau) for segments 1, 2, ...
-SEGMENT_COLORS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
-                  (204, 121, 167), (148, 103, 189), (140, 86, 75), (188, 189, 34)]
 FINDING_COLUMNS = ["finding", "location", "laterality", "volume_ml", "long_axis_mm", "short_axis_mm",
                    "mean_intensity", "slice", "segment"]
 RANDOM_NOTE = "RANDOM WEIGHTS: these results come from a random test model and are noise."
-
-
-def segment_color(label: int) -> tuple[int, int, int]:
-    return SEGMENT_COLORS[(label - 1) % len(SEGMENT_COLORS)]
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary sibling path; rename it onto `path` only if the block completes."""
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
 
 
 def label_table(result: VolumeResult) -> list[dict]:

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..app import ServiceState
-from ..errors import ApiError
+from ..errors import ApiError, job_failure  # noqa: F401  (job_failure: imported from here by the routers)
 from ..jobs import Job, JobEnded
+from ..state import ServiceState
 
 
 def get_service(request: Request) -> ServiceState:
@@ -16,8 +16,6 @@ def get_service(request: Request) -> ServiceState:
 
 
 Service = Annotated[ServiceState, Depends(get_service)]
-
-JOB_ERROR_STATUS = {"invalid_input": 400, "out_of_memory": 503, "shutdown": 503, "cancelled": 503}
 
 
 async def client_gone(request: Request) -> None:
@@ -52,8 +50,3 @@ async def run_now(state: ServiceState, job: Job, request: Request | None = None)
     except JobEnded as ended:
         raise job_failure(ended.job) from None
 
-
-def job_failure(job: Job) -> ApiError:
-    """The HTTP error of a synchronous request whose job failed or was cancelled."""
-    error = job.error or {"type": "cancelled", "message": "the request was cancelled"}
-    return ApiError(JOB_ERROR_STATUS.get(error["type"], 500), error["message"], type=error["type"])
