@@ -33,7 +33,8 @@ from CitrusVSlicerLib.installer import explain_failure, installed_summary
 from CitrusVSlicerLib.logic import ModuleLogic
 from CitrusVSlicerLib.manager import session_manager
 from CitrusVSlicerLib import selftest
-from CitrusVSlicerLib.options import MAX_PIXELS, task_options
+from CitrusVSlicerLib.backend_options import AXES, MODES, PIXEL_BUDGET_MAX, WINDOWS
+from CitrusVSlicerLib.options import task_options
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
 BACKEND_MODES = ["Local (this computer)", "Remote (server)"]
@@ -96,12 +97,12 @@ class CitrusVSlicerParameterNode:
     remoteUrl: str = ""
     batchInputFolder: str = ""
     batchOutputFolder: str = ""
-    mode: Annotated[str, Choice(["propagate", "per-slice", "hybrid"])] = "propagate"
-    window: Annotated[str, Choice(["auto", "clinical", "soft_tissue", "lung", "bone", "brain", "liver"])] = "auto"
-    sliceAxis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
+    mode: Annotated[str, Choice(list(MODES))] = MODES[0]
+    window: Annotated[str, Choice(list(WINDOWS))] = WINDOWS[0]
+    axis: Annotated[str, Choice(list(AXES))] = AXES[0]
     sliceRange: str = ""
     # Bounded: without WithinRange Slicer's connector gives the spin box -2**31..2**31-1.
-    maxPixels: Annotated[int, WithinRange(0, MAX_PIXELS)] = 0
+    maxPixels: Annotated[int, WithinRange(0, PIXEL_BUDGET_MAX)] = 0
     refinePropagate: bool = True
     refineKeepText: bool = False
 
@@ -637,7 +638,7 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic, ModuleLogic):
 
     @staticmethod
     def taskOptions(node: CitrusVSlicerParameterNode) -> dict:
-        return task_options(node.mode, node.window, node.sliceAxis, node.sliceRange, node.maxPixels)
+        return task_options(node.mode, node.window, node.axis, node.sliceRange, node.maxPixels)
 
     def exportDicom(self, result, segmentationNode, onDone) -> None:
         """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
@@ -699,7 +700,7 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
         slicer.util.selectModule("CitrusVSlicer")
         widget = slicer.modules.citrusvslicer.widgetRepresentation().self()
         spinBox = widget.ui.maxPixelsSpinBox
-        self.assertEqual((spinBox.minimum, spinBox.maximum), (0, MAX_PIXELS))  # the connector kept the bounds
+        self.assertEqual((spinBox.minimum, spinBox.maximum), (0, PIXEL_BUDGET_MAX))  # the connector kept the bounds
         self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session
 
     def test_FullFlowWithTinyModel(self):

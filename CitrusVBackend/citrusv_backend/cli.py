@@ -1,11 +1,13 @@
 """The `citrusv` command line.
 
-Subcommands: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `refine`
-(correct a segment with points and boxes), `batch`
-(a folder of volumes, locally or on Ray), `serve` (the HTTP service), `bench` (performance figures), `eval`
-(Dice, HD95, volume error against a ground truth), `serve` (the backend HTTP service), `make-tiny-checkpoint`
-(a random tiny model in the release format), `demo` (the main job on the bundled sample CT). User errors print one line and exit with 2;
-anything unexpected keeps its traceback and exits with 1.
+What a user runs: `infer` (one image, one prompt), `segment` / `detect` / `report` (a whole volume), `refine`
+(correct a segment with points and boxes), `batch` (a folder of volumes, locally or on Ray), `serve` (the HTTP
+service the Slicer module starts), `eval` (Dice, HD95, volume error against a ground truth), `demo` (the main
+job on the bundled sample CT). Developer tools sit under `citrusv dev` (not listed by `citrusv --help`):
+`make-tiny-checkpoint`, `bench`. Every option is declared once, as a field of an options dataclass
+(option_fields.py); `--help` shows what a user needs, `--help-all` the advanced switches too
+(command_parser.py). User errors print one line and exit with 2; anything unexpected keeps its traceback and
+exits with 1.
 """
 from __future__ import annotations
 
@@ -18,21 +20,20 @@ from pathlib import Path
 
 from . import __version__
 from . import option_types as types
+from .command_parser import CommandParser
 from .console import ProgressPrinter, random_weights_banner, say
 from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
+from .inference.options import ImageOptions
+from .model_source import ModelOptions, load_engine, open_engine, resolve_model_argument
+from .option_fields import add_options
 from .paths import check_not_inside_input, writable_folder
-from .model_source import DEFAULT_MODEL, MODEL_ENV, TINY_ALIAS, load_engine, open_engine, resolve_model_argument
 from .signals import SignalExit, exit_on_signals
-from .volume.arguments import add_volume_options, volume_options
+from .volume.arguments import add_volume_options, read_options, volume_options
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL}); "
-                             f"'{TINY_ALIAS}' = a random tiny model for smoke tests")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--attention", default="auto", help="auto (flash_attention_2 if installed on CUDA, else sdpa)")
+
+def add_model_options(parser: CommandParser) -> None:
+    add_options(parser, ModelOptions, advanced=parser.advanced_group())
 
 
 def write_result(result, prefix: Path, extra: dict | None = None) -> tuple[Path, Path]:
@@ -82,14 +83,15 @@ def cmd_volume_task(args) -> int:
     from .volume.pipeline import VolumePipeline
 
     # a bad file (or a DICOM series that is not a regular volume) fails before the model loads
-    volume = read_volume(args.volume, max_voxels=args.max_voxels, on_bad_dicom=args.on_bad_dicom)
+    reading = read_options(args)
+    volume = read_volume(args.volume, max_voxels=reading.max_voxels, on_bad_dicom=reading.on_bad_dicom)
     options = volume_options(args)
     say(f"read {args.volume}: {' x '.join(map(str, volume.shape[::-1]))} voxels, spacing "
         f"{' x '.join(f'{s:.3g}' for s in volume.geometry.spacing)} mm, {volume.modality}")
     input_warnings = volume.dicom.warnings if volume.dicom is not None else []
     for warning in input_warnings:
         say(f"warning: {warning}")
-    if wants_dicom(args.dicom_out, volume):
+    if wants_dicom(options.dicom_out, volume):
         check_dicom_possible(volume)
     engine = load_engine(args)
     pipeline = VolumePipeline(engine, progress=ProgressPrinter())
@@ -97,7 +99,7 @@ def cmd_volume_task(args) -> int:
     result.problems.extend(f"input: {warning}" for warning in input_warnings)
     files = write_outputs(result, Path(args.out),
                           extra={"model": engine.loaded.describe(), "version": __version__, "input": str(args.volume)},
-                          dicom=args.dicom_out)
+                          dicom=options.dicom_out)
     if result.random_weights:
         say(random_weights_banner(engine.loaded.checkpoint_dir))
     if result.experimental:
@@ -234,97 +236,107 @@ def cmd_demo(args) -> int:
     return cmd_volume_task(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="citrusv", description="Citrus-V medical segmentation, detection and reports.")
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="citrusv", description="Citrus-V medical segmentation, detection and reports.")
     parser.add_argument("--version", action="version", version=f"citrusv {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (and full tracebacks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Every subcommand is registered here, in the order `citrusv --help` lists them; a subcommand added without
+    # `help=` is not listed (the dev group, old spellings).
+    add_infer_parser(sub)
+    add_volume_task_parsers(sub)
+    from .refine_cli import add_refine_parser
 
+    add_refine_parser(sub, add_model_options)
+    add_batch_parser(sub)
+    add_serve_parser(sub)
+    add_eval_parser(sub)
+    add_demo_parser(sub)
+    add_dev_parsers(sub)
+    return parser
+
+
+def add_infer_parser(sub) -> None:
     infer = sub.add_parser("infer", help="one image, one prompt: text, masks, boxes, findings")
-    add_model_options(infer)
     infer.add_argument("--image", required=True, help="PNG/JPEG/... image")
     infer.add_argument("--prompt", required=True, help="what to do, e.g. 'Please segment the liver in this scan.'")
-    infer.add_argument("--answer", default=None, help="force this answer (e.g. 'Sure, it is [SEG].'): one prefill, no decoding")
-    infer.add_argument("--task", choices=["ask", "segment", "detect", "report"], default="ask")
-    infer.add_argument("--min-pixels", type=types.pixel_count, default=None, help="Qwen resize lower bound (default per task)")
-    infer.add_argument("--max-pixels", type=types.pixel_count, default=None, help="Qwen resize upper bound (segment 65535, others 1003520)")
-    infer.add_argument("--max-new-tokens", type=types.positive_int, default=1024)
-    infer.add_argument("--mask-upsampling", choices=["bilinear", "nearest"], default="bilinear",
-                       help="bilinear: smooth, upsample logits (default); nearest: the reference's exact resize")
     infer.add_argument("--out", required=True, help="output prefix: writes PREFIX.json and PREFIX.npz")
+    add_options(infer, ImageOptions, advanced=infer.advanced_group())
+    add_model_options(infer)
     infer.set_defaults(handler=cmd_infer)
 
+
+def add_volume_task_parsers(sub) -> None:
     for name, summary in (("segment", "segment targets through a whole volume: labelmap, measurements, report"),
                           ("detect", "find targets in a volume: 3D boxes in patient coordinates"),
                           ("report", "a structured report of a volume from representative slices")):
         task = sub.add_parser(name, help=summary)
         task.add_argument("volume", help="NIfTI (.nii/.nii.gz), NRRD, MHA/MHD file or a DICOM series folder")
-        add_model_options(task)
         task.add_argument("--prompt", required=name != "report", default=None,
                           help="e.g. 'segment the liver and the spleen'" if name == "segment" else "what to look for")
         task.add_argument("--out", required=True, help="output folder")
-        add_volume_options(task, segment_options=name == "segment", report_options=name == "report")
+        add_volume_options(task, task=name)
+        add_model_options(task)
         task.set_defaults(handler=cmd_volume_task)
 
+
+def add_batch_parser(sub) -> None:
+    from .batch.options import add_batch_options
+
+    batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "
+                                          "--engine ray for a cluster")
+    add_batch_options(batch)
+    add_model_options(batch)
+    batch.advanced_group().add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
+    batch.set_defaults(handler=cmd_batch)
+
+
+def add_serve_parser(sub) -> None:
+    from .server.config import ServeSettings, ServiceConfig
+
+    serve = sub.add_parser("serve", help="the backend HTTP service for the Slicer module and OpenAI-compatible clients")
+    advanced = serve.advanced_group()
+    add_options(serve, ServeSettings, advanced=advanced)
+    add_options(serve, ServiceConfig, advanced=advanced)
+    add_model_options(serve)
+    advanced.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
+    serve.set_defaults(handler=cmd_serve)
+
+
+def add_eval_parser(sub) -> None:
     evaluate = sub.add_parser("eval", help="Dice, 95%% Hausdorff distance and volume error per segment")
     evaluate.add_argument("prediction", help="predicted labelmap (e.g. CASE_seg.nii.gz or .seg.nrrd)")
     evaluate.add_argument("truth", help="ground-truth labelmap on the same grid")
     evaluate.add_argument("--pair", action="append", help="PRED:TRUTH label values to compare (repeatable)")
     evaluate.set_defaults(handler=cmd_eval)
 
-    serve = sub.add_parser("serve", help="the backend HTTP service for the Slicer module and OpenAI-compatible clients")
-    add_model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default loopback; any other needs --token-file or $CITRUSV_TOKEN)")
-    serve.add_argument("--port", type=types.port, default=None,
-                       help="TCP port; 0 (default) picks a free one (see the ready line); 8000 with --reference-compatible")
-    serve.add_argument("--token-file", default=None,
-                       help="file holding the bearer token (else $CITRUSV_TOKEN, else a random one written to a 0600 file)")
-    serve.add_argument("--max-upload-mb", type=types.positive_float, default=1024, help="largest volume upload accepted (MiB)")
-    serve.add_argument("--max-voxels", type=types.positive_int, default=1024**3, help="largest volume accepted (voxels)")
-    serve.add_argument("--volume-budget-mb", type=types.positive_float, default=4096,
-                       help="memory for uploaded volumes; the least recently used are evicted beyond it (MiB)")
-    serve.add_argument("--volume-ttl", type=types.positive_float, default=3600, help="evict a volume unused for this long (s)")
-    serve.add_argument("--result-ttl", type=types.positive_float, default=3600, help="keep a finished job's result this long (s)")
-    serve.add_argument("--request-timeout", type=types.positive_float, default=600,
-                       help="longest wait for a synchronous 2D or chat request (s)")
-    serve.add_argument("--read-timeout", type=types.positive_float, default=60,
-                       help="drop a request whose body stalls this long (s)")
-    serve.add_argument("--max-new-tokens", type=types.positive_int, default=4096, help="the most tokens one answer may ask for")
-    serve.add_argument("--header-timeout", type=types.positive_float, default=10,
-                       help="drop a connection whose request headers take longer than this to arrive (s)")
-    serve.add_argument("--max-connections", type=types.positive_int, default=256,
-                       help="the most open connections; one more is answered 503 and closed")
-    serve.add_argument("--refine-cache-mb", type=types.positive_float, default=2048,
-                       help="memory for the SAM2 features of slices kept for refinement clicks, all sessions (MiB)")
-    serve.add_argument("--served-model-name", default="CitrusV_8B",
-                       help="the model name of the OpenAI-compatible endpoints (default: the reference's)")
-    serve.add_argument("--min-pixels", type=int, default=None,
-                       help="image-size budget of the 2D and chat routes, as ms-swift's MIN_PIXELS (default: $MIN_PIXELS, "
-                            "else each task's own)")
-    serve.add_argument("--max-pixels", type=int, default=None,
-                       help="as --min-pixels, for MAX_PIXELS (the reference's Streamlit demo expects 1003520)")
-    serve.add_argument("--allow-local-images", action="append", default=[], metavar="DIR",
-                       help="let chat requests name image files inside DIR (repeatable); by default no file is read")
-    serve.add_argument("--chat-image-tags", choices=["text", "swift"], default="text",
-                       help="chat requests with an image part and an <image> typed in the text: 'text' (default) puts "
-                            "the image at the typed tag; 'swift' keeps ms-swift's rule (image at the part, tag as text)")
-    serve.add_argument("--reference-compatible", action="store_true",
-                       help="run the reference's demo clients unchanged: port 8000, ANY bearer token accepted, loopback "
-                            "only (see the README before using it)")
-    serve.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
-    serve.set_defaults(handler=cmd_serve)
 
-    batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "
-                                          "--engine ray for a cluster")
-    add_model_options(batch)
-    from .batch.options import add_batch_options
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="the main job on the sample chest CT: segment a target, write the results")
+    demo.add_argument("--prompt", default=DEFAULT_DEMO_PROMPT, help="what to segment")
+    demo.add_argument("--volume", default=None, help="a volume file instead of the bundled sample CT")
+    demo.add_argument("--out", default="citrusv-demo-output", help="output folder")
+    add_volume_options(demo, only=("mode", "slice_range"), read=False)
+    add_model_options(demo)
+    demo.set_defaults(handler=cmd_demo)
 
-    add_batch_options(batch)
-    batch.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
-    batch.set_defaults(handler=cmd_batch)
 
-    tiny = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the release format")
+# ---------------------------------------------------------------------------------------------- dev tools
+
+def add_dev_parsers(sub) -> None:
+    """`citrusv dev ...`: tools for developing and measuring the backend, not for users (so `citrusv --help`
+    does not list them). The old spellings `citrusv make-tiny-checkpoint` and `citrusv bench` still work,
+    unlisted (docs/changelog.md)."""
+    dev = sub.add_parser("dev", description="Developer tools: random tiny checkpoints, benchmarks, host profiling.")
+    tools = dev.add_subparsers(dest="dev_command", metavar="TOOL", required=True)
+    for container, listed in ((tools, True), (sub, False)):
+        add_tiny_parser(container, listed)
+        add_bench_parser(container, listed)
+
+
+def add_tiny_parser(sub, listed: bool) -> None:
+    tiny = sub.add_parser("make-tiny-checkpoint", **({"help": "write a random tiny model in the release format"}
+                                                     if listed else {}))
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--legacy-key-names", action="store_true",
@@ -334,21 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "with clear masks; faint-masks: object score 'present' with undecided masks (tests)")
     tiny.set_defaults(handler=cmd_make_tiny_checkpoint)
 
-    demo = sub.add_parser("demo", help="the main job on the sample chest CT: segment a target, write the results")
-    add_model_options(demo)
-    demo.add_argument("--prompt", default=DEFAULT_DEMO_PROMPT)
-    demo.add_argument("--volume", default=None, help="a volume file instead of the bundled sample CT")
-    demo.add_argument("--out", default="citrusv-demo-output", help="output folder")
-    demo.add_argument("--mode", choices=["propagate", "per-slice", "hybrid"], default="propagate")
-    demo.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slice indices to work on")
-    demo.set_defaults(handler=cmd_demo, window="auto", axis="axial", max_pixels=None, max_new_tokens=1024,
-                      max_voxels=1024**3, batch_size=4, dicom_out=None, on_bad_dicom="refuse")
 
-    from .refine_cli import add_refine_parser
-
-    add_refine_parser(sub, add_model_options)
-
-    bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
+def add_bench_parser(sub, listed: bool) -> None:
+    bench = sub.add_parser("bench", **({"help": "performance figures per stage and end to end (JSON + table); "
+                                                "--host: host profiling"} if listed else {}))
     add_model_options(bench)
     bench.add_argument("--full-size-random", action="store_true",
                        help="the exact 8B architecture with random bf16 weights, built in memory (needs a GPU)")
@@ -359,7 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=types.positive_int, default=None)
     bench.add_argument("--out", default="bench/results", help="folder for the results JSON")
     bench.set_defaults(handler=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

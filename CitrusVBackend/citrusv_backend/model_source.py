@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from .option_fields import option
 
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
 MODEL_ENV = "CITRUSV_MODEL"
 TINY_ALIAS = "tiny"
+
+
+@dataclass
+class ModelOptions:
+    """Which model a command runs and how (every command that loads one offers these)."""
+
+    model: str | None = option(None, f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL}); "
+                                     f"'{TINY_ALIAS}' = a random tiny model for smoke tests")
+    device: str = option("auto", "auto (CUDA if available), cpu, cuda, cuda:N", advanced=True)
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16", advanced=True)
+    attention: str = option("auto", "auto (flash_attention_2 if installed on CUDA, else sdpa)", advanced=True)
 
 
 def tiny_checkpoint_cache() -> Path:

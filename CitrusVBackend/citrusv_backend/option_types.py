@@ -1,13 +1,18 @@
-"""argparse types that check every value when it is parsed: a bad one is a usage error (exit 2) naming the
-option, before anything is read, loaded or run. No NaN or infinity gets through a number option."""
+"""The rules of option values, each written once, and argparse types for the options no dataclass declares.
+
+A bad value is a usage error (exit 2) naming the option, before anything is read, loaded or run; the same
+rule answers the service's requests with a 422 (option_fields.py derives both). No NaN or infinity gets
+through a number option."""
 from __future__ import annotations
 
 import argparse
 import math
 
-# Qwen2.5-VL's resize works on 28x28 patches: at least one, at most the processor's 16384.
-MIN_IMAGE_PIXELS = 28 * 28
-MAX_IMAGE_PIXELS = 16384 * 28 * 28
+# The bounds of a pixel budget (min_pixels / max_pixels: the size Qwen2.5-VL's resize aims at). It works on
+# 28x28 patches: at least one, at most the processor's 16384. (Not the decompression-bomb guard on images
+# read from files: inference/images.DECOMPRESSION_BOMB_PIXELS.)
+PIXEL_BUDGET_MIN = 28 * 28
+PIXEL_BUDGET_MAX = 16384 * 28 * 28
 
 
 def _number(text: str, kind=float):
@@ -55,35 +60,38 @@ def port(text: str) -> int:
     return value
 
 
-def pixel_count(text: str) -> int:
-    value = _number(text, int)
-    if not MIN_IMAGE_PIXELS <= value <= MAX_IMAGE_PIXELS:
-        raise argparse.ArgumentTypeError(f"{value} pixels: give {MIN_IMAGE_PIXELS} (one 28x28 patch) to "
-                                         f"{MAX_IMAGE_PIXELS:,}")
+def check_pixel_budget(value: int) -> int:
+    if not PIXEL_BUDGET_MIN <= value <= PIXEL_BUDGET_MAX:
+        raise ValueError(f"{value} pixels: give {PIXEL_BUDGET_MIN} (one 28x28 patch) to {PIXEL_BUDGET_MAX:,}")
     return value
+
+
+def check_pixel_budget_order(min_pixels: int | None, max_pixels: int | None) -> None:
+    if min_pixels and max_pixels and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not be larger than max_pixels ({max_pixels})")
 
 
 def window(text: str) -> str:
     """auto/training, clinical, a preset name, or CENTER,WIDTH with finite numbers and a positive width."""
-    from .volume.windowing import CLINICAL, CT_PRESETS, TRAINING
+    from .volume.windowing import check_window_spec
 
-    if text in ("auto", "", TRAINING, CLINICAL) or text in CT_PRESETS:
-        return text
-    parts = text.split(",")
-    try:
-        center, width = (float(part) for part in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use auto ({TRAINING}), {CLINICAL}, one of {', '.join(CT_PRESETS)}, or CENTER,WIDTH") from None
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: CENTER and WIDTH must be finite numbers and WIDTH positive")
+    check_window_spec(text)
     return text
 
 
-def slice_range(text: str) -> str:
+def parse_slice_range(text: str) -> tuple[int, int]:
+    """FIRST:LAST as the command line and the Slicer panel write a slice range."""
     try:
         first, last = (int(part) for part in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
+        raise ValueError(f"{text!r}: use FIRST:LAST (slice indices, LAST excluded)") from None
+    return check_slice_range((first, last))
+
+
+def check_slice_range(value) -> tuple[int, int]:
+    """[first, last): slice indices along the slice axis, LAST excluded (whether it fits a volume is checked
+    with the volume: VolumeOptions.validate)."""
+    first, last = value
     if first < 0 or last <= first:
-        raise argparse.ArgumentTypeError(f"{text!r}: FIRST:LAST with 0 <= FIRST < LAST")
-    return text
+        raise ValueError(f"slice range {first}:{last}: FIRST:LAST with 0 <= FIRST < LAST (LAST excluded)")
+    return int(first), int(last)

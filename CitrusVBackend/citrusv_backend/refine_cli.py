@@ -14,13 +14,15 @@ import numpy as np
 
 from . import option_types as types
 from .errors import CitrusVError
+from .option_fields import add_options, from_args
+from .volume.arguments import add_volume_options, volume_options
+from .volume.options import RefineOptions
 
 
 def add_refine_parser(sub, add_model_options) -> None:
     refine = sub.add_parser("refine", help="correct a segment with include / exclude points and boxes (SAM2 prompts), "
                                            "re-propagated through the volume")
     refine.add_argument("volume", help="the volume (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
-    add_model_options(refine)
     start = refine.add_mutually_exclusive_group(required=True)
     start.add_argument("--prompt", help="segment this first (e.g. 'segment the left lung'), then refine")
     start.add_argument("--labelmap", help="refine a segment of this labelmap (same grid as the volume)")
@@ -30,18 +32,11 @@ def add_refine_parser(sub, add_model_options) -> None:
     refine.add_argument("--include", action="append", default=[], help="Slicer point list (.mrk.json): include points")
     refine.add_argument("--exclude", action="append", default=[], help="Slicer point list (.mrk.json): exclude points")
     refine.add_argument("--box", help="Slicer ROI (.mrk.json): the target lies inside it")
-    refine.add_argument("--keep-text", action="store_true", help="keep the text's [SEG] token among SAM2's prompts")
-    refine.add_argument("--no-mask-prompt", action="store_true", help="do not give SAM2 the current mask")
-    refine.add_argument("--no-propagate", action="store_true", help="change only the slices with prompts")
-    refine.add_argument("--max-propagation-slices", type=types.non_negative_int, default=None, help="per direction (default: to the end)")
-    refine.add_argument("--no-enforce", action="store_true",
-                        help="SAM2's answer as is (by default a box confines and an exclude point never stays inside)")
-    refine.add_argument("--window", default="auto", type=types.window,
-                        help="with --labelmap: how its slices were windowed (as for `citrusv segment`)")
-    refine.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice plane")
-    refine.add_argument("--slice-range", default=None, type=types.slice_range, help="FIRST:LAST slices to work on (LAST excluded)")
-    refine.add_argument("--max-pixels", type=types.pixel_count, default=None, help="Qwen resize upper bound per slice")
     refine.add_argument("--out", required=True, help="output folder")
+    # The slices as `citrusv segment` makes them (with --labelmap: as they were made for it).
+    add_volume_options(refine, only=("window", "axis", "slice_range", "max_pixels"), read=False)
+    add_options(refine, RefineOptions, advanced=refine.advanced_group())
+    add_model_options(refine)
     refine.set_defaults(handler=cmd_refine)
 
 
@@ -71,11 +66,10 @@ def cmd_refine(args) -> int:
     from .model_source import load_engine
     from .console import ProgressPrinter, random_weights_banner, say
     from .paths import check_not_inside_input, writable_folder
-    from .volume.arguments import parse_slice_range
     from .model.feature_cache import SAM2FeatureCache
     from .volume.io import read_volume
-    from .volume.pipeline import VolumeOptions, VolumePipeline, task_budget
-    from .volume.refine import RefinementSession, RefineOptions
+    from .volume.pipeline import VolumePipeline, task_budget
+    from .volume.refine import RefinementSession
     from .volume.refine_prompts import prompts_by_slice
     from .volume.slice_features import SliceFeatureStore
 
@@ -83,8 +77,7 @@ def cmd_refine(args) -> int:
     writable_folder(args.out, create=False)  # a bad output folder fails before the volume is read
     volume = read_volume(args.volume)
     steps = read_steps(args, np.linalg.inv(volume.geometry.ijk_to_lps()))  # bad prompts fail before the model loads
-    options = VolumeOptions(window=args.window, plane=args.axis, slice_range=parse_slice_range(args.slice_range),
-                            max_pixels=args.max_pixels)
+    options = volume_options(args)
     labels = _read_labels(args, volume) if args.labelmap else None
     engine = load_engine(args)
     features = SAM2FeatureCache()  # the segmentation's slice features serve the clicks
@@ -103,9 +96,7 @@ def cmd_refine(args) -> int:
     session = RefinementSession(engine, source, before, query=_model_query(query), budget=budget,
                                 slice_range=options.validate(source.depth), anchors=anchors,
                                 features=SliceFeatureStore(engine, source, budget, features))
-    refine_options = RefineOptions(keep_text=args.keep_text, mask_prompt=not args.no_mask_prompt,
-                                   propagate=not args.no_propagate, max_propagation_slices=args.max_propagation_slices,
-                                   enforce_prompts=not args.no_enforce)
+    refine_options = from_args(RefineOptions, args)
     records, placed, changed = [], {}, []
     for number, prompts in enumerate(steps, start=1):
         outcome = session.refine(prompts, refine_options)
@@ -141,7 +132,7 @@ def _labelmap_source(volume, options, query):
     from .volume.pipeline import SliceSource
     from .volume.windowing import parse_window
 
-    return SliceSource(volume, options.plane, parse_window(options.window, query or "", volume.modality, volume.voxels))
+    return SliceSource(volume, options.axis, parse_window(options.window, query or "", volume.modality, volume.voxels))
 
 
 def _model_query(text: str | None) -> str | None:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backend_options import COMMAND_LINE_FLAGS
 from .environment import isolated
 from .process import StreamingProcess
 
@@ -37,11 +38,10 @@ def batch_command(python: str, input_folder: str, output_folder: str, task: str,
                                   "--task", task, "--model", model, "--device", device, "--exit-with-parent"]
     if prompt.strip():
         command += ["--prompt", prompt]
-    for key, flag in (("mode", "--mode"), ("window", "--window"), ("axis", "--axis"), ("max_pixels", "--max-pixels")):
-        if options.get(key) not in (None, ""):
-            command += [flag, str(options[key])]
-    if options.get("slice_range"):
-        command += ["--slice-range", "{}:{}".format(*options["slice_range"])]
+    for key, flag in COMMAND_LINE_FLAGS.items():
+        value = options.get(key)
+        if value not in (None, ""):
+            command += [flag, "{}:{}".format(*value) if key == "slice_range" else str(value)]
     return command
 
 

@@ -268,7 +268,7 @@ def _connector_range(annotation) -> tuple:
 @pytest.mark.unit
 def test_every_bound_number_has_the_range_the_backend_accepts():
     from citrusv_backend.server.schemas import JobOptions
-    from CitrusVSlicerLib.options import MIN_PIXELS, task_options
+    from CitrusVSlicerLib.options import PIXEL_BUDGET_MIN, task_options
 
     ui = MODULE_DIR / "Resources" / "UI" / "CitrusVSlicer.ui"
     import xml.etree.ElementTree as ET
@@ -286,9 +286,9 @@ def test_every_bound_number_has_the_range_the_backend_accepts():
         assert ui_range == (low, high), f"{name}: the .ui says {ui_range}, the annotation {(low, high)}"
     low, high = _connector_range(numbers["maxPixels"])
     assert task_options("propagate", "auto", "axial", "", 0) == {"mode": "propagate", "window": "auto", "axis": "axial"}
-    for value in (MIN_PIXELS, high):
+    for value in (PIXEL_BUDGET_MIN, high):
         JobOptions.model_validate(task_options("propagate", "auto", "axial", "", value))  # the backend takes it
-    for value in (1, MIN_PIXELS - 1, -5, high + 1):
+    for value in (1, PIXEL_BUDGET_MIN - 1, -5, high + 1):
         with pytest.raises(ValueError, match="Max pixels"):
             task_options("propagate", "auto", "axial", "", value)
 

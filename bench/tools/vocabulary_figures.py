@@ -2,7 +2,8 @@
 sees in the subcommands' --help, the README's length and where its Slicer section starts, files per folder,
 and the backend's import circles. Run from the repository root:
 
-    .venv/bin/python bench/tools/vocabulary_figures.py            (a JSON object on stdout)
+    .venv/bin/python bench/tools/vocabulary_figures.py [--lines]   (a JSON object on stdout; --lines: every
+                                                                    declaring line on stderr)
 
 Declarations are counted on the product's source (the backend package and the Slicer module, tests excluded):
 a line declares an option when it is a field of a dataclass / pydantic model / parameter node (`name:`), an
@@ -54,7 +55,8 @@ def _declaration_patterns(names: list[str]) -> list[re.Pattern]:
     return patterns
 
 
-def declarations() -> dict:
+def declarations(show: bool = False) -> dict:
+    """Per option: lines that declare it, in how many files, and lines in generated files; `show` prints each."""
     found = {option: {"declared": 0, "files": set(), "generated": 0} for option in OPTIONS}
     for path in product_files():
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -64,6 +66,8 @@ def declarations() -> dict:
                 hit = any(p.search(line) for p in _declaration_patterns(names))
                 choices = CHOICE_LISTS.get(option)
                 hit = hit or (choices is not None and all(f'"{c}"' in line or f"'{c}'" in line for c in choices))
+                if hit and show:
+                    print(f"{option}: {path.relative_to(ROOT)}: {line.strip()[:110]}", file=sys.stderr)
                 if hit:
                     key = "generated" if generated else "declared"
                     found[option][key] += 1
@@ -109,7 +113,7 @@ def files_per_folder() -> dict:
 
 def main() -> int:
     circles = import_circles(import_graph())
-    figures = {"declarations": declarations(), "visible_cli_options": visible_options(), "readme": readme(),
+    figures = {"declarations": declarations(show="--lines" in sys.argv), "visible_cli_options": visible_options(), "readme": readme(),
                "files_per_folder": files_per_folder(), "import_circles": {"count": len(circles), "circles": circles}}
     print(json.dumps(figures, indent=2))
     return 0

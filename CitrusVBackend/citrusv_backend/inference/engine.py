@@ -25,16 +25,13 @@ from ..model.loader import LoadedModel, load_citrusv
 from ..model.processor import TASK_PIXEL_BUDGETS, ModelInputs, PixelBudget
 from .hostwork import POSTPROCESS, HostStats
 from .images import load_image
+from .options import DEFAULT_MAX_NEW_TOKENS, FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, TASKS  # noqa: F401  (re-exported)
 from .parsing import parse_boxes, scale_boxes
 from .reports import ParsedReport, parse_report
 from .streaming import TextDeltaStreamer
 
 log = logging.getLogger(__name__)
 
-TASKS = ("ask", "segment", "detect", "report")
-MASK_UPSAMPLING = ("bilinear", "nearest")
-DEFAULT_MAX_NEW_TOKENS = 1024
-FORCED_SEGMENT_ANSWER = "Sure, it is [SEG]."
 
 
 @dataclass

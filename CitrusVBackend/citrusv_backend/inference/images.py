@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 
-MAX_IMAGE_PIXELS = 50_000_000  # far beyond any slice or screenshot; guards against decompression bombs
+DECOMPRESSION_BOMB_PIXELS = 50_000_000  # far beyond any slice or screenshot: a larger image is refused before decoding
 
 
 def load_image(source) -> Image.Image:
@@ -29,8 +29,8 @@ def load_image(source) -> Image.Image:
             raise InputError(f"{path}: not a readable image (PNG, JPEG, BMP, TIFF...): {error}") from None
     if image.width * image.height == 0:
         raise InputError("the image is empty (0 pixels)")
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise InputError(f"the image has {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+    if image.width * image.height > DECOMPRESSION_BOMB_PIXELS:
+        raise InputError(f"the image has {image.width}x{image.height} pixels, more than the {DECOMPRESSION_BOMB_PIXELS} allowed")
     return image
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
-from ..inference.images import MAX_IMAGE_PIXELS
+from ..inference.images import DECOMPRESSION_BOMB_PIXELS
 from . import rle
 
 VOXEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
@@ -115,8 +115,8 @@ def decode_image(data: bytes, what: str = "the image") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InputError(f"{what} has {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed")
+        if width * height > DECOMPRESSION_BOMB_PIXELS:
+            raise InputError(f"{what} has {width}x{height} pixels, more than the {DECOMPRESSION_BOMB_PIXELS:,} allowed")
         if image.mode not in IMAGE_MODES:
             raise InputError(f"{what} has pixel mode {image.mode}; send an 8-bit grayscale or RGB(A) PNG or JPEG")
         image.load()

@@ -20,16 +20,16 @@ import stat
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import uvicorn
 
 from ..errors import CitrusVError
-from ..model.processor import IMAGE_FACTOR, QWEN_MAX_PIXELS
 from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
-from .app import MiB, ServiceConfig, ServiceState, create_app
+from .app import ServiceState, create_app
+from .config import PIXEL_ENV, REFERENCE_PORT, ServeSettings, ServiceConfig  # noqa: F401  (re-exported)
 from .connections import guarded_protocol
 from .local_images import allowed_folders
 from .logs import capture_stderr, configure_logging, log_event
@@ -38,54 +38,7 @@ from .raw_upload import ready_fields
 log = logging.getLogger("citrusv.server")
 
 TOKEN_ENV = "CITRUSV_TOKEN"
-PIXEL_ENV = ("MIN_PIXELS", "MAX_PIXELS")  # read by ms-swift's deploy too
-REFERENCE_PORT = 8000  # the reference deployment's --port, which its demo clients call
 _TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
-
-
-@dataclass
-class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 0
-    token_file: Path | None = None
-    config: ServiceConfig = field(default_factory=ServiceConfig)
-    reference_compatible: bool = False  # no token, loopback only, port 8000 unless given: the reference's demos run as they are
-
-    @classmethod
-    def from_args(cls, args, environ=os.environ) -> "ServeSettings":
-        reference = bool(getattr(args, "reference_compatible", False))
-        if reference and args.token_file:
-            raise CitrusVError("--reference-compatible accepts any bearer token; it takes no --token-file")
-        min_pixels, max_pixels = (_pixels(getattr(args, name.lower(), None), name, environ) for name in PIXEL_ENV)
-        if min_pixels and max_pixels and min_pixels > max_pixels:
-            raise CitrusVError(f"the minimum pixels ({min_pixels}) are more than the maximum ({max_pixels})")
-        config = ServiceConfig(served_model_name=args.served_model_name,
-                               max_upload_bytes=int(args.max_upload_mb * MiB), max_voxels=args.max_voxels,
-                               volume_budget_bytes=int(args.volume_budget_mb * MiB), volume_ttl_s=args.volume_ttl,
-                               result_ttl_s=args.result_ttl, request_timeout_s=args.request_timeout,
-                               read_timeout_s=args.read_timeout, max_new_tokens=args.max_new_tokens,
-                               header_timeout_s=args.header_timeout, max_connections=args.max_connections,
-                               min_pixels=min_pixels, max_pixels=max_pixels,
-                               local_image_dirs=allowed_folders(getattr(args, "allow_local_images", None) or ()),
-                               chat_image_tags=getattr(args, "chat_image_tags", "text"),
-                               refine_cache_bytes=int(getattr(args, "refine_cache_mb", 2048) * MiB))
-        port = args.port if args.port is not None else (REFERENCE_PORT if reference else 0)
-        return cls(host=args.host, port=port, token_file=Path(args.token_file) if args.token_file else None,
-                   config=config, reference_compatible=reference)
-
-
-def _pixels(given: int | None, env_name: str, environ) -> int | None:
-    """--min-pixels / --max-pixels, else $MIN_PIXELS / $MAX_PIXELS, checked against qwen_vl_utils' bounds."""
-    source = f"--{env_name.lower().replace('_', '-')}"
-    if given is None and environ.get(env_name, "").strip():
-        source = f"${env_name}"
-        try:
-            given = int(environ[env_name])
-        except ValueError:
-            raise CitrusVError(f"${env_name}={environ[env_name]!r} is not a whole number of pixels") from None
-    if given is not None and not IMAGE_FACTOR ** 2 <= given <= QWEN_MAX_PIXELS:
-        raise CitrusVError(f"{source} {given}: use {IMAGE_FACTOR ** 2} to {QWEN_MAX_PIXELS} pixels")
-    return given
 
 
 @dataclass

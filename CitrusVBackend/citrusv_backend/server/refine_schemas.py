@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from ..inference.engine import FORCED_SEGMENT_ANSWER
-from ..volume.refine import RefineOptions
+from ..option_fields import request_model
+from ..volume.options import RefineOptions, VolumeOptions
 from ..volume.refine_prompts import BoxPrompt, PointPrompt, RefinePrompts
-from .schemas import MAX_PROMPT_CHARS, Pixels, Strict
+from .schemas import MAX_PROMPT_CHARS, Strict
 
 SEGMENT_NAME = r"^[A-Za-z0-9._-]{1,64}$"
 Coordinate = Annotated[float, Field(allow_inf_nan=False)]
@@ -29,15 +29,10 @@ class MaskCrop(Strict):
     encoding: Literal["zlib+base64"] = "zlib+base64"
 
 
-class SliceSettings(Strict):
-    """How the segment's slices were made (as the segmentation job's options); ignored when starting from a job."""
-
-    axis: Literal["axial", "coronal", "sagittal"] = Field("axial", validation_alias=AliasChoices("axis", "plane"))
-    window: Annotated[str, Field(max_length=64)] | None = None
-    slice_range: tuple[Index, Size] | None = None
-    min_pixels: Pixels | None = None
-    max_pixels: Pixels | None = None
-    answer: Annotated[str, Field(min_length=1, max_length=1000)] = FORCED_SEGMENT_ANSWER
+SliceSettings = request_model(
+    VolumeOptions, "SliceSettings", only=("axis", "window", "slice_range", "min_pixels", "max_pixels", "answer"),
+    base=Strict, doc="How the segment's slices were made (as the segmentation job's options); ignored when "
+                     "starting from a job.")
 
 
 class SessionRequest(Strict):
@@ -70,15 +65,9 @@ class Box(Strict):
     ijk_max: IJK
 
 
-class RefineRequest(Strict):
+class RefineRequest(request_model(RefineOptions, "RefineOptionFields", base=Strict)):
     points: list[Point] = Field(default_factory=list, max_length=256)
     box: Box | None = None
-    keep_text: bool = Field(False, description="keep the projected [SEG] token among SAM2's sparse prompts")
-    mask_prompt: bool = Field(True, description="the slice's current mask as SAM2's dense prompt")
-    propagate: bool = Field(True, description="re-propagate from the corrected slices with SAM2's video memory")
-    max_propagation_slices: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    stop_after_empty: Annotated[int, Field(ge=1, le=64)] = 2
-    enforce_prompts: bool = Field(True, description="a box confines; an exclude point never stays inside")
     expected_version: Annotated[int, Field(ge=0)] | None = Field(
         None, description="refuse (409) unless the segment is at this version (no client works on a stale mask)")
 
@@ -93,9 +82,7 @@ class RefineRequest(Strict):
         return RefinePrompts([PointPrompt(tuple(p.ijk), p.positive) for p in self.points], box)
 
     def options(self) -> RefineOptions:
-        return RefineOptions(keep_text=self.keep_text, mask_prompt=self.mask_prompt, propagate=self.propagate,
-                             max_propagation_slices=self.max_propagation_slices,
-                             stop_after_empty=self.stop_after_empty, enforce_prompts=self.enforce_prompts)
+        return self.to_dataclass()
 
 
 class StepRequest(Strict):

@@ -28,16 +28,16 @@ from .jobs import DONE, Job
 
 @dataclass
 class RefineSeed:
-    """What a finished segmentation job leaves for refinement: how its slices were made (plane and window, exactly
+    """What a finished segmentation job leaves for refinement: how its slices were made (axis and window, exactly
     as the pipeline chose them) and its options. Not the volume: a finished job must not keep it in memory."""
 
-    plane: str
+    axis: str
     window: Window
     options: VolumeOptions
 
     @classmethod
     def of(cls, source: SliceSource, options: VolumeOptions) -> "RefineSeed":
-        return cls(options.plane, source.window, options)
+        return cls(options.axis, source.window, options)
 
 
 @dataclass
@@ -55,10 +55,9 @@ def plan_session(state, volume_id: str, volume, request) -> SessionPlan:
         plan = _plan_from_job(state, volume_id, volume, request)
     else:
         settings = request.settings
-        options = VolumeOptions(window=settings.window, plane=settings.axis, slice_range=settings.slice_range,
-                                min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, answer=settings.answer)
+        options = settings.to_dataclass()
         window = parse_window(options.window, request.query or "", volume.modality, volume.voxels)
-        plan = SessionPlan(SliceSource(volume, options.plane, window), options, None, request.query, [])
+        plan = SessionPlan(SliceSource(volume, options.axis, window), options, None, request.query, [])
     if request.mask is not None:
         plan.mask = mask_from_crop(request.mask, volume.shape)
     plan.anchors = sorted(set(plan.anchors) | set(request.anchors))
@@ -85,7 +84,7 @@ def _plan_from_job(state, volume_id: str, volume, request) -> SessionPlan:
     segment = next(s for s in segments if s["label"] == label)
     mask = mask_from_crop(segment["mask"], volume.shape) if segment["mask"] else np.zeros(volume.shape, bool)
     anchors = [segment["key_slice"]] if segment.get("key_slice") is not None else []
-    source = SliceSource(volume, seed.plane, seed.window)
+    source = SliceSource(volume, seed.axis, seed.window)
     return SessionPlan(source, seed.options, mask, request.query or segment["query"], anchors)
 
 

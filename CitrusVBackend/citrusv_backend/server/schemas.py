@@ -6,19 +6,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..inference.engine import FORCED_SEGMENT_ANSWER
-from ..option_types import MAX_IMAGE_PIXELS, MIN_IMAGE_PIXELS
+from ..inference.options import ImageOptions
+from ..option_fields import request_model
+from ..option_types import PIXEL_BUDGET_MAX, PIXEL_BUDGET_MIN
 from ..volume.dicom_series import IDENTITY_KEYWORDS
-from ..volume.pipeline import VolumeOptions
+from ..volume.options import VolumeOptions
 from .codec import COMPRESSIONS, VOXEL_DTYPES
 
 MAX_PROMPT_CHARS = 8000
 MAX_DIMENSION = 65536  # voxels along one axis: beyond any scanner, and three of them multiply without overflow
 Dimension = Annotated[int, Field(ge=1, le=MAX_DIMENSION)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Pixels = Annotated[int, Field(ge=MIN_IMAGE_PIXELS, le=MAX_IMAGE_PIXELS)]
+Pixels = Annotated[int, Field(ge=PIXEL_BUDGET_MIN, le=PIXEL_BUDGET_MAX)]  # a pixel budget (the chat extension's)
 
 
 class Strict(BaseModel):
@@ -80,55 +81,12 @@ class VolumeInfo(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- jobs
 
-class JobOptions(Strict):
-    mode: Literal["propagate", "per-slice", "hybrid"] = "propagate"
-    window: Annotated[str, Field(max_length=64)] | None = Field(
-        None, description="auto/training (each volume normalised as the training data: its 0.5-99.5th percentiles; "
-                          "default), clinical (a CT preset per target), soft_tissue, lung, bone, brain, liver, or "
-                          "'CENTER,WIDTH'")
-    axis: Literal["axial", "coronal", "sagittal"] = Field("axial", validation_alias=AliasChoices("axis", "plane"))
-    slice_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="[first, last) slice indices along the axis")
-    slice: Annotated[int, Field(ge=0)] | None = Field(None, description="the slice the 'ask' task reads (default: middle)")
-    min_pixels: Pixels | None = None
-    max_pixels: Pixels | None = None
-    answer: Annotated[str, Field(min_length=1, max_length=1000)] = FORCED_SEGMENT_ANSWER
-    max_new_tokens: Annotated[int, Field(ge=1)] = 1024
-    fill_holes: bool = True
-    largest_component: bool = False
-    key_candidates: Annotated[int, Field(ge=1, le=64)] = 9
-    stop_after_empty: Annotated[int, Field(ge=1, le=64)] = 2
-    report_slices: Annotated[int, Field(ge=1, le=64)] = 3
-    detect_slices: Annotated[int, Field(ge=1, le=512)] = 16
-    batch_size: Annotated[int, Field(ge=1, le=64)] = 4
-    presence: Literal["mask", "object-score", "both"] = Field(
-        "mask", description="how a slice is judged to show the target: its mask logits (default), SAM2's object score, both")
-    object_score_suppression: bool = Field(False, description="let SAM2's propagation blank slices with a negative object score")
-    answer_mode: Literal["forced", "free"] = Field(
-        "forced", description="free: the model's own answer on the key slice, forced on the rest when it has a [SEG]")
-    mask_upsampling: Literal["bilinear", "nearest"] = "bilinear"
-    report_image: Literal["slices", "projection"] = Field(
-        "slices", description="report from spread slices, or from a radiograph-like projection of the CT")
-    dicom_out: bool | None = Field(None, description="also make a DICOM SEG and SR (default: when the volume was "
-                                                     "uploaded with a DICOM reference)")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError("min_pixels must not be larger than max_pixels")
-        if self.slice_range and self.slice_range[0] >= self.slice_range[1]:
-            raise ValueError("slice_range is [first, last) with first < last")
-        return self
+class JobOptions(request_model(VolumeOptions, "VolumeOptionFields", base=Strict)):
+    """A volume job's options: the fields of VolumeOptions (volume/options.py), which declares them. The slice
+    axis was called `plane` once; a request may still say so (docs/http-api.md)."""
 
     def to_volume_options(self) -> VolumeOptions:
-        return VolumeOptions(mode=self.mode, window=self.window, plane=self.axis, slice_range=self.slice_range,
-                             min_pixels=self.min_pixels, max_pixels=self.max_pixels, answer=self.answer,
-                             key_candidates=self.key_candidates, stop_after_empty=self.stop_after_empty,
-                             fill_holes=self.fill_holes, largest_component=self.largest_component,
-                             report_slices=self.report_slices, detect_slices=self.detect_slices,
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, presence=self.presence,
-                             object_score_suppression=self.object_score_suppression, answer_mode=self.answer_mode,
-                             mask_upsampling=self.mask_upsampling, report_image=self.report_image)
+        return self.to_dataclass()
 
 
 class JobRequest(Strict):
@@ -165,14 +123,7 @@ class JobInfo(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- 2D images
 
-class ImageRequest(Strict):
+class ImageRequest(request_model(ImageOptions, "ImageOptionFields", base=Strict)):
     image: str = Field(description="base64 PNG/JPEG (or a data: URI)")
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    task: Literal["ask", "segment", "detect", "report"] = "ask"
-    answer: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
-        None, description="force this answer (e.g. 'Sure, it is [SEG].'): one prefill, no decoding")
-    min_pixels: Pixels | None = None
-    max_pixels: Pixels | None = None
-    max_new_tokens: Annotated[int, Field(ge=1)] = 1024
-    mask_upsampling: Literal["bilinear", "nearest"] = "bilinear"
     mask_format: Literal["rle", "png"] = "rle"

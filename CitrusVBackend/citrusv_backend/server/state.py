@@ -6,57 +6,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..inference.engine import CitrusVEngine
-from ..model.processor import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
-from ..volume.io import DEFAULT_MAX_VOXELS
+from .config import MiB, REFERENCE_MODEL_NAME, VOLUME_UPLOAD_PATH, ServiceConfig  # noqa: F401  (re-exported)
 from .jobs import GpuWorker, JobQueue
 from .sessions import RefineSessions
 from .volumes import VolumeStore
-
-MiB = 2**20
-VOLUME_UPLOAD_PATH = "/v1/volumes"
-REFERENCE_MODEL_NAME = "CitrusV_8B"  # the reference deployment's --served_model_name: its clients send it
-
-
-@dataclass
-class ServiceConfig:
-    served_model_name: str = REFERENCE_MODEL_NAME
-    max_upload_bytes: int = 1024 * MiB        # a volume upload (POST /v1/volumes)
-    max_request_bytes: int = 256 * MiB        # any other request body (images, chat, jobs)
-    max_voxels: int = DEFAULT_MAX_VOXELS
-    volume_budget_bytes: int = 4096 * MiB     # all stored volumes together (as `citrusv serve` defaults)
-    volume_ttl_s: float = 3600.0              # a volume unused this long is evicted
-    result_ttl_s: float = 3600.0              # a finished job is kept this long
-    max_queued_jobs: int = 256
-    request_timeout_s: float = 600.0          # a synchronous 2D / chat request waits at most this long
-    read_timeout_s: float = 60.0              # a request body that stalls this long is dropped
-    max_new_tokens: int = 4096
-    max_header_bytes: int = 64 * 1024         # a request's headers (431 beyond)
-    header_timeout_s: float = 10.0            # a request's headers must arrive within this (408)
-    max_connections: int = 256                # open connections; one more is answered 503 and closed
-    min_pixels: int | None = None             # the 2D routes' image-size budget (serve --min-pixels, $MIN_PIXELS);
-    max_pixels: int | None = None             # None for both: each task's own
-    local_image_dirs: tuple[str, ...] = ()    # chat requests may name image files inside these (--allow-local-images)
-    chat_image_tags: str = "text"             # "swift": a typed <image> beside an image part stays text, as in swift
-    refine_cache_bytes: int = 2048 * MiB      # SAM2 features of slices kept for refinement clicks (all sessions)
-    max_refine_sessions: int = 64
-
-    def pixel_budget(self) -> tuple[int | None, int | None]:
-        """(min, max) pixels for the 2D routes; with one bound set the other is qwen_vl_utils' default, as in
-        `swift deploy` with only MIN_PIXELS or MAX_PIXELS in its environment."""
-        if self.min_pixels is None and self.max_pixels is None:
-            return None, None
-        return self.min_pixels or QWEN_MIN_PIXELS, self.max_pixels or QWEN_MAX_PIXELS
-
-    def body_limit(self, path: str) -> int:
-        return self.max_upload_bytes if path == VOLUME_UPLOAD_PATH else min(self.max_request_bytes, self.max_upload_bytes)
-
-    def limits(self) -> dict:
-        return asdict(self) | {"max_request_bytes": self.body_limit("")}
-
 
 def free_accelerator_memory() -> None:
     import torch

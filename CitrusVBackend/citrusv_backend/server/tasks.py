@@ -51,10 +51,10 @@ def validate_volume_job(request: JobRequest, volume: Volume, max_new_tokens: int
     check_window_spec(options.window)
     if wants_dicom(request.options.dicom_out, volume) and request.task != "ask":
         check_dicom_possible(volume)
-    depth = volume.shape[model_orientation(volume.geometry.direction, options.plane).slice_axis]
+    depth = volume.shape[model_orientation(volume.geometry.direction, options.axis).slice_axis]
     options.validate(depth)
     if request.options.slice is not None and request.options.slice >= depth:
-        raise InputError(f"slice {request.options.slice} is outside the volume's 0:{depth} along the {options.plane} axis")
+        raise InputError(f"slice {request.options.slice} is outside the volume's 0:{depth} along the {options.axis} axis")
 
 
 def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request: JobRequest,
@@ -92,12 +92,12 @@ def dicom_attachments(job: Job, result: VolumeResult, volume: Volume, model: str
 
 def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, options: VolumeOptions, job: Job) -> dict:
     """A question about the volume, asked of one slice: options.slice, else the middle of the slice range."""
-    source = SliceSource(volume, options.plane, parse_window(options.window, request.prompt, volume.modality,
+    source = SliceSource(volume, options.axis, parse_window(options.window, request.prompt, volume.modality,
                                                              volume.voxels))
     first, last = options.validate(source.depth)
     index = request.options.slice if request.options.slice is not None else (first + last - 1) // 2
     if not 0 <= index < source.depth:
-        raise InputError(f"slice {index} is outside the volume's 0:{source.depth} along the {options.plane} axis")
+        raise InputError(f"slice {index} is outside the volume's 0:{source.depth} along the {options.axis} axis")
     if job.should_cancel():
         raise JobCancelled("cancelled by the user")
     job.progress("ask", 0.0, f"reading slice {index}")
@@ -106,9 +106,9 @@ def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, opti
                         should_cancel=job.should_cancel)
     return {"task": "ask", "prompt": request.prompt, "case": volume.name, "random_weights": answer.random_weights,
             "labelmap": labelmap_info(volume), "segments": [], "findings": [], "boxes": [],
-            "report": None, "answer": {"text": answer.text, "slice": index, "plane": options.plane},
+            "report": None, "answer": {"text": answer.text, "slice": index, "axis": options.axis},
             "problems": answer.problems, "timings": answer.timings,
-            "settings": {"plane": options.plane, "window": source.window.__dict__, "slice": index}}
+            "settings": {"axis": options.axis, "window": source.window.__dict__, "slice": index}}
 
 
 def labelmap_info(volume: Volume) -> dict:

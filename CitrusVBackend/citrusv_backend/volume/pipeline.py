@@ -36,16 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, JobCancelled  # noqa: F401  (JobCancelled: re-exported)
-from ..inference.engine import FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, CitrusVEngine, InferenceResult
+from ..inference.engine import FORCED_SEGMENT_ANSWER, CitrusVEngine, InferenceResult
 from ..inference.hostwork import POSTPROCESS, PREPROCESS, HostStats, Prefetcher, default_workers, worker_pool
 from ..inference.reports import detect_location
 from ..model.feature_cache import SAM2FeatureCache
 from ..model.image_prep import PreparedImage
 from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
-from .orientation import PLANES
 from .mask_cleanup import postprocess
-from .presence import PRESENCE_RULES, Evidence, PresenceRule, consistent_slices
+from .options import MODES, TASKS, VolumeOptions  # noqa: F401  (MODES: its home was here)
+from .presence import Evidence, consistent_slices
 from .propagation import Cancelled, PropagatedSlice, SliceFrames, propagate
 from .quantify import laterality_of, measure_segment
 from .slice_source import SliceSource  # noqa: F401  (re-exported: SliceSource has long lived here)
@@ -54,60 +54,11 @@ from .windowing import Window, WindowChoice
 
 log = logging.getLogger(__name__)
 
-MODES = ("propagate", "per-slice", "hybrid")
-TASKS = ("segment", "detect", "report")
-ANSWER_MODES = ("forced", "free")
-REPORT_IMAGES = ("slices", "projection")
 # The reference's report prompt, verbatim (demo/citrusv_streamlit_app.py, the "Report" example).
 REPORT_PROMPT = "Evaluate the provided chest radiograph and compile a report. Let's think step by step."
 REPORT_EXPERIMENTAL = ("EXPERIMENTAL: Citrus-V's reports were trained and benchmarked on chest radiographs (CheXpert "
                        "Plus), not on {what}; findings may be invented. Read the images yourself.")
 ProgressFn = Callable[[str, float, str], None]
-
-
-@dataclass
-class VolumeOptions:
-    mode: str = "propagate"
-    window: str | None = None              # training (default, = auto), clinical, a CT preset, or "CENTER,WIDTH"
-    plane: str = "axial"                   # axial, coronal, sagittal
-    slice_range: tuple[int, int] | None = None  # [first, last) slice indices along the plane
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    answer: str = FORCED_SEGMENT_ANSWER
-    key_candidates: int = 9                # coarse key-slice candidates per target
-    stop_after_empty: int = 2              # propagation ends after this many empty slices
-    fill_holes: bool = True
-    largest_component: bool = False
-    report_slices: int = 3                 # slices read by the report task
-    detect_slices: int = 16                # slices read by the detect task
-    max_new_tokens: int = 1024
-    batch_size: int = 4                    # slices per forced-answer prefill / SAM2 encoding
-    presence: str = "mask"                 # how a slice is judged to show the target (presence.py)
-    object_score_suppression: bool = False  # let SAM2's propagation blank masks on a negative object score
-    answer_mode: str = "forced"            # forced: `answer` everywhere; free: the model's own key-slice answer
-    mask_upsampling: str = "bilinear"      # bilinear (smooth) or nearest (the reference clients' resize)
-    report_image: str = "slices"           # slices, or projection (a radiograph-like frontal projection; CT)
-
-    def presence_rule(self) -> PresenceRule:
-        return PresenceRule(self.presence)
-
-    def validate(self, depth: int) -> tuple[int, int]:
-        if self.mode not in MODES:
-            raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        for value, allowed, what in ((self.presence, PRESENCE_RULES, "presence rule"),
-                                     (self.answer_mode, ANSWER_MODES, "answer mode"),
-                                     (self.mask_upsampling, MASK_UPSAMPLING, "mask upsampling"),
-                                     (self.report_image, REPORT_IMAGES, "report image")):
-            if value not in allowed:
-                raise InputError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
-        if self.plane not in PLANES:
-            raise InputError(f"unknown slice plane {self.plane!r}; use one of {', '.join(PLANES)}")
-        first, last = self.slice_range or (0, depth)
-        if not (0 <= first < last <= depth):
-            raise InputError(f"slice range {first}:{last} is outside the volume's 0:{depth} along the {self.plane} axis")
-        if self.key_candidates < 1 or self.stop_after_empty < 1 or self.batch_size < 1:
-            raise InputError("key_candidates, stop_after_empty and batch_size must be at least 1")
-        return first, last
 
 
 @dataclass
@@ -274,11 +225,11 @@ class VolumePipeline:
         targets = parse_targets(prompt) if task == "segment" else detection_targets(prompt) if task == "detect" else []
         self._sources, self._answers = {}, {}
         windows = WindowChoice(options.window, volume.modality, volume.voxels)
-        source = self._source(volume, windows.for_target(targets[0].name if targets else prompt or ""), options.plane)
+        source = self._source(volume, windows.for_target(targets[0].name if targets else prompt or ""), options.axis)
         slice_range = options.validate(source.depth)
         result = VolumeResult(task=task, prompt=prompt, case=volume.name, labels=np.zeros(volume.shape, np.uint8),
                               random_weights=self.engine.loaded.random_weights, source=source,
-                              settings={"mode": options.mode, "plane": options.plane, "window": source.window.__dict__,
+                              settings={"mode": options.mode, "axis": options.axis, "window": source.window.__dict__,
                                         "slice_range": list(slice_range), "modality": volume.modality,
                                         "orientation": "model: SA-Med2D array order; previews: radiological",
                                         "presence": options.presence_rule().describe(),
@@ -323,7 +274,7 @@ class VolumePipeline:
         if len(targets) > 254:
             raise InputError("at most 254 targets per prompt")
         for number, target in enumerate(targets, start=1):
-            source = self._source(volume, windows.for_target(target.name), options.plane)
+            source = self._source(volume, windows.for_target(target.name), options.axis)
             stage = f"{target.name} ({number}/{len(targets)})"
             segment = Segment(label=number, name=target.name, query=target.query, mask=np.zeros(volume.shape, bool),
                               key_slice=None, key_score=0.0, answer=options.answer)
@@ -530,7 +481,7 @@ class VolumePipeline:
         step = (last - first) / max(len(indices), 1)
         total = len(indices) * len(targets)
         for number, target in enumerate(targets):
-            source = self._source(volume, windows.for_target(target.name), options.plane)
+            source = self._source(volume, windows.for_target(target.name), options.axis)
             if target.query != target.detect_query():
                 result.problems.append(f"{target.query!r} was asked as written: the reference's detection template "
                                        f"needs a target name, e.g. 'the liver' or 'detect the kidneys'")

@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..inference.engine import FORCED_SEGMENT_ANSWER, upsample_mask
 from ..model.modeling import SAM2Prompts
 from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
+from .options import RefineOptions  # noqa: F401  (its home was here)
 from .propagation import PROPAGATION_OBJECT_ID, SliceFrames, frames_as_video, quiet_progress_bars
 from .refine_history import History, MaskChange, changed_box
 from .refine_prompts import EXCLUDE, INCLUDE, RefinePrompts, SlicePrompt, box_mask, prompts_by_slice
@@ -41,22 +42,6 @@ from .slice_features import SliceFeatureStore
 MASK_LOGIT_SCALE, MASK_LOGIT_BIAS = 20.0, -10.0
 # SAM2's video predictor clamps previous logits before feeding them back as a mask prompt.
 MASK_PROMPT_CLAMP = 32.0
-
-
-@dataclass
-class RefineOptions:
-    keep_text: bool = False              # the target's projected [SEG] token stays among the sparse prompts
-    mask_prompt: bool = True             # the slice's current mask as SAM2's dense prompt
-    propagate: bool = True               # re-propagate with SAM2's video memory from the corrected slices
-    max_propagation_slices: int | None = None   # per direction, beyond the corrected slices (None: until the end)
-    stop_after_empty: int = 2
-    enforce_prompts: bool = True         # a box confines; an exclude point never stays inside the mask
-
-    def validate(self) -> None:
-        if self.stop_after_empty < 1:
-            raise InputError("stop_after_empty must be at least 1")
-        if self.max_propagation_slices is not None and self.max_propagation_slices < 0:
-            raise InputError("max_propagation_slices must not be negative")
 
 
 @dataclass
