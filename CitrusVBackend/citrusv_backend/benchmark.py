@@ -1,4 +1,4 @@
-"""`citrusv bench`: per-stage and end-to-end timings, with warm-up, repetitions, median and spread.
+"""`citrusv dev bench`: per-stage and end-to-end timings, with warm-up, repetitions, median and spread.
 
 On a GPU each figure also gets its hardware limit and the ratio to it: decoding is bound by reading the
 language model's weights once per token (bytes / memory bandwidth), prefill by its matrix work

@@ -4,6 +4,7 @@ sit in the command's "advanced" group, which `--help` names with a count and `--
 from __future__ import annotations
 
 import argparse
+import sys
 
 ADVANCED_TITLE = "advanced"
 
@@ -55,4 +56,4 @@ class CommandParser(argparse.ArgumentParser):
         return formatter.format_help()
 
     def print_help(self, file=None, advanced: bool = False) -> None:
-        self._print_message(self.format_help(advanced), file)
+        self._print_message(self.format_help(advanced), file or sys.stdout)

@@ -1,4 +1,4 @@
-"""`citrusv bench` host figures: what the CPU does per slice around the model, and whether the model waits for it.
+"""`citrusv dev bench --host` figures: what the CPU does per slice around the model, and whether the model waits for it.
 
 1. The per-slice host path, step by step, on one slice of a CT-like volume: the plain code (the reference's
    definitions, what the pipeline ran before the fast paths) and the fast one, interleaved in the same run, in

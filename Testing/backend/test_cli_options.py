@@ -36,7 +36,7 @@ def _argv(command: str, option: str, value: str, volume: str, out: str, model: s
     elif command == "batch":
         args = ["batch", volume, "--out", out, "--prompt", "x", *fast]
     else:
-        args = ["bench", *fast]
+        args = ["dev", "bench", *fast]
     return args + [f"{option}={value}"]
 
 

