@@ -1,4 +1,4 @@
-"""Citrus-V answers in their real formats (citrus-v.md section 10), shared by the parser tests, and where
+"""Citrus-V answers in their real formats (docs/reference-model.md, "Answer formats"), shared by the parser tests, and where
 each box or region is complete (so truncation tests know what must survive a cut)."""
 from __future__ import annotations
 

@@ -60,4 +60,4 @@ def test_full_size_architecture_has_8_5_billion_parameters():
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     language = count(mllm.model.language_model) + count(mllm.lm_head)
     assert language == 7_615_616_512 and count(mllm.model.visual) == 676_550_144
-    assert 3584 * 3584 + 3584 + 3584 * 256 + 256 == 13_766_400  # the [SEG] projector of citrus-v.md section 5
+    assert 3584 * 3584 + 3584 + 3584 * 256 + 256 == 13_766_400  # docs/reference-model.md, "The [SEG] projector"

@@ -1,5 +1,5 @@
-"""Box and [SEG] parsers (citrusv_backend.inference.parsing), on the real detection formats of citrus-v.md
-section 10, their truncations at every position, and malformed variants. Reports: test_parsing_reports.py."""
+"""Box and [SEG] parsers (citrusv_backend.inference.parsing), on the real detection formats
+(docs/reference-model.md, "Answer formats"), their truncations at every position, and malformed variants. Reports: test_parsing_reports.py."""
 from __future__ import annotations
 
 import json

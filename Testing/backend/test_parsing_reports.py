@@ -1,4 +1,4 @@
-"""Report parser (citrusv_backend.inference.reports), on the real report format of citrus-v.md section 10,
+"""Report parser (citrusv_backend.inference.reports), on the real report format (docs/reference-model.md, "Answer formats"),
 its truncations at every position, malformed variants, and the language of findings."""
 from __future__ import annotations
 

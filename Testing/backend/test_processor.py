@@ -53,7 +53,8 @@ def test_conversation_text_and_forced_answer_tokens(tiny_engine):
                      + "<|image_pad|>" * image_tokens + "<|vision_end|>Please segment the liver.<|im_end|>\n"
                      "<|im_start|>assistant\nSure, it is [SEG].<|im_end|>")
     assert processor.decode(ids) == expected_text
-    # citrus-v.md section 17: the space before [SEG] is its own token; no newline after the final <|im_end|>.
+    # docs/reference-model.md, "Tokenisation of the forced answer": the space before [SEG] is its own token;
+    # no newline after the final <|im_end|>.
     assert ids[inputs.prompt_length:] == [39814, 11, 432, 374, 220, 151665, 13, 151645]
     assert ids[:3] == [151644, 8948, 198]  # <|im_start|> system \n
     assert inputs.mm_token_type_ids[0].tolist() == [int(t == 151655) for t in ids]

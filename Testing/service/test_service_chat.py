@@ -257,11 +257,14 @@ def test_serve_options_for_the_reference_compatible_launch_and_the_budget():
     assert ServeSettings.from_args(serve_args("--min-pixels", "200704"), environ={}).config.pixel_budget() == \
         (200704, 16384 * 28 * 28)
     for args, environ, words in (((), {"MAX_PIXELS": "MAX_PIXELS=1003520"}, "not a whole number"),  # demo/README's typo
-                                 (("--min-pixels", "9000", "--max-pixels", "8000"), {}, "more than the maximum"),
-                                 (("--max-pixels", "100"), {}, "784 to"),
+                                 ((), {"MAX_PIXELS": "100"}, "784 .one 28x28 patch. to"),
+                                 (("--min-pixels", "9000", "--max-pixels", "8000"), {}, "must not be larger than"),
                                  (("--reference-compatible", "--token-file", "t"), {}, "no --token-file")):
         with pytest.raises(CitrusVError, match=words):
             ServeSettings.from_args(serve_args(*args), environ=environ)
+    with pytest.raises(SystemExit) as stopped:  # an option's bad value is a usage error when it is parsed
+        serve_args("--max-pixels", "100")
+    assert stopped.value.code == 2
 
 
 def test_the_reference_compatible_launch_refuses_a_reachable_address_before_loading(tmp_path):

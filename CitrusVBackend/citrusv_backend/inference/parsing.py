@@ -1,6 +1,6 @@
 """Parsers for Citrus-V's detection and segmentation answers: boxes and [SEG] tokens.
 
-The formats (docs/reference citrus-v.md, section 10):
+The formats (docs/reference-model.md, "Answer formats"):
 
 * detection: JSON in a ```json fenced block, ``[{"bbox_2d": [x1, y1, x2, y2], "label": "heart"}]``, in
   absolute pixels of the Qwen-resized image; or the legacy Qwen form

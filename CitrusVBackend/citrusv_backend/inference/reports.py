@@ -1,6 +1,6 @@
 """Parser for Citrus-V's chain-of-thought reports, and the language of their findings.
 
-The format (docs/reference citrus-v.md, section 10):
+The format (docs/reference-model.md, "Answer formats"):
 ``<think> Step 1: ... <bbox>{"Part":"lung","bbox":[50, 68, 424, 326]}</bbox> ... </think>``
 then ``<answer> FINDINGS: ... IMPRESSION: ... </answer>``. As for boxes (`parsing.py`), nothing here raises
 on any input: what could not be read is listed in ``problems``. FINDINGS and IMPRESSION are split into

@@ -1,6 +1,6 @@
 """Whole-volume tasks on top of the 2D model: segment (key slice + propagation), detect, report.
 
-What the model is shown follows its training data (README, "What the model sees"): slices normalised per
+What the model is shown follows its training data (docs/model-inputs.md): slices normalised per
 volume as SA-Med2D did (windowing.py), oriented in SA-Med2D's array order (orientation.py), asked with the
 reference's own prompts (targets.py; reports: the reference's chest-radiograph prompt).
 
