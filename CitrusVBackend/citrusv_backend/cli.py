@@ -12,6 +12,7 @@ exits with 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -26,7 +27,7 @@ from .demo import DEFAULT_DEMO_PROMPT
 from .errors import CitrusVError
 from .inference.options import ImageOptions
 from .model_source import ModelOptions, load_engine, open_engine, resolve_model_argument
-from .option_fields import add_options
+from .option_fields import add_options, from_args
 from .paths import check_not_inside_input, writable_folder
 from .signals import SignalExit, exit_on_signals
 from .volume.arguments import add_volume_options, read_options, volume_options
@@ -54,11 +55,14 @@ def cmd_infer(args) -> int:
     from .inference.images import load_image
 
     image = load_image(args.image)
+    options = from_args(ImageOptions, args)
+    try:
+        options.check()
+    except ValueError as error:
+        raise CitrusVError(str(error)) from None
     engine = load_engine(args)
     say(f"running {args.task} on {args.image} ...")
-    result = engine.run(image, args.prompt, task=args.task, answer=args.answer, min_pixels=args.min_pixels,
-                        max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens,
-                        mask_upsampling=args.mask_upsampling)
+    result = engine.run(image, args.prompt, **dataclasses.asdict(options))
     extra = {"model": engine.loaded.describe(), "version": __version__}
     json_path, npz_path = write_result(result, Path(args.out), extra)
     if result.random_weights:

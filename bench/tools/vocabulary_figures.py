@@ -2,8 +2,9 @@
 sees in the subcommands' --help, the README's length and where its Slicer section starts, files per folder,
 and the backend's import circles. Run from the repository root:
 
-    .venv/bin/python bench/tools/vocabulary_figures.py [--lines]   (a JSON object on stdout; --lines: every
-                                                                    declaring line on stderr)
+    .venv/bin/python bench/tools/vocabulary_figures.py [--lines] [--root DIR]
+    (a JSON object on stdout; --lines: every declaring line on stderr; --root: measure that checkout instead,
+    e.g. `git archive fa5b00a | tar -x -C /tmp/before`)
 
 Declarations are counted on the product's source (the backend package and the Slicer module, tests excluded):
 a line declares an option when it is a field of a dataclass / pydantic model / parameter node (`name:`), an
@@ -22,8 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "Testing" / "backend"))
+if "--root" in sys.argv:  # measure another checkout (e.g. `git archive fa5b00a` unpacked), with its own package
+    ROOT = Path(sys.argv[sys.argv.index("--root") + 1]).resolve()
 sys.path.insert(0, str(ROOT / "CitrusVBackend"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Testing" / "backend"))
 
 from import_graph import import_circles, import_graph  # noqa: E402
 
@@ -47,9 +50,10 @@ def _declaration_patterns(names: list[str]) -> list[re.Pattern]:
     patterns = []
     for name in names:
         flag = name.replace("_", "-")
-        patterns += [re.compile(rf"^\s*{name}\s*:"),                                  # a field
+        patterns += [re.compile(rf"^\s*{name}\s*:(?!.*(,|\) ->.*)$)"),      # a field (not a function's parameter)
                      re.compile(rf"""["']--{flag}["']"""),                            # an argparse option
-                     re.compile(rf"\b{name}\s*=\s*(getattr\(|self\.|args\.|request\.|options\.)"),  # a mapping
+                     re.compile(rf"\b{name}\s*=\s*(getattr\(\w+,\s*[\"']|self\.|args\.|request\.|options\.|settings\.)"
+                                rf"({'|'.join(names)})\b"),                              # a hand-written mapping
                      re.compile(rf"set_defaults\(.*\b{name}="),                        # parser defaults
                      re.compile(rf"<string>{name}</string>")]                          # a .ui parameter binding
     return patterns
@@ -112,7 +116,10 @@ def files_per_folder() -> dict:
 
 
 def main() -> int:
-    circles = import_circles(import_graph())
+    import citrusv_backend
+
+    assert Path(citrusv_backend.__file__).is_relative_to(ROOT), f"measuring {citrusv_backend.__file__}, not {ROOT}"
+    circles = import_circles(import_graph(ROOT / "CitrusVBackend" / "citrusv_backend"))
     figures = {"declarations": declarations(show="--lines" in sys.argv), "visible_cli_options": visible_options(), "readme": readme(),
                "files_per_folder": files_per_folder(), "import_circles": {"count": len(circles), "circles": circles}}
     print(json.dumps(figures, indent=2))
