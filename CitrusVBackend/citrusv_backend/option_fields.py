@@ -170,7 +170,7 @@ def add_options(container, cls: type, only: typing.Iterable[str] | None = None, 
         rows.sort(key=lambda row: list(only).index(row[0].name))
     for field, spec, hint in rows:
         target = advanced if spec.advanced and advanced is not None else container
-        base = _base_type(hint)
+        base = float if spec.scale is not None else _base_type(hint)  # 1.5 MiB is a fine size
         default = (defaults or {}).get(field.name, default_of(field))
         if spec.scale is not None and default is not None:
             default = default / spec.scale
