@@ -185,3 +185,23 @@ def test_each_kind_of_drift_is_caught(parser):
                                           "('propagate', 'per-slice', 'hybrid')"]
     # and a request model derived from the grown dataclass has the field: derivation, not copying
     assert "sharpness" in request_model(_Grown, "Grown").model_fields
+
+
+def test_the_panel_asks_for_the_same_options_by_http_and_by_batch():
+    """The panel's settings become a job's options (HTTP) and a `citrusv batch` command line (batch): both
+    must give the backend the same VolumeOptions."""
+    sys.path.insert(0, str(ROOT / "CitrusVSlicer"))
+    from CitrusVSlicerLib.batch import batch_command
+    from CitrusVSlicerLib.options import task_options
+
+    from citrusv_backend.volume.arguments import volume_options
+
+    options = task_options("hybrid", "lung", "coronal", "2:9", 65535)
+    command = batch_command("py", "/in", "/out", "segment", "segment the liver", "tiny", "cpu", options)
+    by_batch = volume_options(build_parser().parse_args(command[command.index("citrusv_backend.cli") + 1:]))
+    by_http = JobOptions.model_validate(options).to_volume_options()
+    assert by_batch == by_http
+    assert (by_http.mode, by_http.window, by_http.axis, by_http.slice_range, by_http.max_pixels) == (
+        "hybrid", "lung", "coronal", (2, 9), 65535)
+    with pytest.raises(ValueError, match="Slice range: slice range 9:2"):
+        task_options("hybrid", "lung", "coronal", "9:2", 0)
