@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from .errors import CitrusVError
+from .errors import CitrusVError, InputError
 
 OPTION_KEY = "citrusv_option"
 
@@ -129,10 +129,20 @@ def check_value(name: str, spec: Option, value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{value!r}: give a finite number")
     if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"{value!r}: use one of {', '.join(map(str, spec.choices))}")
+        raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; use one of {', '.join(map(str, spec.choices))}")
     if (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
-        raise ValueError(f"{value:g}: give {bounds_text(spec)}")
+        raise ValueError(f"{name.replace('_', ' ')} {value:g}: give {bounds_text(spec)}")
     return spec.check(value) if spec.check is not None else value
+
+
+def check_fields(instance) -> None:
+    """Every declared field's choices, bounds and rule, on options made in code (the command line and the
+    request models check them as they parse): an InputError naming the field."""
+    for field, spec, _ in declared(type(instance)):
+        try:
+            check_value(field.name, spec, getattr(instance, field.name))
+        except (ValueError, CitrusVError) as error:
+            raise InputError(str(error)) from None
 
 
 def _argparse_type(name: str, spec: Option, base: Any) -> Callable[[str], Any]:

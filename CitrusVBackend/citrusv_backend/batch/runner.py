@@ -27,12 +27,14 @@ from .. import __version__
 from ..console import random_weights_banner, say
 from ..errors import CitrusVError, DependencyError, InputError
 from ..model_source import resolve_model_argument
+from ..option_fields import check_fields, from_args
 from ..paths import writable_folder
 from ..signals import SIGNAL_EXIT, STOP_SIGNALS, SignalExit, SignalPipe
 from ..volume.arguments import volume_options
 from .casework import CaseOutcome, CaseTask
 from .discovery import CaseInput, case_folder, discover_cases
 from .manifest import Manifest, model_identity, settings_key
+from .options import BatchOptions
 from .prompts import combine_prompts, load_prompts_file, prompts_for, unused_keys
 from .report import BatchProgress, format_duration, write_index, write_summary
 
@@ -364,12 +366,10 @@ def make_engine(args, model: dict, options):
 
 
 def validate_arguments(args) -> None:
-    if args.workers < 0:
-        raise InputError("--workers must be 0 or more")
+    """The batch's options as declared (arguments made in code are checked too), and the rule between them."""
+    check_fields(from_args(BatchOptions, args))
     if args.engine == "local" and (args.ray_address or args.ray_actors or args.ray_ship_inputs):
         raise InputError("--ray-* options need --engine ray")
-    if args.ray_actors is not None and args.ray_actors < 1:
-        raise InputError("--ray-actors must be at least 1")
 
 
 def run_batch(args, figures: dict | None = None) -> int:

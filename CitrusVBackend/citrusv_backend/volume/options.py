@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from .. import option_types as types
 from ..errors import InputError
-from ..inference.options import FORCED_SEGMENT_ANSWER, MASK_UPSAMPLING, ImageOptions
-from ..option_fields import option, same_as
+from ..inference.options import FORCED_SEGMENT_ANSWER, ImageOptions
+from ..option_fields import check_fields, option, same_as
 from .orientation import PLANES
 from .presence import PRESENCE_RULES, PresenceRule
 from .windowing import CLINICAL, CT_PRESETS
@@ -83,12 +83,7 @@ class VolumeOptions:
 
     def validate(self, depth: int) -> tuple[int, int]:
         """Every rule, with the volume's `depth` along the axis: the [first, last) slices to work on."""
-        for value, allowed, what in ((self.mode, MODES, "mode"), (self.presence, PRESENCE_RULES, "presence rule"),
-                                     (self.answer_mode, ANSWER_MODES, "answer mode"),
-                                     (self.mask_upsampling, MASK_UPSAMPLING, "mask upsampling"),
-                                     (self.report_image, REPORT_IMAGES, "report image"), (self.axis, AXES, "slice axis")):
-            if value not in allowed:
-                raise InputError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+        check_fields(self)  # choices and bounds, as declared
         try:
             self.check()
             first, last = types.check_slice_range(self.slice_range or (0, depth))
@@ -96,8 +91,6 @@ class VolumeOptions:
             raise InputError(str(error)) from None
         if last > depth:
             raise InputError(f"slice range {first}:{last} is outside the volume's 0:{depth} along the {self.axis} axis")
-        if self.key_candidates < 1 or self.stop_after_empty < 1 or self.batch_size < 1:
-            raise InputError("key_candidates, stop_after_empty and batch_size must be at least 1")
         return first, last
 
 
@@ -131,7 +124,4 @@ class RefineOptions:
                                          "SAM2's answer as is)", flag="--no-enforce", advanced=True)
 
     def validate(self) -> None:
-        if self.stop_after_empty < 1:
-            raise InputError("stop_after_empty must be at least 1")
-        if self.max_propagation_slices is not None and self.max_propagation_slices < 0:
-            raise InputError("max_propagation_slices must not be negative")
+        check_fields(self)
