@@ -89,6 +89,8 @@ def test_bound_widget_classes_fit_the_setting_types():
 
 def test_choices_match_the_combo_box_items():
     """A Choice value missing from its combo box would make the binding silently fall back."""
+    from CitrusVSlicerLib import backend_options
+
     cls = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name == "CitrusVSlicerParameterNode")
     module_constants = {n.targets[0].id: ast.literal_eval(n.value) for n in TREE.body
                         if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
@@ -102,6 +104,8 @@ def test_choices_match_the_combo_box_items():
         if isinstance(stmt, ast.AnnAssign) and "Choice" in ast.unparse(stmt.annotation):
             choice = next(n for n in ast.walk(stmt.annotation) if isinstance(n, ast.Call))
             argument = choice.args[0]
-            values = module_constants[argument.id] if isinstance(argument, ast.Name) else ast.literal_eval(argument)
+            # Literal lists, the module's constants, or the generated backend_options' (the backend's choices)
+            namespace = {**vars(backend_options), **module_constants}
+            values = eval(compile(ast.Expression(argument), "<choice>", "eval"), namespace)
             items = [i.find("property/string").text for i in bound_widgets[stmt.target.id].findall("item")]
             assert items == list(values), stmt.target.id
