@@ -11,7 +11,6 @@ exits with 1.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging

@@ -31,7 +31,6 @@ from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
 from .app import ServiceState, create_app
 from .config import PIXEL_ENV, REFERENCE_PORT, ServeSettings, ServiceConfig  # noqa: F401  (re-exported)
 from .connections import guarded_protocol
-from .local_images import allowed_folders
 from .logs import capture_stderr, configure_logging, log_event
 from .raw_upload import ready_fields
 
