@@ -50,7 +50,8 @@ def _declaration_patterns(names: list[str]) -> list[re.Pattern]:
     patterns = []
     for name in names:
         flag = name.replace("_", "-")
-        patterns += [re.compile(rf"^\s*{name}\s*:(?!.*(,|\) ->.*)$)"),      # a field (not a function's parameter)
+        # a field: not a function's parameter (a line ending in "," or holding ") ->"), unless it calls a field maker
+        patterns += [re.compile(rf"^\s*{name}\s*:(?=.*=\s*(option|same_as|Field)\(|(?!.*(,|\) ->.*)$))"),
                      re.compile(rf"""["']--{flag}["']"""),                            # an argparse option
                      re.compile(rf"\b{name}\s*=\s*(getattr\(\w+,\s*[\"']|self\.|args\.|request\.|options\.|settings\.)"
                                 rf"({'|'.join(names)})\b"),                              # a hand-written mapping
