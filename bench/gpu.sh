@@ -52,10 +52,13 @@ log="$out/gpu-log.txt"
 exec > >(tee "$log") 2>&1
 started=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
-python=python3
-if [[ $mode == dry-run && -x .venv/bin/python ]]; then
+# GPU_BENCH_PYTHON: another interpreter (e.g. a venv made like the GPU machine's image, to try the wheels here).
+python=${GPU_BENCH_PYTHON:-python3}
+if [[ $mode == dry-run && -z ${GPU_BENCH_PYTHON:-} && -x .venv/bin/python ]]; then
     python=.venv/bin/python
-elif compgen -G ".whl/*.whl" > /dev/null && [[ $mode == run ]]; then
+fi
+# The carried wheels: on the GPU machine, or with GPU_BENCH_INSTALL_WHEELS=1 (to try them here in a dry run).
+if compgen -G ".whl/*.whl" > /dev/null && [[ $mode == run || ${GPU_BENCH_INSTALL_WHEELS:-} == 1 ]]; then
     # Into a folder of its own, never over the machine's torch or transformers (--no-deps: nothing else comes).
     echo "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/citrusv-site ..."
     timeout 60 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -73,6 +76,7 @@ flags=()
 for group in "${groups[@]}"; do
     parts=${group% *}
     limit=${group#* }
+    [[ $mode == dry-run ]] && limit=$(( limit * 3 ))  # a shared 2-core CPU, the tiny checkpoint possibly made first
     deadline=$(( $(date +%s) + limit - 10 ))
     echo "=== $parts (limit ${limit} s) ==="
     timeout --kill-after=10 "$limit" "$python" bench/gpu_bench.py --parts "$parts" --out "$out" "${flags[@]}" \

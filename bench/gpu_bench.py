@@ -495,7 +495,7 @@ def part_volume(run: Run) -> dict:
         total = torch.cuda.get_device_properties(run.device).total_memory
         figures.append(Figure("peak device memory (model + whole volume)", "GB",
                               [torch.cuda.max_memory_allocated(run.device) / 1e9], limit=total / 1e9,
-                              note="allocated by torch, all parts of this process; limit = the device's memory"))
+                              note="allocated by torch during this part, the model's weights included; limit = the device's memory"))
     return {"figures": figures, "details": {"shape": list(shape), "warmup_shape": list(warmup.shape),
                                             "timings": result.timings, "problems": result.problems}}
 
