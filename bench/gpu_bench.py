@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -456,14 +457,16 @@ def part_volume(run: Run) -> dict:
     pipeline = VolumePipeline(engine)
     segment = lambda volume: pipeline.run(volume, "segment the lesion", "segment", VolumeOptions())  # noqa: E731
     warmup = synthetic_ct(run.scale.warmup_volume)
-    started = time.perf_counter()
-    segment(warmup)
+    phases = segment(warmup).timings["host"]
     sync(run.device)
-    per_slice = (time.perf_counter() - started) / warmup.shape[0]
+    # The key-slice search looks at a fixed number of candidates whatever the depth; propagation grows with it.
+    search_s = phases.get("key_slice_search", {}).get("wall_s", 0.0)
+    propagation = phases.get("propagation", {})
+    per_slice_s = propagation.get("wall_s", 0.0) / max(propagation.get("slices", 0), 1)
     depth = run.scale.volume[0]
     budget = run.seconds_left() - 20  # the summary and a margin
-    if per_slice * depth * 1.5 > budget:  # a larger volume may need more key-slice search: 1.5 x the warm-up's rate
-        depth = max(warmup.shape[0], int(budget / (per_slice * 1.5)))
+    if 1.5 * (search_s + depth * per_slice_s) > budget:
+        depth = max(warmup.shape[0], int((budget / 1.5 - search_s) / max(per_slice_s, 1e-3)))
     shape = (depth, *run.scale.volume[1:])
     volume = synthetic_ct(shape)
     sync(run.device)
@@ -599,7 +602,7 @@ def summarise(out: Path) -> Path:
     combined = {"device": device, "versions": versions, "git": known.get("git"), "dry_run": known.get("dry_run"),
                 "limits": known.get("limits"), "parts": parts,
                 "failed_parts": [name for name, report in parts.items() if report.get("error")]}
-    name = str(device.get("name", "unknown")).replace(" ", "_").replace("/", "_")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(device.get("name", "unknown")))  # the device tool's file names
     path = out / f"gpu-{name}-{datetime.now(timezone.utc).date().isoformat()}.json"
     path.write_text(json.dumps(combined, indent=1, default=str) + "\n")
     print(f"written: {path}", flush=True)
