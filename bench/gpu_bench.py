@@ -185,8 +185,9 @@ def part_correctness(run: Run) -> dict:
     reference = run.tiny_engine("cpu")
     on_device = run.tiny_engine(str(run.device), None)  # bf16 on CUDA, float32 on a CPU (a dry run)
     image = slice_rgb(run.scale.slice_side)
-    # bf16 operands through a few layers: relative errors of 1e-3..1e-2 per product, a few 1e-2 at the end.
-    tolerance = 5e-2 if on_device.loaded.dtype == torch.bfloat16 else 1e-4
+    # bf16 operands (1e-3..1e-2 relative error per product) through the language model and SAM2's dozens of
+    # layers, against float32 on the CPU: a few 1e-2 at the end. A wrong kernel or layout gives errors of order 1.
+    tolerance = 1e-1 if on_device.loaded.dtype == torch.bfloat16 else 1e-4
     ours, theirs = on_device.segment(image, QUERY), reference.segment(image, QUERY)
     for name in ("seg_hidden", "seg_embedding", "low_res_logits"):
         error = relative_error(getattr(ours.masks[0], name), getattr(theirs.masks[0], name))
