@@ -568,13 +568,14 @@ def run_part(run: Run, part: str) -> dict:
     return report
 
 
-def write_missing(out: Path, parts: list[str], reason: str) -> None:
-    """Parts whose process ended before writing them (a time limit, a crash) get a file that says so."""
+def write_missing(run: Run, parts: list[str], reason: str) -> None:
+    """Parts whose process ended before writing them (a time limit, a crash, no GPU) get a file that says so."""
     for part in parts:
-        path = part_path(out, part)
+        path = part_path(run.out, part)
         if not path.exists():
-            path.write_text(json.dumps({"part": part, "error": reason, "figures": [],
-                                        "timestamp": datetime.now(timezone.utc).isoformat()}, indent=1) + "\n")
+            report = {"part": part, "timestamp": datetime.now(timezone.utc).isoformat(), **environment(run),
+                      "error": reason, "figures": []}
+            path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 def summarise(out: Path) -> Path:
@@ -631,15 +632,17 @@ def main() -> int:
     if not parts or unknown:
         parser.error(f"--parts needs some of {', '.join(PART_ORDER)} (unknown: {', '.join(unknown) or 'none given'})")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.missing:
-        write_missing(args.out, parts, args.missing)
-        return 0
-    if not args.dry_run and not torch.cuda.is_available():
-        print(f"no CUDA device is visible to torch {torch.__version__}; use --dry-run for the CPU check", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    device = torch.device("cuda" if not args.dry_run and torch.cuda.is_available() else "cpu")
     run = Run(args.out, args.dry_run, args.deadline or time.time() + 3600, DRY_RUN_SCALE if args.dry_run else GPU_SCALE,
               device)
+    if args.missing:
+        write_missing(run, parts, args.missing)
+        return 0
+    if not args.dry_run and device.type != "cuda":
+        reason = f"no CUDA device is visible to torch {torch.__version__}; use --dry-run for the CPU check"
+        print(reason, file=sys.stderr)
+        write_missing(run, parts, reason)
+        return 2
     for part in parts:
         run_part(run, part)
     return 0

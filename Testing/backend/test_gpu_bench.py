@@ -86,8 +86,24 @@ def test_a_failing_part_writes_its_error_and_the_next_part_runs(tmp_path, monkey
     ceilings = json.loads(gpu_bench.part_path(tmp_path, "ceilings").read_text())
     assert ceilings["error"] is None and len(ceilings["figures"]) == 2
     # A group stopped at its time limit: its parts without a file say so; the summary names every failed part.
-    gpu_bench.write_missing(tmp_path, ["language", "volume"], "stopped at its group's time limit (330 s)")
+    gpu_bench.write_missing(run, ["language", "volume"], "stopped at its group's time limit (330 s)")
     assert json.loads(gpu_bench.part_path(tmp_path, "language").read_text())["error"].startswith("RuntimeError")
     combined = json.loads(gpu_bench.summarise(tmp_path).read_text())
     assert combined["parts"]["volume"]["error"] == "stopped at its group's time limit (330 s)"
+    assert combined["parts"]["volume"]["versions"]["torch"] == torch.__version__  # which versions, even for a failure
     assert set(combined["failed_parts"]) == {"correctness", "language", "propagation", "refine", "volume"}
+
+
+def test_without_a_visible_gpu_the_run_says_so_in_every_part_it_was_given(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    env = os.environ | {"PYTHONPATH": str(REPO / "CitrusVBackend")}
+    completed = subprocess.run([sys.executable, "bench/gpu_bench.py", "--parts", "correctness,ceilings", "--out",
+                                str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and "no CUDA device is visible to torch" in completed.stderr
+    gpu_bench = load_gpu_bench()
+    for part in ("correctness", "ceilings"):
+        report = json.loads(gpu_bench.part_path(tmp_path, part).read_text())
+        assert report["error"].startswith("no CUDA device is visible") and report["versions"]["torch"]
