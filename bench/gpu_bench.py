@@ -160,12 +160,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def slice_rgb(side: int, index: int | None = None) -> np.ndarray:
+def slice_rgb(side: int) -> np.ndarray:
+    """The middle axial slice of a CT-like side x side volume, soft-tissue window, as the pipeline feeds it."""
     from citrusv_backend.volume.pipeline import SliceSource
     from citrusv_backend.volume.windowing import CT_PRESETS
 
     volume = synthetic_ct((8, side, side))
-    return SliceSource(volume, "axial", CT_PRESETS["soft_tissue"]).rgb(volume.shape[0] // 2 if index is None else index)
+    return SliceSource(volume, "axial", CT_PRESETS["soft_tissue"]).rgb(volume.shape[0] // 2)
 
 
 def weights_fingerprint(model) -> list[float]:
