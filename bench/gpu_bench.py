@@ -640,8 +640,7 @@ def main() -> int:
         print(f"recorded {record_golden()}")
         return 0
     if args.summarise:
-        summarise(args.summarise)
-        return 0
+        return 1 if json.loads(summarise(args.summarise).read_text())["failed_parts"] else 0
     parts = [p for p in (args.parts or "").split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if not parts or unknown:
