@@ -2,7 +2,7 @@
 """Milliseconds per refinement click: decode only, and with re-propagation over N slices.
 
     .venv/bin/python bench/bench_refine.py [--model tiny|FOLDER] [--device cpu|cuda] [--propagation 2 4 8]
-    .venv/bin/python bench/bench_refine.py --sam2-large-random --device cuda     # the GPU figure (bench/gpu_refine.sh)
+    .venv/bin/python bench/bench_refine.py --sam2-large-random --device cuda     # the GPU figure (bench/gpu.sh runs it)
 
 A click is `RefinementSession.refine` as the service runs it: prompts mapped from IJK to the slice, SAM2's
 prompt encoder + mask decoder on the slice's cached features, the mask upsampled to the slice, the prompt rules,

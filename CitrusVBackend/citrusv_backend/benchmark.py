@@ -158,18 +158,14 @@ def _model_figures(engine, settings: BenchSettings, figures: list[Figure], say) 
 
     say("prefill and decoding ...")
     limits = gpu_limits(device)
-    language_model = loaded.model.mllm.model.language_model
-    text_params = sum(p.numel() for p in language_model.parameters()) + \
-        sum(p.numel() for p in loaded.model.mllm.lm_head.parameters())
-    # A decoding step reads every weight once, except the input embedding table (one row per token).
-    read_params = text_params - language_model.embed_tokens.weight.numel()
-    weight_bytes = read_params * torch.finfo(loaded.dtype).bits // 8
+    text_params = text_parameter_count(loaded)
+    weight_bytes = decode_weight_bytes(loaded)
     prefill = run(lambda: engine.language_pass(inputs, forced=True, max_new_tokens=1))
     figures.append(Figure("prefill one slice (time to first token)", "s", prefill,
                           limit=(2 * text_params * prompt_tokens / (limits[1] * 1e12)) if limits else None,
                           note=f"{prompt_tokens} tokens"))
-    figures.append(_decode_figure(engine, inputs, 1, settings, run, limits, weight_bytes))
-    figures.append(_decode_figure(engine, inputs, settings.decode_batch, settings, run, limits, weight_bytes))
+    figures.append(decode_figure(engine, inputs, 1, settings, run, limits, weight_bytes))
+    figures.append(decode_figure(engine, inputs, settings.decode_batch, settings, run, limits, weight_bytes))
 
     say("SAM2 ...")
     sam2_input = inputs.sam2_pixel_values
@@ -213,7 +209,20 @@ def _model_figures(engine, settings: BenchSettings, figures: list[Figure], say) 
     return {"memory_bandwidth_gb_s": limits[0], "bf16_tflop_s": limits[1]} if limits else None
 
 
-def _decode_figure(engine, inputs, batch: int, settings: BenchSettings, run, limits, weight_bytes) -> Figure:
+def text_parameter_count(loaded) -> int:
+    """Parameters of the language model and its output head (the vision encoder and SAM2 not counted)."""
+    language_model = loaded.model.mllm.model.language_model
+    return sum(p.numel() for p in language_model.parameters()) + sum(p.numel() for p in loaded.model.mllm.lm_head.parameters())
+
+
+def decode_weight_bytes(loaded) -> int:
+    """Bytes a decoding step must read: every language-model weight once, except the input embedding table
+    (one row per token)."""
+    read = text_parameter_count(loaded) - loaded.model.mllm.model.language_model.embed_tokens.weight.numel()
+    return read * torch.finfo(loaded.dtype).bits // 8
+
+
+def decode_figure(engine, inputs, batch: int, settings: BenchSettings, run, limits, weight_bytes) -> Figure:
     """ms per decoding step: (generate N tokens - generate 1 token) / (N - 1), EOS suppressed."""
     from transformers import GenerationConfig
 
