@@ -65,16 +65,19 @@ class LocalHub:
                  for path in sorted(folder.rglob("*")) if path.is_file()}
         return cls(repo_id, files)
 
+    tls: bool = False
+
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def bytes_total(self) -> int:
         return sum(len(file.data) for file in self.files.values())
 
-    def start(self) -> "LocalHub":
+    def start(self, certificate: tuple[Path, Path] | None = None) -> "LocalHub":
+        """Serve on a free port of 127.0.0.1; over TLS with (certificate, key) when given."""
         hub = self
 
         class Handler(_HubHandler):
@@ -83,6 +86,13 @@ class LocalHub:
         Handler.hub = hub
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if certificate is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.tls = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

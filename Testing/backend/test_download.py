@@ -35,9 +35,10 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "citrusv_backend.cli", "download", *args]
 
 
-def run_download(hub_url: str, home: Path, *args: str, timeout: float = 120) -> tuple[int, list[dict], str]:
-    done = subprocess.run(_command(*args), env=_environment(hub_url, home), capture_output=True, text=True,
-                          timeout=timeout)
+def run_download(hub_url: str, home: Path, *args: str, timeout: float = 120,
+                 env: dict | None = None) -> tuple[int, list[dict], str]:
+    done = subprocess.run(_command(*args), env=_environment(hub_url, home) | (env or {}), capture_output=True,
+                          text=True, timeout=timeout)
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
 
@@ -213,3 +214,31 @@ def test_disk_space_checked_before(monkeypatch, tmp_path):
         check_disk_space(plan, free=lambda path: 12_000_000_000)
     assert full.value.numbers == {"needed_gb": 17.0, "available_gb": 12.0}
     check_disk_space(plan, free=lambda path: 17_000_000_000)  # exactly enough is enough
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: the CA of an organisation whose proxy inspects TLS."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "org-ca.pem", folder / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip(f"openssl could not make a certificate: {made.stderr[-200:]!r}")
+    return cert, key
+
+
+def test_an_untrusted_certificate_is_named_and_a_ca_bundle_fixes_it(small_repo, certificate, tmp_path):
+    hub = LocalHub.from_folder(REPO, small_repo).start(certificate)
+    try:
+        code, events, stderr = run_download(hub.url, tmp_path)
+        assert code == 2 and "Traceback" not in stderr
+        assert events[-1]["reason"] == "hub_unreachable"
+        assert "certificate was not trusted" in events[-1]["message"] and "CITRUSV_CA_BUNDLE" in events[-1]["message"]
+
+        code, events, stderr = run_download(hub.url, tmp_path, env={"CITRUSV_CA_BUNDLE": str(certificate[0])})
+        assert code == 0, (events[-1], stderr)
+        assert events[-1]["event"] == "downloaded"
+    finally:
+        hub.stop()
