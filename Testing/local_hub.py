@@ -191,3 +191,18 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("X-Linked-Size", str(len(file.data)))
         else:
             self.send_header("ETag", f'"{file.blob_id}"')
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path] | None:
+    """A self-signed certificate for 127.0.0.1 (an organisation's CA whose proxy inspects TLS): (cert, key), or
+    None where openssl cannot make one."""
+    import subprocess
+
+    cert, key = folder / "org-ca.pem", folder / "key.pem"
+    try:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                               str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                               "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (cert, key) if made.returncode == 0 else None
