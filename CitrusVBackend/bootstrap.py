@@ -109,9 +109,9 @@ def cuda_builds(environ=os.environ) -> tuple[tuple[str, ...], bool]:
 
 def driver_advice(system: str, cuda: tuple[int, int]) -> str:
     """What to do when the driver is too old for the CUDA builds: per platform, each step one that works there."""
-    update = ("update the NVIDIA driver (GeForce Experience / nvidia.com, then restart)" if system == "Windows" else
-              "update the NVIDIA driver (your distribution's nvidia-driver package, then reboot; `nvidia-smi` shows "
-              "the CUDA version it supports)")
+    update = ("update the driver (NVIDIA's GeForce Experience or nvidia.com, then restart)" if system == "Windows" else
+              "update the driver (your distribution's nvidia-driver package, then reboot; `nvidia-smi` shows the CUDA "
+              "version it supports)")
     return (f"{update}; or set {CUDA_BUILDS_ENV} to a build this driver (CUDA {cuda[0]}.{cuda[1]}) supports, e.g. "
             f"{CUDA_BUILDS_ENV}=cu{cuda[0]}{min(cuda[1], 9)} if the PyTorch index has one, and run the set-up again; "
             f"or set CITRUSV_FORCE_CPU=1 for the CPU build")
