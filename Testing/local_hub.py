@@ -162,8 +162,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             stall = name in self.hub.stall_once
             self.hub.cut_once.discard(name)
             self.hub.stall_once.discard(name)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
+            try:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+            except OSError:  # the client went away first (a cancelled download)
+                return
             if stall:
                 self.hub.release.wait(60)
             self.close_connection = True
