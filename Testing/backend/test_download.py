@@ -237,3 +237,33 @@ def test_an_untrusted_certificate_is_named_and_a_ca_bundle_fixes_it(small_repo, 
         assert events[-1]["event"] == "downloaded"
     finally:
         hub.stop()
+
+
+def test_a_refusing_proxy_is_named(tmp_path):
+    """A proxy that wants a login (407 to the CONNECT) is reported as the proxy's refusal, not as "offline"."""
+    import socket
+    import threading
+
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+
+    def refuse() -> None:
+        while True:
+            try:
+                connection, _ = proxy.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        code, events, stderr = run_download("https://hub.example.org", tmp_path,
+                                            env={"HTTPS_PROXY": proxy_url, "NO_PROXY": "", "no_proxy": ""})
+    finally:
+        proxy.close()
+    assert code == 2 and "Traceback" not in stderr
+    assert events[-1]["reason"] == "hub_unreachable" and "proxy refused" in events[-1]["message"]
