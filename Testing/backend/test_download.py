@@ -267,3 +267,26 @@ def test_a_refusing_proxy_is_named(tmp_path):
         proxy.close()
     assert code == 2 and "Traceback" not in stderr
     assert events[-1]["reason"] == "hub_unreachable" and "proxy refused" in events[-1]["message"]
+
+
+@pytest.mark.slow
+def test_downloaded_weights_start_the_service_without_the_hub(tiny_checkpoint, tmp_path):
+    """The first use from the backend's side: download from the hub, then `serve --no-download REPO_ID` with the hub
+    gone (HF_HUB_OFFLINE=1) finds the weights in the cache and becomes ready."""
+    from citrusv_backend.server.process import start_server
+
+    hub = LocalHub.from_folder(REPO, tiny_checkpoint).start()
+    try:
+        started = time.monotonic()
+        code, events, stderr = run_download(hub.url, tmp_path)
+        downloaded = time.monotonic() - started
+    finally:
+        hub.stop()
+    assert code == 0, stderr
+    env = _environment("http://127.0.0.1:9", tmp_path) | {"HF_HUB_OFFLINE": "1"}
+    env.pop("CITRUSV_TOKEN", None)
+    started = time.monotonic()
+    with start_server(REPO, "--no-download", "--device", "cpu", env=env, log_path=tmp_path / "serve.log") as server:
+        ready = time.monotonic() - started
+        assert server.ready["checkpoint"] == events[-1]["path"] and server.ready["random_weights"] is True
+    print(f"\ndownload {downloaded:.1f} s ({events[-1]['bytes_total'] / 1e6:.1f} MB), start to ready {ready:.1f} s")
