@@ -13,6 +13,7 @@ verified, and the next run continues it. A finished file is placed where `snapsh
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hashlib
 import os
@@ -307,4 +308,6 @@ def download(plan: DownloadPlan, emit: Callable[[dict], None], endpoint: str | N
     for file in plan.files:
         if not plan.destination.is_complete(file):
             fetch_file(plan, file, progress, endpoint)
+    with contextlib.suppress(OSError):  # the folder of parts, empty now (--to DIR)
+        (plan.destination.root / ".citrusv-download").rmdir()
     return plan.destination.result_path
