@@ -290,3 +290,12 @@ def test_downloaded_weights_start_the_service_without_the_hub(tiny_checkpoint, t
         ready = time.monotonic() - started
         assert server.ready["checkpoint"] == events[-1]["path"] and server.ready["random_weights"] is True
     print(f"\ndownload {downloaded:.1f} s ({events[-1]['bytes_total'] / 1e6:.1f} MB), start to ready {ready:.1f} s")
+
+
+def test_a_folder_that_cannot_be_written_fails_before_downloading(hub, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    code, events, stderr = run_download(hub.url, tmp_path, "--to", str(blocker / "weights"))
+    assert code == 2 and "Traceback" not in stderr
+    assert events[-1]["reason"] == "other" and "is a file, so nothing can be created under it" in events[-1]["message"]
+    assert not [request for request in hub.requests if request[0] == "GET" and "/resolve/" in request[1]]
