@@ -182,13 +182,14 @@ def load_citrusv(model: str | Path, device: str | None = None, dtype: str | None
             raise torch.OutOfMemoryError(f"{TEST_FAIL_LOAD_ENV}=out_of_memory")
         citrusv = build_model(config, directory, torch_device, torch_dtype, attn_implementation=attn)
         load_weights(citrusv, directory)
+        qwen_config = citrusv.mllm.config
+        processor = CitrusVProcessor.from_checkpoint(directory, config.seg_token_idx, qwen_config.image_token_id,
+                                                     citrusv.grounding_encoder.image_size)
+        processor.fast.verified()  # the fast preprocessing's one-time self-check, here rather than in the first job
+        processor.fast.use_device(torch_device)  # a GPU makes the SAM2 inputs of slices itself (checked first)
     except torch.OutOfMemoryError:
+        citrusv = None  # what the failed load holds goes before the numbers are read
         raise out_of_memory_error(directory, torch_device) from None
-    qwen_config = citrusv.mllm.config
-    processor = CitrusVProcessor.from_checkpoint(directory, config.seg_token_idx, qwen_config.image_token_id,
-                                                 citrusv.grounding_encoder.image_size)
-    processor.fast.verified()  # the fast preprocessing's one-time self-check, here rather than in the first job
-    processor.fast.use_device(torch_device)  # a GPU makes the SAM2 inputs of slices itself (checked first)
     loaded = LoadedModel(citrusv, processor, config, directory, torch_device, torch_dtype, attn,
                          read_generation_defaults(directory), time.monotonic() - started)
     if loaded.random_weights:
