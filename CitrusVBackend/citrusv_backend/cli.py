@@ -168,7 +168,12 @@ def cmd_serve(args) -> int:
     from .server.launch import ServeSettings, serve
 
     def load():
-        return open_engine(resolve_model_argument(args.model), args.device, args.dtype, args.attention)
+        model = resolve_model_argument(args.model)
+        if args.no_download:  # a model that is not here fails at once (model_missing) instead of downloading
+            from .model.checkpoint import resolve_checkpoint_dir
+
+            model = str(resolve_checkpoint_dir(model, download=False))
+        return open_engine(model, args.device, args.dtype, args.attention)
 
     return serve(ServeSettings.from_args(args), load_engine=load)
 
@@ -255,6 +260,9 @@ def build_parser() -> CommandParser:
     add_serve_parser(sub)
     add_eval_parser(sub)
     add_demo_parser(sub)
+    from .download_cli import add_parser as add_download_parser
+
+    add_download_parser(sub)
     add_dev_parsers(sub)
     return parser
 

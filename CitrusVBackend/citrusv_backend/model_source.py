@@ -7,9 +7,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .model.hub import RELEASED_MODEL_ID
 from .option_fields import option
 
-DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
+DEFAULT_MODEL = RELEASED_MODEL_ID
 MODEL_ENV = "CITRUSV_MODEL"
 TINY_ALIAS = "tiny"
 

@@ -97,6 +97,8 @@ class ServeSettings:
     config: ServiceConfig = field(default_factory=ServiceConfig)
     reference_compatible: bool = option(False, "run the reference's demo clients unchanged: port 8000, ANY bearer "
                                                "token accepted, loopback only (see docs/compatibility.md first)")
+    no_download: bool = option(False, "never download the model: one not on this machine fails at once "
+                                      "(see `citrusv download`)")
 
     @classmethod
     def from_args(cls, args, environ=os.environ) -> "ServeSettings":
