@@ -120,7 +120,7 @@ def outcome_without_model(loaded: LoadedCase) -> CaseOutcome | None:
 def summarise_segments(result) -> list[dict]:
     rows = []
     for segment in result.segments:
-        m = segment.measurements
+        m = segment.measurements if segment.found else {"voxel_count": 0}   # not found: never a volume
         rows.append({"label": segment.label, "name": segment.name, "found": segment.found,
                      "reason": segment.reason or None, "voxel_count": m.get("voxel_count"),
                      "volume_ml": m.get("volume_ml"), "long_axis_mm": m.get("long_axis_mm"),

@@ -74,7 +74,8 @@ def label_table(result: VolumeResult, labelmap_name: str = "", per_segment_files
         found = s.found
         rows.append({"label": s.label, "name": s.name, "color": list(segment_color(s.label)), "query": s.query,
                      "key_slice": s.key_slice, "found": found, "reason": s.reason or None,
-                     "voxel_count": s.measurements.get("voxel_count"), "volume_ml": s.measurements.get("volume_ml"),
+                     "voxel_count": s.measurements.get("voxel_count"),
+                     "volume_ml": s.measurements.get("volume_ml") if found else None,
                      "file": (segment_file_name(result.case, s.label) if per_segment_files else labelmap_name)
                      if found else None,
                      "voxels_in_labelmap": visible_voxels(s, result.labels), "overlaps": shared.get(s.label, []),
@@ -131,6 +132,9 @@ def report_markdown(result: VolumeResult) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for s in result.segments:
             m = s.measurements
+            if not s.found:
+                lines.append(f"| {s.label} | {s.name} | not found{': ' + s.reason if s.reason else ''} | | | | |")
+                continue
             lines.append(f"| {s.label} | {s.name} | {s.laterality or ''} | {_format_cell(m.get('volume_ml'))} | "
                          f"{_format_cell(m.get('long_axis_mm'))} | {_format_cell(m.get('short_axis_mm'))} | "
                          f"{'' if s.key_slice is None else s.key_slice} |")

@@ -622,11 +622,13 @@ def measure_into(segment: Segment, volume: Volume, slice_axis: int) -> None:
 
 
 def segment_finding(segment: Segment) -> dict:
-    m = segment.measurements
+    """A findings row; a target not found has no figures (never a volume), only its reason."""
+    m = segment.measurements if segment.found else {}
     return {"finding": segment.name, "location": detect_location(segment.name) or segment.name,
             "laterality": segment.laterality or "", "volume_ml": m.get("volume_ml"),
             "long_axis_mm": m.get("long_axis_mm"), "short_axis_mm": m.get("short_axis_mm"),
-            "mean_intensity": m.get("intensity_mean"), "slice": segment.key_slice, "segment": segment.name}
+            "mean_intensity": m.get("intensity_mean"), "slice": segment.key_slice, "segment": segment.name,
+            "found": segment.found, "reason": segment.reason or None}
 
 
 def link_boxes(per_slice: list[tuple[int, list]], max_gap: int, min_iou: float = 0.3) -> list[dict]:
