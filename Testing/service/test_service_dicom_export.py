@@ -126,6 +126,11 @@ def sr_texts(dataset) -> list[str]:
     ({"segments": [{"name": "x", "label": 1, "mask": {"offset": [0, 0, 0], "shape": [999, 1, 1],
                                                       "data": base64.b64encode(zlib.compress(b"\1" * 999)).decode()}}]},
      400, "does not fit"),
+    ({"segments": [{"name": "x", "label": 1, "mask": None}, {"name": "y", "label": 1, "mask": None}]},
+     400, "labels must be distinct"),
+    ({"segments": [{"name": "x", "label": 0, "mask": None}]}, 422, "label"),
+    ({"segments": [{"name": f"s{n}", "label": 1, "mask": None} for n in range(300)]}, 422, "segments"),
+    ({"segments": "all of them"}, 422, "segments"),
 ])
 def test_a_bad_export_is_refused_with_its_reason(client_module, two_targets, change, status, words):
     response = client_module.post(f"/v1/volumes/{two_targets['volume_id']}/dicom-export", json=change)
