@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..inference.engine import CitrusVEngine
 from .config import MiB, REFERENCE_MODEL_NAME, VOLUME_UPLOAD_PATH, ServiceConfig  # noqa: F401  (re-exported)
+from .exports import ExportStore
 from .jobs import GpuWorker, JobQueue
 from .sessions import RefineSessions
 from .volumes import VolumeStore
@@ -34,6 +35,7 @@ class ServiceState:
         self.worker = GpuWorker(self.jobs, free_memory=free_accelerator_memory)
         self.refine = RefineSessions(engine, config.refine_cache_bytes, config.max_refine_sessions, config.volume_ttl_s)
         self.volumes.on_evict.append(self.refine.drop_volume)
+        self.exports = ExportStore(config.result_ttl_s)   # DICOM exports of a client's segments
         self.started_at = time.time()
         self.tmp_dir: Path | None = None
 
