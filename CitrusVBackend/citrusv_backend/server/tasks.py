@@ -1,8 +1,9 @@
 """What the worker runs for each kind of request, and how results become JSON.
 
-Volume results carry each segment's mask as a compressed crop of the labelmap (its bounding box offset and
-shape in (k, j, i), the uint8 voxels of that box holding the segment's label or 0), so a client rebuilds the
-labelmap with `labels[k0:k0+dk, j0:j0+dj, i0:i0+di][crop > 0] = label` on the volume it uploaded.
+Volume results carry each segment's own mask (overlaps kept: a lesion inside its organ is in both) as a
+compressed crop (its bounding box offset and shape in (k, j, i), the uint8 voxels of that box holding the
+segment's label or 0), so a client rebuilds each segment with `mask[k0:k0+dk, j0:j0+dj, i0:i0+di] = crop > 0`
+on the volume it uploaded. A target that was not found has `"mask": null`, `"found": false` and its `"reason"`.
 """
 from __future__ import annotations
 
@@ -115,18 +116,18 @@ def labelmap_info(volume: Volume) -> dict:
     return {"shape": list(volume.shape), "dtype": "uint8", "ijk_to_ras": volume.geometry.ijk_to_ras().tolist()}
 
 
-def labelmap_crops(labels: np.ndarray) -> dict[int, dict]:
-    """Each label's bounding box in the labelmap as offset + shape + compressed uint8 voxels (one pass)."""
+def segment_crop(mask: np.ndarray, label: int) -> dict | None:
+    """The segment's own mask as its bounding box: offset + shape + compressed uint8 voxels (label or 0); None
+    when the mask is empty."""
     from scipy import ndimage
 
-    crops = {}
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        crop = (labels[box] == index).astype(np.uint8) * np.uint8(index)
-        crops[index] = {"offset": [s.start for s in box], "shape": list(crop.shape), "dtype": "uint8",
-                        "encoding": "zlib+base64", "data": compress_crop(crop)}
-    return crops
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return None
+    box = boxes[0]
+    crop = mask[box].astype(np.uint8) * np.uint8(label)
+    return {"offset": [s.start for s in box], "shape": list(crop.shape), "dtype": "uint8",
+            "encoding": "zlib+base64", "data": compress_crop(crop)}
 
 
 def image_png_base64(rgb: np.ndarray) -> str:
@@ -140,8 +141,8 @@ def image_png_base64(rgb: np.ndarray) -> str:
 
 
 def volume_result_payload(result: VolumeResult, volume: Volume) -> dict:
-    crops = labelmap_crops(result.labels)
-    segments = [segment.describe() | {"color": list(segment_color(segment.label)), "mask": crops.get(segment.label)}
+    segments = [segment.describe() | {"color": list(segment_color(segment.label)),
+                                      "mask": segment_crop(segment.mask, segment.label)}
                 for segment in result.segments]
     report = None
     if result.task == "report" or result.report_findings or result.report_impression:

@@ -4,7 +4,8 @@ Both are built by highdicom. The SEG is BINARY, one segment per target that was 
 category/type (volume.terminology), CitrusV and the model as the algorithm, and one frame per source slice
 that the segment touches: frame <-> source instance exactly as volume slice k <-> `series.instances[k]`, so the
 SEG lies on the source series' own frame of reference and slice positions (oblique series included). The
-pixels are those of the run's labelmap (`result.labels == label`).
+pixels are each segment's own mask (`Segment.mask`): segments may overlap (a lesion inside its organ), which a
+BINARY SEG allows, one frame per segment and slice.
 
 The SR holds per found segment a measurement group (TID 1411) that references its SEG segment: volume, long and
 short axis (RECIST-style, in the slice plane), mean intensity, finding type and site, tracking identifier and
@@ -34,6 +35,8 @@ from .terminology import segment_codes
 MANUFACTURER = "CitrusV for 3D Slicer"
 RESEARCH_NOTE = "RESEARCH USE ONLY - not for diagnostic use"
 RANDOM_NOTE = "RANDOM WEIGHTS: made by a random test model; every mask and number is noise"
+EDITED_NOTE = ("Segments edited by the user after the model's segmentation: the segmentation and every "
+               "measurement describe the edited segments")
 NO_IDENTITY_NOTE = "No patient or study identity: made from a non-DICOM volume file"
 SEG_SERIES_NUMBER, SR_SERIES_NUMBER, IMAGE_SERIES_NUMBER = 901, 902, 900
 QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS", "Qualitative Evaluations")
@@ -199,25 +202,27 @@ def build_seg(result, series: DicomSeries, sources: list, model: str):
     import highdicom as hd
     from highdicom.sr import CodedConcept
 
-    found = [s for s in result.segments if np.any(result.labels == s.label)]
+    found = [s for s in result.segments if s.mask.any()]
     tracking = {s.label: _uid() for s in result.segments}
     if not found:
         return None, {}, tracking
     descriptions, numbers = [], {}
+    algorithm_type = (hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if result.settings.get("edited")
+                      else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC)   # edited by hand after the model
     for number, segment in enumerate(found, start=1):
         coded = segment_codes(segment.name)
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=segment.name[:64], segmented_property_category=coded.category,
-            segmented_property_type=coded.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            segmented_property_type=coded.type, algorithm_type=algorithm_type,
             algorithm_identification=_algorithm(model), tracking_uid=tracking[segment.label],
             tracking_id=f"CitrusV {segment.label} {segment.name}"[:64],
-            display_color=hd.color.CIELabColor.from_rgb(*_color(segment.label)))
+            display_color=hd.color.CIELabColor.from_rgb(*(segment.color or _color(segment.label))))
         if coded.modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 CodedConcept.from_code(coded.modifier)]
         descriptions.append(description)
         numbers[segment.label] = number
-    pixels = np.stack([result.labels == s.label for s in found], axis=-1).astype(np.uint8)
+    pixels = np.stack([s.mask for s in found], axis=-1).astype(np.uint8)
     notes = _notes(result.random_weights, series)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -276,6 +281,8 @@ def _text_items(result, series: DicomSeries, numbers: dict) -> list[tuple[str, s
     items = [("Comment", note) for note in _notes(result.random_weights, series)]
     if result.experimental:  # a report from images Citrus-V's reports were not trained on
         items.append(("Comment", result.experimental))
+    if result.settings.get("edited"):
+        items.append(("Comment", EDITED_NOTE))
     if result.report_findings:
         items.append(("Finding", f"FINDINGS: {result.report_findings}"))
     if result.report_impression:
@@ -286,7 +293,7 @@ def _text_items(result, series: DicomSeries, numbers: dict) -> list[tuple[str, s
                                  f"{size} mm, {box['laterality']}"))
     for segment in result.segments:
         if segment.label not in numbers:
-            items.append(("Finding", f"{segment.name}: not found"))
+            items.append(("Finding", f"{segment.name}: not found" + (f" ({segment.reason})" if segment.reason else "")))
     return items
 
 
@@ -344,8 +351,10 @@ def dicom_objects(result, volume: Volume, model: str) -> DicomObjects:
     series = volume.dicom if volume.dicom is not None else synthetic_series(volume)
     images = image_datasets(volume, series) if series.synthetic else []
     sources = images or source_datasets(series)
-    if result.labels.shape != (len(series.instances), series.rows, series.columns):
-        raise InputError(f"the result's labelmap {result.labels.shape} is not on the DICOM series' grid")
+    grid = (len(series.instances), series.rows, series.columns)
+    for segment in result.segments:
+        if segment.mask.shape != grid:
+            raise InputError(f"segment {segment.name!r}: its mask {segment.mask.shape} is not on the DICOM series' grid {grid}")
     seg, numbers, tracking = build_seg(result, series, sources, model)
     sr = build_sr(result, series, sources, seg, numbers, tracking, model)
     return DicomObjects(seg, sr, images, numbers)

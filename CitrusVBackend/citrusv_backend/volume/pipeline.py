@@ -45,6 +45,7 @@ from ..model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS, PixelBudget
 from .io import Volume
 from .orientation import PLANES
 from .mask_cleanup import postprocess
+from .overlaps import multilabel
 from .presence import PRESENCE_RULES, Evidence, PresenceRule, consistent_slices
 from .propagation import Cancelled, PropagatedSlice, SliceFrames, propagate
 from .quantify import laterality_of, measure_segment
@@ -125,12 +126,20 @@ class Segment:
     answer_source: str = "forced"           # forced or generated (answer_note says why)
     answer_note: str = ""
     key_evidence: dict | None = None        # mask-logit figures and the (reported) object score of the key slice
+    reason: str = ""                        # why the target was not found (empty when it was)
+    color: tuple[int, int, int] | None = None   # RGB 0-255 when the segment's owner chose it (an export from Slicer)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.mask.any())
 
     def describe(self) -> dict:
         return {"label": self.label, "name": self.name, "query": self.query, "key_slice": self.key_slice,
                 "key_score": round(self.key_score, 4), "laterality": self.laterality, "slices": self.slices,
                 "measurements": self.measurements, "answer": self.answer, "answer_source": self.answer_source,
-                "answer_note": self.answer_note, "key_evidence": self.key_evidence}
+                "answer_note": self.answer_note, "key_evidence": self.key_evidence, "found": self.found,
+                "reason": self.reason or None,
+                "score": round(self.key_score, 4) if self.key_slice is not None else None}
 
 
 @dataclass
@@ -138,7 +147,8 @@ class VolumeResult:
     task: str
     prompt: str
     case: str
-    labels: np.ndarray                 # (k, j, i) labelmap (0 = background)
+    labels: np.ndarray                 # (k, j, i) multi-label view (volume/overlaps.multilabel); each segment's
+                                       # own voxels are its `mask`: every output and number uses those
     segments: list[Segment] = field(default_factory=list)
     findings: list[dict] = field(default_factory=list)
     boxes: list[dict] = field(default_factory=list)
@@ -335,11 +345,12 @@ class VolumePipeline:
             segment.slices = sorted(set(np.nonzero(mask.any(axis=tuple(
                 a for a in range(3) if a != source.orientation.slice_axis)))[0].tolist()))
             self._measure(segment, source)
-            result.labels[mask & (result.labels == 0)] = number
             result.segments.append(segment)
             if not mask.any():
-                result.problems.append(f"{target.name}: not found (no slice whose mask logits show the target"
-                                       f"{'' if options.presence == 'mask' else ' under the ' + options.presence + ' rule'})")
+                segment.reason = (f"no slice whose mask logits show the target"
+                                  f"{'' if options.presence == 'mask' else ' under the ' + options.presence + ' rule'}")
+                result.problems.append(f"{target.name}: not found ({segment.reason})")
+        result.labels = multilabel(result.segments, volume.shape)   # a view; each segment keeps its own mask
         result.findings = [segment_finding(s) for s in result.segments]
 
     def _segment_target(self, source, target: Target, options, slice_range, stage: str, timings: dict,
@@ -513,11 +524,7 @@ class VolumePipeline:
         return [(index, rule.score(evidence[index]), evidence[index]) for index in sorted(kept)]
 
     def _measure(self, segment: Segment, source: SliceSource) -> None:
-        volume = source.volume
-        measurements = measure_segment(segment.mask, volume.geometry, volume.voxels, source.orientation.slice_axis)
-        segment.measurements = measurements.to_dict()
-        if segment.mask.any():
-            segment.laterality = laterality_of(measurements.centroid_lps, volume.geometry, volume.shape)
+        measure_into(segment, source.volume, source.orientation.slice_axis)
 
     # ------------------------------------------------------------------------------------------ detect
 
@@ -604,6 +611,14 @@ def spread(first: int, last: int, count: int) -> list[int]:
     """`count` slice indices spread evenly over [first, last), centred in their bins."""
     count = max(1, min(count, last - first))
     return sorted({first + int((n + 0.5) * (last - first) / count) for n in range(count)})
+
+
+def measure_into(segment: Segment, volume: Volume, slice_axis: int) -> None:
+    """The segment's measurements and laterality, from its own mask (what every output of it carries)."""
+    measurements = measure_segment(segment.mask, volume.geometry, volume.voxels, slice_axis)
+    segment.measurements = measurements.to_dict()
+    segment.laterality = (laterality_of(measurements.centroid_lps, volume.geometry, volume.shape)
+                          if segment.mask.any() else None)
 
 
 def segment_finding(segment: Segment) -> dict:
