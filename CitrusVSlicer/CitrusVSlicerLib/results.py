@@ -81,8 +81,14 @@ class SceneResult:
     plane: str = "axial"                                      # the plane the key slices are counted along
 
     @property
+    def found_findings(self) -> list[dict]:
+        """The findings that describe something found (not the backend's rows for targets it did not find)."""
+        missing = {m.name for m in self.missing}
+        return [f for f in self.findings if not f.get("segment") or f["segment"] not in missing]
+
+    @property
     def found_nothing(self) -> bool:
-        return not (self.segments or self.findings or self.boxes or self.answer or self.report_findings
+        return not (self.segments or self.found_findings or self.boxes or self.answer or self.report_findings
                     or self.report_impression)
 
     def other_problems(self) -> list[str]:
@@ -94,23 +100,32 @@ class SceneResult:
         """The findings table's rows: the backend's findings with their segment's evidence, then one row per target
         that was not found (found = "no", with the reason)."""
         by_name = {s.name: s for s in self.segments}
-        rows = []
+        missing = {m.name: m for m in self.missing}
+        rows, listed = [], set()
         for finding in self.findings:
-            segment = by_name.get(finding.get("segment") or "")
+            name = finding.get("segment") or ""
+            if name in missing:  # the backend's row for a target it did not find: no segment, so no numbers
+                listed.add(name)
+                rows.append(self._missing_row(missing[name], finding.get("location")))
+                continue
             row = dict(finding)
+            segment = by_name.get(name)
             if segment is not None:
+                listed.add(name)
                 row.update(found="yes", answer=segment.answer, score=segment.score)
                 row.setdefault("slice", segment.key_slice)
             rows.append(row)
-        listed = {row.get("segment") for row in rows}
         for segment in self.segments:  # a found segment the backend gave no finding for still gets its row
             if segment.name not in listed:
                 rows.append({"finding": segment.name, "segment": segment.name, "found": "yes", "answer": segment.answer,
                              "score": segment.score, "slice": segment.key_slice, "laterality": segment.laterality})
-        for target in self.missing:
-            rows.append({"finding": target.name, "found": "no", "reason": target.reason, "answer": target.answer,
-                         "score": target.score, "slice": target.key_slice})
+        rows += [self._missing_row(target) for target in self.missing if target.name not in listed]
         return rows
+
+    @staticmethod
+    def _missing_row(target: MissingTarget, location: str | None = None) -> dict:
+        return {"finding": target.name, "location": location, "found": "no", "reason": target.reason,
+                "answer": target.answer, "score": target.score, "slice": target.key_slice}
 
     def targets_text(self) -> str:
         lines = []
@@ -158,7 +173,7 @@ class SceneResult:
             text = "Nothing found" + (f": {why}." if why else " (the backend gave no reason).")
         else:
             counts = [f"{len(self.segments)} segment(s)" if self.segments else "",
-                      f"{len(self.findings)} finding(s)" if self.findings else "",
+                      f"{len(self.found_findings)} finding(s)" if self.found_findings else "",
                       f"{len(self.boxes)} box(es)" if self.boxes else ""]
             text = "Done: " + ", ".join(c for c in counts if c) if any(counts) else "Done"
             if self.segments:

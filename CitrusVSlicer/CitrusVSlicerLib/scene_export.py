@@ -74,7 +74,7 @@ def scene_segments(segmentation_node, volume_node) -> tuple[list[SceneSegment], 
         raise DicomExportError(f"the segmentation {segmentation_node.GetName()!r} is stored as {source.lower()}, not as "
                                f"voxels on the volume's grid: make binary labelmap its source representation "
                                f"(Segmentations module) and export again; nothing was exported")
-    if segmentation_node.GetParentTransformNodeID() != volume_node.GetParentTransformNodeID():
+    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
         raise DicomExportError(f"the segmentation {segmentation_node.GetName()!r} and the volume "
                                f"{volume_node.GetName()!r} are under different transforms: the segments do not lie on "
                                f"the series' voxels; nothing was exported")

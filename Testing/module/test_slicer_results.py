@@ -50,7 +50,9 @@ def liver_case() -> dict:
         {"label": 3, "name": "spleen", "color": [0, 0, 255], "found": False, "reason": NOT_FOUND, "mask": None,
          "answer": "", "key_slice": None, "score": None}]
     findings = [{"finding": "liver", "volume_ml": 1.2, "slice": 5, "segment": "liver"},
-                {"finding": "liver lesion", "volume_ml": 0.02, "slice": 4, "segment": "liver lesion"}]
+                {"finding": "liver lesion", "volume_ml": 0.02, "slice": 4, "segment": "liver lesion"},
+                # the backend's own row for the target it did not find (its empty mask measured as 0 mL)
+                {"finding": "spleen", "location": "spleen", "volume_ml": 0.0, "slice": None, "segment": "spleen"}]
     return payload(segments, findings, [f"spleen: not found ({NOT_FOUND})", "the window was chosen for the liver"])
 
 
@@ -94,6 +96,7 @@ def test_a_lesion_inside_its_organ_keeps_all_its_voxels_and_every_target_has_a_r
     assert f"- spleen: NOT FOUND: {NOT_FOUND}" in report
     assert "PROBLEMS:\n- the window was chosen for the liver" in report
     assert report.count(NOT_FOUND) == 1                                      # the problem repeating it is not shown twice
+    assert column(table, "location")[2] == "spleen"
     assert result.status_text == (f"Done: 2 segment(s), 2 finding(s) (liver, liver lesion). Not found: spleen: "
                                   f"{NOT_FOUND}. Problems: the window was chosen for the liver. "
                                   f"RANDOM TEST WEIGHTS: results are noise.")
@@ -105,7 +108,8 @@ def test_a_run_that_finds_nothing_says_why(mrml_scene):
 
     volume = add_volume(mrml_scene, np.zeros(SHAPE, np.int16), np.eye(4))
     case = payload([{"label": 1, "name": "liver", "color": [1, 2, 3], "found": False, "reason": NOT_FOUND,
-                     "mask": None}], [], [f"liver: not found ({NOT_FOUND})"])
+                     "mask": None}], [{"finding": "liver", "volume_ml": 0.0, "segment": "liver"}],
+                   [f"liver: not found ({NOT_FOUND})"])
     result = scene_result_from_payload(case, SHAPE)
     assert result.found_nothing and not result.segments
     assert result.status_text == f"Nothing found: liver: {NOT_FOUND}. RANDOM TEST WEIGHTS: results are noise."
