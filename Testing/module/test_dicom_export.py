@@ -128,6 +128,15 @@ def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded
     segmentation, (lung_id, heart_id) = written["segmentation"], written["segment_ids"]
     lung, heart = (read_segment(segmentation, i, node) for i in (lung_id, heart_id))
     assert lung.any() and (lung & heart).any(), "the tiny model's masks do not overlap: nothing tested"
+    # Each target's own voxels in the scene, the backend's evidence in the table (a row per target).
+    table = written["table"].GetTable()
+    rows = [{name: table.GetColumnByName(name).GetValue(row) for name in ("finding", "found", "answer", "slice", "score")}
+            for row in range(table.GetNumberOfRows())]
+    assert [(r["finding"], r["found"]) for r in rows] == [("left lung", "yes"), ("heart", "yes")]
+    assert all(r["answer"] and 15 <= r["slice"] < 18 and np.isfinite(r["score"]) for r in rows)
+    table_volumes = [table.GetColumnByName("volume_ml").GetValue(row) for row in range(2)]
+    print(f"\nscene voxels: left lung {int(lung.sum())}, heart {int(heart.sum())}, both {int((lung & heart).sum())}; "
+          f"table volume_ml {table_volumes}")
 
     done, error, imported = export(logic, node, segmentation, tmp_path / "as-delivered")
     assert error is None, error
@@ -150,6 +159,8 @@ def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded
     volumes = sr_volumes((tmp_path / "edited" / "citrusv_sr.dcm").read_bytes(), seg)
     assert volumes == pytest.approx([lung.sum() * voxel_ml, edited.sum() * voxel_ml], rel=1e-6)
     assert [s["volume_ml"] for s in done["segments"]] == pytest.approx(volumes, rel=1e-6)
+    print(f"edited heart {int(edited.sum())} voxels; SEG frames: left lung {int(masks[1].sum())}, heart "
+          f"{int(masks[2].sum())}; SR volumes {volumes} mL; backend {done['segments']}")
     sr = pydicom.dcmread(tmp_path / "edited" / "citrusv_sr.dcm")
     assert sr.StudyInstanceUID == series.study_uid and sr.PatientID == seg.PatientID
 

@@ -176,3 +176,28 @@ def test_jump_to_key_slice_moves_the_slice_views(mrml_scene):
     with pytest.raises(ValueError, match="has no key slice"):
         jump_to_key_slice(mrml_scene, volume, written["segmentation"], hand_drawn)
     assert isinstance(slicer.vtkMRMLSliceNode.CenteredJumpSlice, int)
+
+
+@pytest.mark.service
+def test_the_real_backends_not_found_reaches_the_table_and_the_panels_text(module_backend, mrml_scene):
+    """A blank volume: the tiny model's masks are empty, so the backend reports the target not found with its reason;
+    the module makes no segment, a table row with the reason, and says so in the status and answer texts."""
+    from CitrusVSlicerLib.logic import ModuleLogic
+
+    logic = ModuleLogic(module_backend, mrml_scene)
+    volume = add_volume(mrml_scene, np.zeros((2, 32, 32), np.int16), np.eye(4))
+    logic.startApply(module_backend.local_target(), volume, "segment", "segment the liver", {"mode": "per-slice"})
+    ends = []
+    logic.pollUntil(lambda: ends.extend(e for e in logic.applyEvents() if e.kind != "progress") or ends, 300, "Apply")
+    assert ends[0].kind == "done", ends[0].message
+    result, written = ends[0].result, ends[0].written
+    assert written["segmentation"] is None and not result.segments
+    assert [(m.name, m.reason) for m in result.missing] == [("liver", NOT_FOUND_BY_MASK)]
+    assert result.status_text.startswith(f"Nothing found: liver: {NOT_FOUND_BY_MASK}.")
+    table = written["table"].GetTable()
+    assert column(table, "found") == ["no"] and column(table, "reason") == [NOT_FOUND_BY_MASK]
+    assert np.isnan(column(table, "volume_ml")[0])
+    assert f"- liver: NOT FOUND: {NOT_FOUND_BY_MASK}" in written["report"].GetText()
+
+
+NOT_FOUND_BY_MASK = "no slice whose mask logits show the target"
