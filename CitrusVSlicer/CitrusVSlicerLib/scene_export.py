@@ -38,6 +38,8 @@ from .upload import ANSWER_WAIT_SECONDS, VolumeUpload
 from .writers import SOURCE_VOLUME_ROLE, ijk_to_ras_matrix, volume_array_and_geometry
 
 GRID_TOLERANCE = 1e-3   # of a voxel: a segment's grid must be the volume's, not merely close to it
+MAX_SEGMENTS = 254      # the service's limit per export (labels 1..255 in its uint8 crops)
+SEGMENT_LABEL_CHARS = 64  # a SEG's Segment Label is a DICOM LO (64 characters); the service takes no more
 
 
 @dataclass
@@ -136,13 +138,14 @@ def encode_mask(offset_kji, crop: np.ndarray, label: int) -> dict:
 
 
 def export_body(segments: list[SceneSegment]) -> dict:
-    """The request body of POST /v1/volumes/{id}/dicom-export: labels 1..n in the segmentation's order; the job the
-    segments came from when they all came from one (its model and prompt go into the SR); edited when any segment
-    differs from what the model delivered (refined, edited by hand, or drawn)."""
-    if len(segments) > 255:
-        raise DicomExportError(f"{len(segments)} segments: one export holds at most 255; nothing was exported")
+    """The request body of POST /v1/volumes/{id}/dicom-export: labels 1..n in the segmentation's order, names cut to
+    a Segment Label's 64 characters; the job the segments came from when they all came from one (its model and
+    prompt go into the SR); edited when any segment differs from what the model delivered (refined, edited by hand,
+    or drawn)."""
+    if len(segments) > MAX_SEGMENTS:
+        raise DicomExportError(f"{len(segments)} segments: one export holds at most {MAX_SEGMENTS}; nothing was exported")
     jobs = {s.job_id for s in segments if s.job_id}
-    return {"segments": [{"name": s.name, "label": label, "color": list(s.color),
+    return {"segments": [{"name": s.name[:SEGMENT_LABEL_CHARS], "label": label, "color": list(s.color),
                           "mask": encode_mask(s.offset_kji, s.crop, label)}
                          for label, s in enumerate(segments, start=1)],
             "job_id": jobs.pop() if len(jobs) == 1 else None,
@@ -152,7 +155,8 @@ def export_body(segments: list[SceneSegment]) -> dict:
 class SceneDicomExport:
     """One export, driven by `poll()` from the panel's timer: upload the volume with its DICOM reference unless the
     backend has it, POST the segments, download SEG and SR, import them. `on_done(done, error)` once, on the main
-    thread: done = {"files", "segments" (the backend's per-segment numbers), "edited", "empty" (skipped names)}."""
+    thread: done = {"files", "segments" (the backend's per-segment numbers), "edited", "empty" (skipped names),
+    "problems" (the backend's notes, e.g. that the job the segments came from is no longer kept)}."""
 
     def __init__(self, transport, target, uploads: UploadCache, volume_node, segmentation_node, reference: dict | None,
                  directory: Path, import_folder, on_done):
@@ -164,6 +168,7 @@ class SceneDicomExport:
         self.on_done = on_done
         self.state = "idle"       # idle / uploading / exporting / downloading / done / failed
         self.body: dict | None = None
+        self.answer: dict = {}    # the backend's answer to the export
         self.empty: list[str] = []
         self._upload: VolumeUpload | None = None
         self._reused = False
@@ -251,7 +256,7 @@ class SceneDicomExport:
             return self._end(None, failure if isinstance(failure, DicomExportError) else
                              DicomExportError(f"the DICOM objects could not be saved or imported: {failure}"))
         self._end({"files": written, "segments": self.answer.get("segments", []), "edited": self.body["edited"],
-                   "empty": list(self.empty)}, None)
+                   "empty": list(self.empty), "problems": list(self.answer.get("problems") or [])}, None)
 
     def _end(self, done, error) -> None:
         self.state = "failed" if error is not None else "done"
@@ -265,4 +270,6 @@ def export_summary(done: dict) -> str:
             f"scene ({names})" + (", edited since the model delivered them" if done["edited"] else "") + ".")
     if done["empty"]:
         text += " Empty segments left out: " + ", ".join(done["empty"]) + "."
+    if done.get("problems"):
+        text += " Note: " + "; ".join(done["problems"]) + "."
     return text

@@ -120,6 +120,7 @@ def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded
     """Two overlapping targets from the real backend, the heart then cut down by hand: the SEG holds each segment's
     voxels as the scene shows them and the SR's volumes are those voxels' (with or without QuantitativeReporting)."""
     from CitrusVSlicerLib.refine import read_segment, write_segment
+    from CitrusVSlicerLib.scene_export import export_summary
 
     logic, node = dicom_logic
     series, volume = loaded_series
@@ -146,9 +147,13 @@ def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded
     edited = heart.copy()
     edited[: int(np.nonzero(heart)[0].max())] = False                 # keep only the heart's last slice
     write_segment(segmentation, heart_id, node, edited)                # as a Segment Editor erase writes it
+    segmentation.GetSegmentation().AddEmptySegment("", "cleared")      # an empty segment is left out, and named
     done, error, imported = export(logic, node, segmentation, tmp_path / "edited")
     assert error is None, error
-    assert done["edited"] is True
+    assert done["edited"] is True and done["empty"] == ["cleared"] and done["problems"] == []
+    assert export_summary(done) == ("Exported 2 DICOM file(s) into the DICOM database: the segments as they are in "
+                                    "the scene (left lung, heart), edited since the model delivered them. Empty "
+                                    "segments left out: cleared.")
     assert sorted(p.name for p in done["files"]) == ["citrusv_seg.dcm", "citrusv_sr.dcm"]
     seg = pydicom.dcmread(tmp_path / "edited" / "citrusv_seg.dcm")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["left lung", "heart"]
