@@ -57,3 +57,65 @@ def assert_seg_lies_on_labelmap(seg: pydicom.Dataset, source_files: list[Path], 
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     assert {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= \
         set(slice_of)
+
+
+# ---------------------------------------------------------------------------------------------- independent readers
+
+DCMJS_VERSION = "0.52.2"   # the OHIF viewer's DICOM library, pinned
+NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "network")
+
+
+def dcmjs_modules() -> Path:
+    """A node_modules folder holding dcmjs (installed once per machine into a cache folder, never committed).
+    Skips only when npm cannot reach its registry (outside CI); a missing node or any other failure fails."""
+    cache = Path(os.environ.get("CITRUSV_NPM_CACHE", Path.home() / ".cache" / "citrusv-tests")) / f"dcmjs-{DCMJS_VERSION}"
+    modules = cache / "node_modules"
+    if (modules / "dcmjs" / "package.json").is_file():
+        return modules
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("node and npm are needed to read DICOM SEG with dcmjs (apt-get install nodejs npm)")
+    cache.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(["npm", "install", "--prefix", str(cache), "--no-audit", "--no-fund", "--no-save",
+                          f"dcmjs@{DCMJS_VERSION}"], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        if any(word in run.stderr for word in NETWORK_ERRORS) and not os.environ.get("CI"):
+            pytest.skip(f"npm cannot reach its registry to install dcmjs: {run.stderr.strip().splitlines()[-1]}")
+        pytest.fail(f"npm install dcmjs@{DCMJS_VERSION} failed: {run.stderr[-2000:]}")
+    return modules
+
+
+def dcmjs_segments(seg_path: Path) -> dict:
+    """What dcmjs reads from a SEG: {"segment_type", "bits_allocated", "segments": [{number, label, tracking_uid,
+    frames, voxels, sources}]} (Testing/js/dcmjs_seg_voxels.js)."""
+    import json
+
+    script = Path(__file__).parent / "js" / "dcmjs_seg_voxels.js"
+    run = subprocess.run(["node", str(script), str(dcmjs_modules()), str(seg_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def dcmqi_segments(seg_path: Path, out_dir: Path, grid) -> dict[str, np.ndarray]:
+    """dcmqi's segimage2itkimage (the converter behind Slicer's DICOM SEG plugin): segment label -> its mask as a
+    (k, j, i) bool array on `grid` (a SimpleITK image of the source volume), one file per segment."""
+    import json
+    import sysconfig
+
+    import SimpleITK as sitk
+
+    tool = shutil.which("segimage2itkimage") or str(Path(sysconfig.get_paths()["scripts"]) / "segimage2itkimage")
+    if not Path(tool).exists():
+        pytest.fail("dcmqi's segimage2itkimage is missing (pip install dcmqi: the test extra has it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run([tool, "--inputDICOM", str(seg_path), "--outputDirectory", str(out_dir), "-t", "nrrd"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    meta = json.loads((out_dir / "meta.json").read_text())
+    masks = {}
+    for group, attributes in enumerate(meta["segmentAttributes"], start=1):
+        image = sitk.ReadImage(str(out_dir / f"{group}.nrrd"))
+        on_grid = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        for segment in attributes:
+            masks[segment["SegmentLabel"]] = on_grid == segment["labelID"]
+    return masks

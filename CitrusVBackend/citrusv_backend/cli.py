@@ -76,7 +76,7 @@ def cmd_infer(args) -> int:
 def cmd_volume_task(args) -> int:
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)  # before anything slow, even the imports; created when written
-    from .volume.dicom_out import check_dicom_possible, wants_dicom
+    from .volume.dicom_out import check_dicom_possible, dicom_skipped, wants_dicom
     from .volume.io import read_volume
     from .volume.outputs import write_outputs
     from .volume.pipeline import VolumePipeline
@@ -91,6 +91,8 @@ def cmd_volume_task(args) -> int:
         say(f"warning: {warning}")
     if wants_dicom(args.dicom_out, volume):
         check_dicom_possible(volume)
+    elif dicom_skipped(args.dicom_out, volume):  # not asked for: never blocks the segmentation
+        say(f"warning: {dicom_skipped(args.dicom_out, volume)}")
     engine = load_engine(args)
     pipeline = VolumePipeline(engine, progress=ProgressPrinter())
     result = pipeline.run(volume, args.prompt or "", task=args.command, options=options)

@@ -45,9 +45,19 @@ def describe_os_error(error: OSError) -> str:
     return f"{name.strip() or 'the input'}: {error.strerror or error}"
 
 
+def resolved(path: Path, what: str = "") -> Path:
+    """`path.resolve()`, or a one-line InputError for a link that loops or a path that cannot be looked at."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python before 3.13 reports a symbolic-link loop so
+        raise InputError(f"{what}{describe_os_error(OSError(errno.ELOOP, 'loop', str(path)))}") from None
+    except OSError as error:
+        raise InputError(f"{what}{describe_os_error(error)}") from None
+
+
 def check_not_inside_input(volume: Path, out: Path) -> None:
     """A DICOM folder is never written into: a SEG among its files would make it a folder of two series."""
-    source, target = volume.resolve(), out.resolve()
+    source, target = resolved(volume), resolved(out, "--out ")
     if source.is_dir() and (target == source or target.is_relative_to(source)):
         raise CitrusVError(f"--out {out} is inside the input folder {volume}; the input is never written, choose an "
                            f"output folder outside it")

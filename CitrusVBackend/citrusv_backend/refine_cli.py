@@ -96,9 +96,10 @@ def cmd_refine(args) -> int:
         if segment is None:
             raise CitrusVError(f"the prompt gave segments {[s.label for s in result.segments]}, not label {args.label}")
         query, anchors = segment.query, [segment.key_slice] if segment.key_slice is not None else []
+        before = segment.mask   # its own voxels, also where another segment lies over it
     else:
         source, query, anchors = _labelmap_source(volume, options, args.query), args.query, []
-    before = labels == args.label
+        before = labels == args.label
     budget = task_budget("segment", options)
     session = RefinementSession(engine, source, before, query=_model_query(query), budget=budget,
                                 slice_range=options.validate(source.depth), anchors=anchors,

@@ -121,7 +121,8 @@ def summarise_segments(result) -> list[dict]:
     rows = []
     for segment in result.segments:
         m = segment.measurements
-        rows.append({"label": segment.label, "name": segment.name, "found": bool(segment.mask.any()),
+        rows.append({"label": segment.label, "name": segment.name, "found": segment.found,
+                     "reason": segment.reason or None, "voxel_count": m.get("voxel_count"),
                      "volume_ml": m.get("volume_ml"), "long_axis_mm": m.get("long_axis_mm"),
                      "short_axis_mm": m.get("short_axis_mm"), "laterality": segment.laterality,
                      "key_slice": segment.key_slice})
@@ -164,6 +165,7 @@ class CaseProcessor:
         return outcome
 
     def _run(self, loaded: LoadedCase, out_dir: Path, outcome: CaseOutcome) -> None:
+        from ..volume.dicom_out import dicom_skipped
         from ..volume.outputs import write_outputs
 
         started = time.perf_counter()
@@ -172,6 +174,9 @@ class CaseProcessor:
         outcome.timings["pipeline_s"] = round(time.perf_counter() - started, 3)
         outcome.warnings = list(volume.dicom.warnings) if volume.dicom is not None else []
         result.problems.extend(f"input: {warning}" for warning in outcome.warnings)
+        skipped = dicom_skipped(loaded.task.dicom_out, volume)   # an optional output never blocks the case
+        if skipped:
+            outcome.warnings.append(skipped)
         started = time.perf_counter()
         files = write_outputs(result, out_dir, extra=self.extra | {"input": loaded.task.relative},
                               dicom=loaded.task.dicom_out)

@@ -13,8 +13,8 @@ from ..volume.outputs import write_text
 
 SUMMARY_NAME = "summary.csv"
 INDEX_NAME = "index.html"
-SUMMARY_COLUMNS = ["case", "input", "status", "seconds", "segment", "label", "volume_ml", "long_axis_mm",
-                   "short_axis_mm", "laterality", "dicom_seg", "dicom_sr", "warnings", "error"]
+SUMMARY_COLUMNS = ["case", "input", "status", "seconds", "segment", "label", "found", "voxel_count", "volume_ml",
+                   "long_axis_mm", "short_axis_mm", "laterality", "dicom_seg", "dicom_sr", "warnings", "error"]
 
 
 def _number(value, digits: int = 2) -> str:
@@ -32,7 +32,11 @@ def summary_rows(entries: list[dict]) -> list[dict]:
                 "warnings": "; ".join(entry.get("warnings") or [])}
         segments = entry.get("segments") or [{}]
         for segment in segments:
+            found = segment.get("found")
             rows.append(base | {"segment": segment.get("name", ""), "label": segment.get("label", ""),
+                                "found": "" if found is None else ("yes" if found else
+                                                                   f"no: {segment.get('reason') or 'not found'}"),
+                                "voxel_count": "" if segment.get("voxel_count") is None else segment["voxel_count"],
                                 "volume_ml": _number(segment.get("volume_ml")),
                                 "long_axis_mm": _number(segment.get("long_axis_mm")),
                                 "short_axis_mm": _number(segment.get("short_axis_mm")),

@@ -18,7 +18,8 @@ from ..errors import InputError
 from ..inference.engine import CitrusVEngine, InferenceResult
 from ..model.processor import check_prompt_and_answer
 from ..serialization import json_default
-from ..volume.dicom_out import check_dicom_possible, dataset_bytes, describe_objects, dicom_objects, model_name, wants_dicom
+from ..volume.dicom_out import (check_dicom_possible, dataset_bytes, describe_objects, dicom_objects, dicom_skipped,
+                                model_name, wants_dicom)
 from ..volume.io import Volume
 from ..volume.outputs import report_markdown, segment_color
 from ..volume.orientation import model_orientation
@@ -71,6 +72,9 @@ def volume_runner(engine: CitrusVEngine, volume_id: str, volume: Volume, request
             pipeline = VolumePipeline(engine, progress=job.progress, should_cancel=job.should_cancel,
                                       feature_cache=feature_cache)
             result = pipeline.run(volume, request.prompt, task=request.task, options=options)
+            skipped = dicom_skipped(request.options.dicom_out, volume)   # the default DICOM output cannot be made
+            if skipped:
+                result.problems.append(skipped)
             payload = volume_result_payload(result, volume)
             job.extras["refine_seed"] = RefineSeed.of(result.source, options)  # how refinement must make its slices
             if wants_dicom(request.options.dicom_out, volume):

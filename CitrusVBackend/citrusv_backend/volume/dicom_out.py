@@ -62,8 +62,20 @@ def model_name(model_info: dict | None) -> str:
 
 
 def wants_dicom(requested: bool | None, volume: Volume) -> bool:
-    """--dicom-out / --no-dicom-out, else (None) only when the input is a DICOM series."""
-    return volume.dicom is not None if requested is None else bool(requested)
+    """--dicom-out / --no-dicom-out, else (None) only when the input is a DICOM series that a SEG can reference:
+    an output the user did not ask for never blocks the others (`dicom_skipped` says why it is left out)."""
+    if requested is None:
+        return volume.dicom is not None and volume.dicom.output_problem() is None
+    return bool(requested)
+
+
+def dicom_skipped(requested: bool | None, volume: Volume) -> str | None:
+    """Why a DICOM series' default SEG and SR are left out (None: nothing left out); an explicit --dicom-out
+    refuses instead (`check_dicom_possible`)."""
+    if requested is not None or volume.dicom is None:
+        return None
+    problem = volume.dicom.output_problem()
+    return f"no DICOM SEG/SR written: {problem}; every other output is complete" if problem else None
 
 
 def check_dicom_possible(volume: Volume) -> None:
@@ -393,4 +405,4 @@ def describe_objects(objects: DicomObjects) -> dict:
 
 
 __all__ = ["DicomObjects", "check_dicom_possible", "dataset_bytes", "describe_objects", "dicom_objects",
-           "wants_dicom", "write_dicom_outputs"]
+           "dicom_skipped", "wants_dicom", "write_dicom_outputs"]

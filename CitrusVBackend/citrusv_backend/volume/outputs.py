@@ -2,6 +2,14 @@
 
 Every file is first written under a temporary name in the output folder and renamed when complete, so a
 killed run never leaves a half-written file under a final name.
+
+Segments may overlap (a lesion inside its organ); each output carries every segment's own voxels
+(docs/dicom-and-overlaps.md):
+- `{case}_seg.nii.gz`: the multi-label labelmap, one label per voxel, the smaller segment on top where segments
+  overlap (volume/overlaps.multilabel); when any segments overlap, also `{case}_segment_{label}.nii.gz` per found
+  segment (0/1, its whole mask). `{case}_labels.json` says, per segment, which file holds all its voxels, how
+  many of them the multi-label file shows and which segments it overlaps.
+- `{case}_seg.seg.nrrd`: as many layers as the overlaps need, each segment whole in one layer.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..serialization import json_default
 from .io import Volume, write_labelmap
+from .overlaps import layers, overlapping, visible_voxels
 from .pipeline import SliceSource, VolumeResult
 
 # Distinct, colour-blind-friendly colours (Okabe-Ito, then Tableau) for segments 1, 2, ...
@@ -48,19 +57,40 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def label_table(result: VolumeResult) -> list[dict]:
-    return [{"label": s.label, "name": s.name, "color": list(segment_color(s.label)), "query": s.query,
-             "key_slice": s.key_slice, "voxel_count": s.measurements.get("voxel_count"),
-             "volume_ml": s.measurements.get("volume_ml")} for s in result.segments]
+LABELMAP_RULE = ("one label per voxel; where segments overlap the smaller segment's label is kept (a segment "
+                 "inside another stays visible); a segment's own voxels are in its 'file'")
+
+
+def segment_file_name(case: str, label: int) -> str:
+    return f"{case}_segment_{label}.nii.gz"
+
+
+def label_table(result: VolumeResult, labelmap_name: str = "", per_segment_files: bool = False) -> list[dict]:
+    """Per segment: its figures, where its voxels are (`file`), how many of them the multi-label file shows."""
+    shared = overlapping(result.segments)
+    _, layer_of = layers(result.segments, result.labels.shape)
+    rows = []
+    for s in result.segments:
+        found = s.found
+        rows.append({"label": s.label, "name": s.name, "color": list(segment_color(s.label)), "query": s.query,
+                     "key_slice": s.key_slice, "found": found, "reason": s.reason or None,
+                     "voxel_count": s.measurements.get("voxel_count"), "volume_ml": s.measurements.get("volume_ml"),
+                     "file": (segment_file_name(result.case, s.label) if per_segment_files else labelmap_name)
+                     if found else None,
+                     "voxels_in_labelmap": visible_voxels(s, result.labels), "overlaps": shared.get(s.label, []),
+                     "seg_nrrd_layer": layer_of[s.label]})
+    return rows
 
 
 def write_segmentation_nrrd(result: VolumeResult, volume: Volume, path: Path) -> Path:
-    """A Slicer `.seg.nrrd` (one shared labelmap layer, named and coloured segments) via slicerio."""
+    """A Slicer `.seg.nrrd` via slicerio: named and coloured segments, as many layers as the overlaps need."""
     import slicerio
 
-    segments = [{"id": f"Segment_{s.label}", "labelValue": s.label, "layer": 0, "name": s.name,
+    stack, layer_of = layers(result.segments, volume.shape)
+    segments = [{"id": f"Segment_{s.label}", "labelValue": s.label, "layer": layer_of[s.label], "name": s.name,
                  "color": [c / 255.0 for c in segment_color(s.label)]} for s in result.segments]
-    segmentation = {"voxels": np.ascontiguousarray(result.labels.transpose(2, 1, 0)),
+    voxels = stack.transpose(0, 3, 2, 1) if len(stack) > 1 else stack[0].transpose(2, 1, 0)   # (layer,) i, j, k
+    segmentation = {"voxels": np.ascontiguousarray(voxels),
                     "ijkToLPS": volume.geometry.ijk_to_lps(), "encoding": "gzip",
                     "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap",
                     "referenceImageExtentOffset": [0, 0, 0], "segments": segments}
@@ -193,6 +223,12 @@ def _overlay_tile(result: VolumeResult, source: SliceSource, index: int, tile: i
     return framed
 
 
+def _write_nifti(labels: np.ndarray, volume: Volume, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        write_labelmap(labels, volume, temporary.with_name(temporary.name + ".nii.gz"))
+        os.replace(temporary.with_name(temporary.name + ".nii.gz"), temporary)
+
+
 def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None,
                   dicom: bool | None = None) -> dict[str, Path]:
     """All files of one case in `out_dir` (geometry and previews from the slices the task saw); by kind.
@@ -211,11 +247,23 @@ def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None
         "report": out_dir / f"{case}_report.md",
         "preview": out_dir / f"{case}_preview.png",
     }
-    with atomic_path(files["labelmap"]) as temporary:
-        write_labelmap(result.labels, volume, temporary.with_name(temporary.name + ".nii.gz"))
-        os.replace(temporary.with_name(temporary.name + ".nii.gz"), temporary)
-    write_text(files["labels"], json.dumps({"case": case, "random_weights": result.random_weights,
-                                            "labels": label_table(result)}, indent=2) + "\n")
+    from .dicom_out import dicom_skipped, model_name, wants_dicom, write_dicom_outputs
+
+    skipped = dicom_skipped(dicom, volume)
+    if skipped and skipped not in result.problems:
+        result.problems.append(skipped)
+    _write_nifti(result.labels, volume, files["labelmap"])
+    per_segment = bool(overlapping(result.segments))
+    if per_segment:
+        for segment in result.segments:
+            if segment.found:
+                files[f"segment_{segment.label}"] = out_dir / segment_file_name(case, segment.label)
+                _write_nifti(segment.mask.astype(np.uint8), volume, files[f"segment_{segment.label}"])
+    write_text(files["labels"], json.dumps({
+        "case": case, "random_weights": result.random_weights, "labelmap": files["labelmap"].name,
+        "labelmap_rule": LABELMAP_RULE, "per_segment_files": per_segment,
+        "labels": label_table(result, files["labelmap"].name, per_segment),
+        "warnings": [skipped] if skipped else []}, indent=2) + "\n")
     write_segmentation_nrrd(result, volume, files["segmentation"])
     write_text(files["findings_json"], json.dumps(result.describe() | (extra or {}), indent=2, default=json_default) + "\n")
     write_text(files["findings_tsv"], findings_tsv(result.findings))
@@ -226,8 +274,6 @@ def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None
         files["report_image"] = out_dir / f"{case}_report_image.png"
         with atomic_path(files["report_image"]) as temporary:
             Image.fromarray(result.report_image).save(temporary, format="PNG")
-    from .dicom_out import model_name, wants_dicom, write_dicom_outputs
-
     if wants_dicom(dicom, volume):
         files |= write_dicom_outputs(result, volume, out_dir, case, model_name((extra or {}).get("model")))
     return files
