@@ -27,12 +27,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CitrusVSlicerLib.key_slice import jump_to_key_slice, segment_evidence
-from CitrusVSlicerLib.scene_export import export_summary
 from CitrusVSlicerLib.endpoints import BackendError, Target
 from CitrusVSlicerLib.installer import explain_failure, installed_summary
+from CitrusVSlicerLib.key_slice import jump_to_key_slice, segment_evidence
 from CitrusVSlicerLib.logic import ModuleLogic
 from CitrusVSlicerLib.manager import session_manager
+from CitrusVSlicerLib.scene_export import export_summary, source_volume
 from CitrusVSlicerLib import selftest
 from CitrusVSlicerLib.options import MAX_PIXELS, task_options
 
@@ -411,8 +411,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentId = self.ui.resultsKeySliceComboBox.currentData
         if node is None or node.outputSegmentation is None or not segmentId or not node.inputVolume:
             return
-        try:
-            jump_to_key_slice(slicer.mrmlScene, node.inputVolume, node.outputSegmentation, segmentId)
+        try:  # on the volume the segmentation was made on
+            jump_to_key_slice(slicer.mrmlScene, source_volume(node.outputSegmentation, node.inputVolume),
+                              node.outputSegmentation, segmentId)
         except ValueError as error:
             self.setStatus(str(error), error=True)
 

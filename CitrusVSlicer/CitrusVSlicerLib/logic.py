@@ -34,7 +34,6 @@ class ModuleLogic:
         self._apply = None
         self.refinement = None               # SceneRefinement of the segment being corrected
         self.longestPollSeconds = 0.0
-        self.lastResultTarget = None
         self.dicomExport = None              # SceneDicomExport of the scene's segments, while it runs
         if not hasattr(backend, "uploads"):  # one cache per session: uploads survive a module Reload
             backend.uploads = UploadCache()
@@ -91,10 +90,7 @@ class ModuleLogic:
             self._apply.cancel()
 
     def applyEvents(self) -> list:
-        events = self._apply.events() if self._apply is not None else []
-        if any(event.kind == "done" for event in events):
-            self.lastResultTarget = self._apply.runner.target  # where its DICOM objects are
-        return events
+        return self._apply.events() if self._apply is not None else []
 
     def poll(self) -> float:
         """Advance the backend, the courier, the running Apply and refinement; seconds until the next poll is useful."""
