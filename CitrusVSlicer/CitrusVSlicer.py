@@ -27,11 +27,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CitrusVSlicerLib.dicom_export import export_result_without_waiting, slicer_seg_exporter
 from CitrusVSlicerLib.endpoints import BackendError, Target
 from CitrusVSlicerLib.installer import explain_failure, installed_summary
+from CitrusVSlicerLib.key_slice import jump_to_key_slice, segment_evidence
 from CitrusVSlicerLib.logic import ModuleLogic
 from CitrusVSlicerLib.manager import session_manager
+from CitrusVSlicerLib.scene_export import export_summary, source_volume
 from CitrusVSlicerLib import selftest
 from CitrusVSlicerLib.backend_options import AXES, MODES, PIXEL_BUDGET_MAX, WINDOWS
 from CitrusVSlicerLib.options import task_options
@@ -121,7 +122,6 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._lastResult = None   # the last Apply's SceneResult (its DICOM objects for the export button)
         self._consentedUrls = set()
         self._promptHistory = []
         self._statusShownFor = None
@@ -162,6 +162,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchOpenResultsButton.clicked.connect(self.onOpenBatchResults)
         self.setupRefine()
         self.ui.exportDicomButton.clicked.connect(self.onExportDicom)
+        self.ui.resultsJumpButton.clicked.connect(self.onJumpToKeySlice)
 
         # One single-shot timer, re-armed after every tick with the delay the work asks for: 0 ms while there is
         # local work (writing a volume, decoding a result), a few ms while an answer is due, 200 ms when idle.
@@ -245,7 +246,10 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         batchBusy = batch is not None and batch.is_running()
         self.ui.batchRunButton.enabled = not batchBusy
         self.ui.batchCancelButton.enabled = batchBusy
-        self.ui.exportDicomButton.enabled = not busy and bool(self._lastResult and self._lastResult.dicom)
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        self.ui.exportDicomButton.enabled = not busy and segmentation is not None and \
+            segmentation.GetSegmentation().GetNumberOfSegments() > 0
+        self.ui.resultsJumpButton.enabled = self.ui.resultsKeySliceComboBox.count > 0
         refinement = self.logic.refinement
         self.ui.refineUndoButton.enabled = refinement is not None and refinement.can_undo
         self.ui.refineRedoButton.enabled = refinement is not None and refinement.can_redo
@@ -356,13 +360,11 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if node is not None:  # show the nodes written to (those captured at Apply, or new ones)
                 node.outputSegmentation = written["segmentation"] or node.outputSegmentation
                 node.outputTable = written["table"] or node.outputTable
-            self._lastResult = event.result
             self.updateRefineSegments()
             self.ui.answerTextEdit.setPlainText(event.result.report_text)
             self.ui.progressBar.value = 100
-            self.setStatus(_("Done: {n} segment(s), {f} finding(s), {b} box(es).").format(
-                n=len(event.result.segments), f=len(event.result.findings), b=len(event.result.boxes))
-                + (" " + _("RANDOM TEST WEIGHTS: results are noise.") if event.result.random_weights else ""))
+            # What was found, what was not and why, and the problems (results.py words it).
+            self.setStatus(event.result.status_text, error=event.result.found_nothing)
         elif event.kind == "error":
             self.ui.progressBar.value = 0
             self.setStatus(event.message, error=True)
@@ -385,7 +387,39 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.setPlaceModePersistency(True)
         self.updateRefineSegments()
 
+    def updateKeySliceSegments(self) -> None:
+        """The output segmentation's segments that have a key slice, with their evidence as tooltips."""
+        combo = self.ui.resultsKeySliceComboBox
+        combo.clear()
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if segmentation is None:
+            return
+        for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
+            segment = segmentation.GetSegmentation().GetNthSegment(index)
+            evidence = segment_evidence(segment)
+            if evidence["key_slice"] is None:
+                continue
+            combo.addItem(f"{segment.GetName()} (slice {evidence['key_slice']})",
+                          segmentation.GetSegmentation().GetNthSegmentID(index))
+            tip = _("key slice {k} ({plane}), score {score}").format(
+                k=evidence["key_slice"], plane=evidence["plane"],
+                score="-" if evidence["score"] is None else f"{evidence['score']:.3g}")
+            combo.setItemData(combo.count - 1, tip + ("\n" + evidence["answer"] if evidence["answer"] else ""),
+                              qt.Qt.ToolTipRole)
+
+    def onJumpToKeySlice(self) -> None:
+        node = self._parameterNode
+        segmentId = self.ui.resultsKeySliceComboBox.currentData
+        if node is None or node.outputSegmentation is None or not segmentId or not node.inputVolume:
+            return
+        try:  # on the volume the segmentation was made on
+            jump_to_key_slice(slicer.mrmlScene, source_volume(node.outputSegmentation, node.inputVolume),
+                              node.outputSegmentation, segmentId)
+        except ValueError as error:
+            self.setStatus(str(error), error=True)
+
     def updateRefineSegments(self) -> None:
+        self.updateKeySliceSegments()
         combo = self.ui.refineSegmentComboBox
         current = combo.currentData
         combo.clear()
@@ -459,16 +493,20 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportDicom(self) -> None:
         node = self._parameterNode
-        self.setStatus(_("Exporting to DICOM..."))
-        self.logic.exportDicom(self._lastResult, node.outputSegmentation if node else None, self.onExportDicomDone)
+        self.setStatus(_("Exporting the segments as they are in the scene to DICOM..."))
+        try:
+            self.logic.exportDicom(self.currentTarget(), node.inputVolume if node else None,
+                                   node.outputSegmentation if node else None, self.onExportDicomDone)
+        except BackendError as error:
+            self.setStatus(_("DICOM export refused: ") + str(error), error=True)
+            return
         self.timer.start(0)
 
     def onExportDicomDone(self, done, error) -> None:
         if error is not None:
-            self.setStatus(_("DICOM export failed: ") + str(error), error=True)
+            self.setStatus(_("DICOM export refused: ") + str(error), error=True)
             return
-        self.setStatus(_("Exported {n} DICOM file(s) into the DICOM database (segmentation by {route}).").format(
-            n=len(done["files"]), route=done["segmentation_exported_by"]))
+        self.setStatus(export_summary(done))
 
     # ------------------------------------------------------------------------------------------ Backend
 
@@ -640,21 +678,16 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic, ModuleLogic):
     def taskOptions(node: CitrusVSlicerParameterNode) -> dict:
         return task_options(node.mode, node.window, node.axis, node.sliceRange, node.maxPixels)
 
-    def exportDicom(self, result, segmentationNode, onDone) -> None:
-        """The result's SEG and SR into Slicer's DICOM database, through Slicer's own DICOM SEG exporter when the
-        QuantitativeReporting extension provides it (the segmentation as edited), else the backend's SEG. The
-        objects are downloaded without waiting; `onDone(done, error)` runs once they are imported."""
+    def exportDicom(self, target, volumeNode, segmentationNode, onDone) -> None:
+        """The segments as they are in the scene (edits included) as DICOM SEG + SR written by the backend, imported
+        into Slicer's DICOM database (CitrusVSlicerLib/scene_export.py says why not QuantitativeReporting's
+        exporter, and when it refuses). `onDone(done, error)` runs once they are imported, or with the reason."""
         from DICOMLib import DICOMUtils
 
-        exporter = slicer_seg_exporter(getattr(slicer.modules, "dicomPlugins", {}))
-        item = None
-        if exporter is not None and segmentationNode is not None:
-            item = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemByDataNode(segmentationNode)
         directory = Path(slicer.app.temporaryPath) / f"CitrusV-DICOM-{time.strftime('%Y%m%d-%H%M%S')}"
         # copyFiles: the database keeps its own copies, the temporary folder may go.
-        export_result_without_waiting(self.backend.transport, self.lastResultTarget, result.dicom if result else None,
-                                      directory, lambda folder: DICOMUtils.importDicom(folder, copyFiles=True),
-                                      onDone, exporter, item)
+        self.startDicomExport(target, volumeNode, segmentationNode, directory,
+                              lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), onDone)
 
 
 #

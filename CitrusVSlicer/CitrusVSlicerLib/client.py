@@ -2,7 +2,9 @@
 
 No I/O here (transport.py moves the bytes, runner.py sequences the requests): numpy and the standard library only.
 The volume travels as raw little-endian voxels (`application/octet-stream`) with its geometry in the
-`X-CitrusV-Volume` header; results come back as compressed crops of the labelmap on the uploaded grid.
+`X-CitrusV-Volume` header; results come back as each segment's own compressed crop on the uploaded grid (segments may
+overlap); a target that was not found comes back without a mask (`"found": false`, `"reason"`) and becomes a
+`MissingTarget`.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import zlib
 import numpy as np
 
 from .endpoints import BackendError
-from .results import SceneResult, SegmentMask
+from .results import MissingTarget, SceneResult, SegmentMask
 
 SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
 VOLUME_HEADER = "X-CitrusV-Volume"
@@ -57,7 +59,8 @@ class ResultDecoder:
         if list(shape_kji) != expected:
             raise BackendError(f"the result is for a volume of shape {expected}, not {list(shape_kji)}")
         self.payload = payload
-        self._pending = [s for s in payload.get("segments", []) if s.get("mask")]
+        self._pending = [s for s in payload.get("segments", []) if s.get("mask") and s.get("found", True) is not False]
+        self._missing = [missing_target(s) for s in payload.get("segments", []) if s not in self._pending]
         self._segments: list[SegmentMask] = []
         self._inflater = None
         self._parts: list[bytes] = []
@@ -82,7 +85,8 @@ class ResultDecoder:
             self._segments.append(SegmentMask(
                 label=int(segment["label"]), name=segment["name"], color=tuple(c / 255.0 for c in segment["color"]),
                 offset_kji=tuple(mask["offset"]), crop=crop, measurements=segment.get("measurements", {}),
-                laterality=segment.get("laterality"), key_slice=segment.get("key_slice")))
+                laterality=segment.get("laterality"), key_slice=segment.get("key_slice"),
+                answer=segment.get("answer") or "", score=segment_score(segment)))
             self._pending.pop(0)
             self._inflater, self._parts = None, []
             if self._pending:
@@ -94,12 +98,28 @@ class ResultDecoder:
         report = payload.get("report") or {}
         answer = (payload.get("answer") or {}).get("text", "")
         return SceneResult(task=payload.get("task", ""), prompt=payload.get("prompt", ""), segments=self._segments,
+                           missing=self._missing,
                            findings=payload.get("findings", []), boxes=payload.get("boxes", []),
                            report_findings=report.get("findings", "") or "",
                            report_impression=report.get("impression", "") or "",
                            answer=answer or "", problems=payload.get("problems", []),
                            random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"),
-                           experimental=payload.get("experimental") or "")
+                           experimental=payload.get("experimental") or "",
+                           plane=(payload.get("settings") or {}).get("plane") or "axial")
+
+
+def segment_score(segment: dict) -> float | None:
+    """The contract's `score`; older backends call it `key_score`."""
+    score = segment.get("score", segment.get("key_score"))
+    return None if score is None else float(score)
+
+
+def missing_target(segment: dict) -> MissingTarget:
+    """A segment entry without a mask: the target was not found (the backend says why)."""
+    reason = segment.get("reason") or ("not found" if segment.get("found") is False
+                                       else "the backend sent no voxels for it")
+    return MissingTarget(name=segment.get("name", "?"), reason=reason, answer=segment.get("answer") or "",
+                         key_slice=segment.get("key_slice"), score=segment_score(segment))
 
 
 def scene_result_from_payload(payload: dict, shape_kji) -> SceneResult:

@@ -1,12 +1,10 @@
-"""DICOM export of a result for a volume that came from Slicer's DICOM database (no Qt in this file).
+"""The DICOM side of a volume that came from Slicer's DICOM database (no Qt in this file).
 
 At Apply, `dicom_reference` describes the volume's source series from the DICOM database (study, series and
 frame-of-reference UIDs, one SOP instance per slice k, their positions, the least patient/study identity),
-and the upload carries it: the backend then makes a DICOM SEG and a TID 1500 SR that reference exactly those
-instances. The Export button (`export_result`) saves them into a folder and imports that folder into Slicer's
-DICOM database, beside the source series, from where Slicer's DICOM module sends them to a PACS. When Slicer's
-own DICOM SEG exporter is installed (QuantitativeReporting's DICOMSegmentationPlugin), the segmentation node as
-it is in the scene — edits included — is exported through it instead of the backend's SEG.
+and the upload carries it: the backend can then make a DICOM SEG and a TID 1500 SR that reference exactly those
+instances. The Export button sends the scene's segments as they are (scene_export.py) and `save_objects` saves the
+SEG and SR the backend wrote into a folder that Slicer's DICOM database imports, beside the source series.
 """
 from __future__ import annotations
 
@@ -15,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"   # set by Slicer's DICOM readers on the volumes they load
-SEG_EXPORTER = "DICOMSegmentationPlugin"
 TAGS = {"study_instance_uid": "0020,000D", "series_instance_uid": "0020,000E", "frame_of_reference_uid": "0020,0052",
         "sop_class_uid": "0008,0016", "modality": "0008,0060", "series_description": "0008,103E"}
 IDENTITY_TAGS = {"PatientName": "0010,0010", "PatientID": "0010,0020", "PatientBirthDate": "0010,0030",
@@ -69,75 +66,15 @@ def dicom_reference(volume_node, ijk_to_ras: np.ndarray, database) -> dict | Non
     return reference
 
 
-def save_backend_objects(client, dicom: dict, directory: Path, names=("seg", "sr")) -> list[Path]:
-    """The job's DICOM objects (the result's `dicom` field) as files in `directory`."""
-    if not dicom or not dicom.get("files"):
-        raise DicomExportError("this result has no DICOM objects: the input volume was not loaded from the DICOM "
-                               "database (or the backend made none); apply again on a DICOM-loaded volume")
+def save_objects(client, files: dict, directory: Path, names=("seg", "sr")) -> list[Path]:
+    """The backend's DICOM objects (`files`: name -> URL path) as files citrusv_<name>.dcm in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
-        url = dicom["files"].get(name)
+        url = files.get(name)
         if url is None:
-            continue
+            raise DicomExportError(f"the backend's export has no {name.upper()} object")
         path = directory / f"citrusv_{name}.dcm"
         path.write_bytes(client.download(url))
         written.append(path)
     return written
-
-
-def slicer_seg_exporter(plugins: dict):
-    """Slicer's own DICOM SEG exporter (from QuantitativeReporting), or None when it is not installed."""
-    plugin = plugins.get(SEG_EXPORTER)
-    return plugin() if plugin is not None else None
-
-
-def export_segmentation_with_slicer(exporter, subject_hierarchy_item: int, directory: Path) -> list[Path]:
-    """The segmentation through Slicer's DICOM export: the exporter's own examineForExport / export."""
-    exportables = exporter.examineForExport(subject_hierarchy_item)
-    if not exportables:
-        raise DicomExportError("Slicer's DICOM SEG exporter cannot export this segmentation (its reference volume "
-                               "must be the DICOM volume)")
-    directory.mkdir(parents=True, exist_ok=True)
-    before = set(directory.iterdir())
-    for exportable in exportables:
-        exportable.directory = str(directory)
-    message = exporter.export(exportables)
-    if message:
-        raise DicomExportError(f"Slicer's DICOM export failed: {message}")
-    return sorted(set(directory.iterdir()) - before)
-
-
-def export_result(client, dicom: dict, directory: Path, import_folder, exporter=None,
-                  segmentation_item: int | None = None) -> dict:
-    """SEG (Slicer's exporter when given, else the backend's) and the backend's SR into `directory`, then
-    `import_folder(directory)` (DICOMUtils.importDicom) puts them into the DICOM database. What was done."""
-    files, route = [], "backend"
-    if exporter is not None and segmentation_item is not None:
-        files += export_segmentation_with_slicer(exporter, segmentation_item, directory)
-        files += save_backend_objects(client, dicom, directory, names=("sr",))
-        route = "slicer"
-    else:
-        files += save_backend_objects(client, dicom, directory)
-    import_folder(str(directory))
-    return {"files": files, "segmentation_exported_by": route}
-
-
-def export_result_without_waiting(transport, target, dicom: dict | None, directory: Path, import_folder, on_done,
-                                  exporter=None, segmentation_item: int | None = None) -> None:
-    """`export_result` with the backend's objects downloaded through the courier first (nothing blocks the panel);
-    `on_done(done, error)` on the main thread."""
-    from .transport import Fetched, fetch_all
-
-    def fetched(bodies, error) -> None:
-        if error is not None:
-            return on_done(None, error)
-        try:
-            on_done(export_result(Fetched(bodies), dicom, directory, import_folder, exporter, segmentation_item), None)
-        except Exception as failure:  # shown in the panel
-            on_done(None, failure)
-
-    files = (dicom or {}).get("files") or {}
-    if not files or target is None:
-        return fetched({}, None)  # export_result says why there is nothing to export
-    fetch_all(transport, target, list(files.values()), fetched)

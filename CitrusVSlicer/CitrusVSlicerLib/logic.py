@@ -17,6 +17,7 @@ from .endpoints import BackendError
 from .installer import explain_failure
 from .refine import slice_settings
 from .refine_scene import SceneRefinement
+from .scene_export import SceneDicomExport, source_volume
 from .writers import ijk_to_ras_matrix
 
 IDLE_POLL_SECONDS = 0.2
@@ -33,7 +34,7 @@ class ModuleLogic:
         self._apply = None
         self.refinement = None               # SceneRefinement of the segment being corrected
         self.longestPollSeconds = 0.0
-        self.lastResultTarget = None
+        self.dicomExport = None              # SceneDicomExport of the scene's segments, while it runs
         if not hasattr(backend, "uploads"):  # one cache per session: uploads survive a module Reload
             backend.uploads = UploadCache()
 
@@ -64,6 +65,21 @@ class ModuleLogic:
         self.refinement.start()
         return self.refinement
 
+    def startDicomExport(self, target, volumeNode, segmentationNode, directory, importFolder, onDone) -> SceneDicomExport:
+        """Export the segments as they are in the scene (scene_export.py) as DICOM SEG + SR into the DICOM database
+        (`importFolder(folder)`); `onDone(done, error)` on the main thread, driven by poll(). The volume is the one
+        the segmentation was made on, else `volumeNode`."""
+        if self.dicomExport is not None and self.dicomExport.active:
+            raise BackendError("a DICOM export is already running")
+        volume = source_volume(segmentationNode, volumeNode)
+        reference = None
+        if volume is not None and volume.GetImageData() is not None:
+            reference = dicom_reference(volume, ijk_to_ras_matrix(volume), self.dicomDatabase())
+        self.dicomExport = SceneDicomExport(self.backend.transport, target, self.backend.uploads, volume,
+                                            segmentationNode, reference, directory, importFolder, onDone)
+        self.dicomExport.start()
+        return self.dicomExport
+
     def stopRefine(self) -> None:
         if self.refinement is not None:
             self.refinement.stop()
@@ -74,10 +90,7 @@ class ModuleLogic:
             self._apply.cancel()
 
     def applyEvents(self) -> list:
-        events = self._apply.events() if self._apply is not None else []
-        if any(event.kind == "done" for event in events):
-            self.lastResultTarget = self._apply.runner.target  # where its DICOM objects are
-        return events
+        return self._apply.events() if self._apply is not None else []
 
     def poll(self) -> float:
         """Advance the backend, the courier, the running Apply and refinement; seconds until the next poll is useful."""
@@ -87,6 +100,8 @@ class ModuleLogic:
             delay = min(delay, self._apply.poll())
         if self.refinement is not None:
             delay = min(delay, self.refinement.poll())
+        if self.dicomExport is not None and self.dicomExport.active:
+            delay = min(delay, self.dicomExport.poll())
         if self.backend.transport.busy:
             delay = min(delay, 0.01)
         return delay

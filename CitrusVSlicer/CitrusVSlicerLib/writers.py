@@ -15,6 +15,7 @@ from vtk.util import numpy_support
 
 import slicer
 
+from .key_slice import tag_evidence
 from .results import SceneResult, SegmentMask
 from .terminology import terminology_entry
 
@@ -30,7 +31,11 @@ FINDING_COLUMNS = [
     ("long_axis_mm", vtk.vtkDoubleArray, "mm", "Longest in-plane diameter (RECIST long axis)"),
     ("short_axis_mm", vtk.vtkDoubleArray, "mm", "Largest diameter perpendicular to the long axis"),
     ("mean_intensity", vtk.vtkDoubleArray, "", "Mean voxel value inside the segment (HU for CT)"),
-    ("slice", vtk.vtkIntArray, "", "Slice index (along the slicing axis) where it was found"),
+    ("slice", vtk.vtkIntArray, "", "Key slice: index along the run's plane where the model saw it best"),
+    ("found", vtk.vtkStringArray, "", "Whether the model found this target (yes / no)"),
+    ("reason", vtk.vtkStringArray, "", "Why the target was not found (the backend's words)"),
+    ("score", vtk.vtkDoubleArray, "", "The key slice's score (how strongly the model saw the target there)"),
+    ("answer", vtk.vtkStringArray, "", "The model's text answer for this target"),
     ("segment", vtk.vtkStringArray, "", "Name of the linked segment"),
     ("run", vtk.vtkIntArray, "", "Which Apply produced the row (1, 2, ...): its report is the run's text node"),
     ("report", vtk.vtkStringArray, "", "Name of the report text node of that run"),
@@ -96,8 +101,9 @@ def create_segmentation_node(scene, volume_node, name: str):
 
 
 def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation_node=None,
-                   replace_existing: bool = False) -> tuple[object, list[str]]:
-    """Add one segment per mask; returns the segmentation node and the new segment ids."""
+                   replace_existing: bool = False, plane: str = "axial") -> tuple[object, list[str]]:
+    """Add one segment per mask, each from its own crop (segments may overlap: Slicer keeps overlapping segments in
+    separate labelmap layers); returns the segmentation node and the new segment ids."""
     if segmentation_node is None:
         segmentation_node = create_segmentation_node(scene, volume_node, f"{volume_node.GetName()} CitrusV")
     elif segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
@@ -123,6 +129,7 @@ def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation
         if entry:
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         segment.SetTag("CitrusV.Laterality", mask.laterality or "")
+        tag_evidence(segment, mask, plane)
         segment_ids.append(segment_id)
     return segmentation_node, segment_ids
 
@@ -155,8 +162,9 @@ def _set_value(array, array_class, index: int, value) -> None:
 
 
 def write_findings_table(scene, result: SceneResult, table_node=None, name: str = "CitrusV findings"):
-    """Append this run's findings to a table node (typed columns with units and descriptions); the run's report goes
-    into a text node of its own, referenced from the table (role CitrusVReport, one reference per run)."""
+    """Append this run's rows to a table node (typed columns with units and descriptions): a row per target, found or
+    not (with the reason), with its segment's answer, key slice and score; the run's report goes into a text node of
+    its own, referenced from the table (role CitrusVReport, one reference per run)."""
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     _ensure_columns(table_node)
@@ -168,7 +176,7 @@ def write_findings_table(scene, result: SceneResult, table_node=None, name: str 
     report.SetAttribute("CitrusV.Run", str(run))
     table_node.AddNodeReferenceID(REPORT_REFERENCE_ROLE, report.GetID())
     table = table_node.GetTable()
-    for row in result.findings:
+    for row in result.table_rows():
         values = dict(row, run=run, report=report.GetName())
         table.InsertNextBlankRow()
         index = table.GetNumberOfRows() - 1
@@ -240,8 +248,8 @@ def write_result(scene, volume_node, result: SceneResult, segmentation_node=None
     try:
         if result.segments:
             written["segmentation"], written["segment_ids"] = write_segments(
-                scene, volume_node, result.segments, segmentation_node, replace_existing)
-        if result.findings or result.report_text:
+                scene, volume_node, result.segments, segmentation_node, replace_existing, result.plane)
+        if result.table_rows() or result.report_text:
             written["table"], written["report"] = write_findings_table(scene, result, table_node)
         written["rois"] = write_boxes(scene, result.boxes, volume_node)
     finally:

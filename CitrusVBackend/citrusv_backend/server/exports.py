@@ -105,8 +105,8 @@ def export_result(volume: Volume, request: ExportRequest, job: dict | None, rand
     labels = [s.label for s in request.segments]
     if len(set(labels)) != len(labels):
         raise InputError(f"segment labels must be distinct, got {labels}")
-    plane = ((job or {}).get("settings") or {}).get("plane", "axial")
-    slice_axis = model_orientation(volume.geometry.direction, plane).slice_axis
+    axis = ((job or {}).get("settings") or {}).get("axis", "axial")
+    slice_axis = model_orientation(volume.geometry.direction, axis).slice_axis
     from_job = {s["label"]: s for s in (job or {}).get("segments", [])}
     result = VolumeResult(task="segment", prompt=(job or {}).get("prompt", ""), case=volume.name,
                           labels=np.zeros(volume.shape, np.uint8),
