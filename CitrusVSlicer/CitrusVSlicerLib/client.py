@@ -105,7 +105,7 @@ class ResultDecoder:
                            answer=answer or "", problems=payload.get("problems", []),
                            random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"),
                            experimental=payload.get("experimental") or "",
-                           plane=(payload.get("settings") or {}).get("plane") or "axial")
+                           plane=_slice_axis(payload.get("settings") or {}))
 
 
 def segment_score(segment: dict) -> float | None:
@@ -128,3 +128,8 @@ def scene_result_from_payload(payload: dict, shape_kji) -> SceneResult:
     while (result := decoder.step()) is None:
         pass
     return result
+
+
+def _slice_axis(settings: dict) -> str:
+    """The axis the run's key slices are counted along (`plane` is what backends before the one-vocabulary change sent)."""
+    return settings.get("axis") or settings.get("plane") or "axial"

@@ -37,7 +37,7 @@ def organ_and_lesion() -> tuple[np.ndarray, np.ndarray]:
 def payload(segments: list[dict], findings: list[dict], problems: list[str]) -> dict:
     return {"task": "segment", "prompt": "segment the liver, the liver lesion and the spleen", "random_weights": True,
             "labelmap": {"shape": list(SHAPE)}, "segments": segments, "findings": findings, "boxes": [],
-            "report": None, "answer": None, "problems": problems, "settings": {"plane": "axial"}}
+            "report": None, "answer": None, "problems": problems, "settings": {"axis": "axial"}}
 
 
 def liver_case() -> dict:
