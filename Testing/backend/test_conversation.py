@@ -182,3 +182,18 @@ def test_a_turn_over_the_budget_is_refused_and_nothing_is_added(tiny_engine, sta
     assert len(conversation.turns) == 1
     with pytest.raises(InputError, match="damaged|not a CitrusV conversation"):
         Conversation.from_dict({"format": "citrusv-conversation/1", "turns": [{"number": 1}]})
+
+
+def test_the_answer_streams_through_progress(tiny_engine, standard):
+    """While the model writes, progress carries the answer so far (what the service's job status shows)."""
+    seen = []
+    runner = ConversationRunner(tiny_engine, "tiny", progress=lambda stage, fraction, message: seen.append(
+        (stage, fraction, message)))
+    outcome = runner.ask(Conversation.new(standard), standard, TurnRequest("What is in this slice?", slice=2,
+                                                                           max_new_tokens=12))
+    partial = [message for stage, _, message in seen if stage == "answering" and message]
+    assert len(partial) >= 3, seen
+    assert all(outcome.turn.answer.startswith(text) for text in partial)
+    assert [len(text) for text in partial] == sorted(len(text) for text in partial)
+    fractions = [fraction for _, fraction, _ in seen]
+    assert fractions == sorted(fractions) and seen[-1] == ("done", 1.0, outcome.turn.answer)
