@@ -103,6 +103,7 @@ def test_export_markdown_shows_each_turns_slice_and_the_markings(three_turns):
     assert "## Turn 1" in text and "## Turn 2" in text and "## Turn 3" in text
     assert "axial slice 20" in text and "text only (masks and boxes on turn 2's image)" in text
     assert "Segment *turn 2* (label 1) on slice 20" in text and "ROI *nodule*" in text
+    assert f"````text\n{SEG_AND_BOX}\n````" in text, "an answer with a ```json block is shown verbatim"
     pictures = re.findall(r"!\[turn (\d+): axial slice (\d+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
     assert [(n, s) for n, s, _ in pictures] == [("1", "17"), ("2", "20")]
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for _, _, data in pictures)

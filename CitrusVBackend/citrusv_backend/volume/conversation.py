@@ -522,7 +522,7 @@ def conversation_markdown(conversation: Conversation, slice_image_links: dict[in
                   + (" — forced answer" if turn.forced_answer else ""), ""]
         if slice_image_links and turn.number in slice_image_links:
             lines += [f"![turn {turn.number}: {turn.axis} slice {turn.slice}]({slice_image_links[turn.number]})", ""]
-        lines += [f"**Question:** {turn.prompt}", "", f"**Answer:** {turn.answer}", ""]
+        lines += ["**Question:**", "", _fenced(turn.prompt), "", "**Answer:**", "", _fenced(turn.answer), ""]
         if turn.experimental:
             lines += [f"> {turn.experimental}", ""]
         for segment in turn.segments:
@@ -538,6 +538,13 @@ def conversation_markdown(conversation: Conversation, slice_image_links: dict[in
         if turn.segments or turn.boxes or turn.problems:
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _fenced(text: str) -> str:
+    """Text shown verbatim in Markdown: a fence longer than any run of backticks in it (answers hold ```json)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def turn_slice_png(volume: Volume, turn: Turn) -> bytes | None:
