@@ -153,3 +153,24 @@ def test_a_turn_over_the_budget_is_413_and_says_to_start_a_new_conversation(thre
     assert response.status_code == 413, response.text
     assert "start a new conversation" in response.json()["error"]["message"]
     assert client.get(f"/v1/conversations/{small['conversation_id']}").json()["turns"] == []
+
+
+def test_one_turn_at_a_time_and_a_conversation_outlives_its_volume(client, chest):
+    volume_id = upload(client, chest)
+    conversation_id = client.post(f"/v1/volumes/{volume_id}/conversations", json={}).json()["conversation_id"]
+    running = client.post(f"/v1/conversations/{conversation_id}/turns",
+                          json={"prompt": "Describe this slice in detail.", "slice": 5, "max_new_tokens": 400})
+    assert running.status_code == 202
+    second = client.post(f"/v1/conversations/{conversation_id}/turns", json={"prompt": "And?", "slice": 6})
+    assert second.status_code == 409 and "already has a turn in progress" in second.json()["error"]["message"]
+    assert client.delete(f"/v1/conversations/{conversation_id}").status_code == 409
+    client.delete(f"/v1/jobs/{running.json()['job_id']}")
+    ended = wait(client, running.json()["job_id"])["status"]
+    assert ended in ("cancelled", "done")
+    # A cancelled turn adds nothing to the conversation; one that finished first is kept.
+    assert len(client.get(f"/v1/conversations/{conversation_id}").json()["turns"]) == (ended == "done")
+    assert client.delete(f"/v1/volumes/{volume_id}").status_code in (200, 204)
+    gone = client.post(f"/v1/conversations/{conversation_id}/turns", json={"prompt": "And?", "slice": 6})
+    assert gone.status_code == 409 and "no longer on the server" in gone.json()["error"]["message"]
+    exported = client.get(f"/v1/conversations/{conversation_id}/export", params={"format": "markdown"})
+    assert exported.status_code == 200 and "# Conversation" in exported.text
