@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..inference.engine import CitrusVEngine
-from ..volume.conversation import Conversation, ConversationRunner, TurnRequest, conversation_markdown
+from ..volume.conversation import Conversation, ConversationRunner, TurnRequest
 from ..volume.dicom_out import model_name
 from ..volume.io import Volume
 from ..volume.pipeline import VolumeOptions
@@ -138,7 +138,3 @@ def ask_payload(engine: CitrusVEngine, volume: Volume, request, options: VolumeO
     payload["settings"] = {"plane": options.plane, "window": outcome.turn.window, "slice": index}
     payload["timings"] = outcome.inference.timings
     return payload
-
-
-def export_markdown(conversation: Conversation) -> str:
-    return conversation_markdown(conversation)

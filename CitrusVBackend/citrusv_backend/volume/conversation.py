@@ -268,6 +268,37 @@ def _shown_size(orientation: DisplayOrientation, shape, request: TurnRequest) ->
 # ---------------------------------------------------------------------------------------------- the turn
 
 @dataclass
+class ShownImage:
+    """What the model was shown on a turn: a slice (axis, window), or its crop inside an ROI."""
+
+    turn: int
+    slice: int
+    axis: str
+    window: Window
+    roi: dict | None
+    crop: list[int] | None           # [row0, row1, col0, col1] of the model-oriented slice (inclusive)
+    budget: PixelBudget
+
+    @classmethod
+    def of(cls, turn: Turn) -> "ShownImage":
+        return cls(turn.number, turn.slice, turn.axis, Window(**turn.window), turn.roi, turn.crop,
+                   PixelBudget(*turn.pixel_budget))
+
+    def pixels(self, volume: Volume) -> tuple[SliceSource, np.ndarray]:
+        source = SliceSource(volume, self.axis, self.window)
+        image = source.gray(self.slice)
+        if self.crop is not None:
+            r0, r1, c0, c1 = self.crop
+            image = np.ascontiguousarray(image[r0:r1 + 1, c0:c1 + 1])
+        return source, image
+
+    def prepare(self, volume: Volume, processor, sam2: bool):
+        """(its slice source, its prepared image at its pixel budget)."""
+        source, image = self.pixels(volume)
+        return source, processor.prepare_image(image, self.budget, sam2=sam2)
+
+
+@dataclass
 class TurnOutcome:
     turn: Turn
     result: VolumeResult             # the turn's segments (in the volume's grid) and boxes, as a volume result
@@ -292,37 +323,20 @@ class ConversationRunner:
         conversation.check_volume(volume)
         processor = self.engine.processor
         self.progress("preparing", 0.0, "re-making the conversation's images")
-        history = []
-        latest = None  # (turn number, its shown image, its slice source, its crop)
-        for turn in conversation.turns:
-            images = []
-            if turn.slice is not None:
-                shown, source = self._turn_image(volume, turn.slice, turn.axis, Window(**turn.window), turn.roi)
-                images = [processor.prepare_image(shown, PixelBudget(*turn.pixel_budget), sam2=False)]
-                latest = (turn.number, turn, images[0])
-            history.append((turn.prompt, images, _history_text(turn.answer)))
+        history, latest = self._history(conversation, volume)
         number = len(conversation.turns) + 1
         budget = request.budget()
         if request.slice is not None:
             window = parse_window(request.window, request.prompt, volume.modality, volume.voxels)
-            shown, source = self._turn_image(volume, request.slice, request.axis, window, request.roi)
-            focus = processor.prepare_image(shown, budget)
-            crop = None if request.roi is None else list(roi_crop(request.roi, source.orientation, request.slice,
-                                                                  volume.shape))
-            where = (number, request.slice, request.axis, window, crop, source)
-            history.append((request.prompt, [focus], None))
+            crop = None if request.roi is None else list(roi_crop(
+                request.roi, model_orientation(volume.geometry.direction, request.axis), request.slice, volume.shape))
+            shown = ShownImage(number, request.slice, request.axis, window, request.roi, crop, budget)
         else:
-            history.append((request.prompt, [], None))
-            focus, where = None, None
-            if latest is not None:  # the answer's [SEG] and boxes refer to the latest image
-                earlier = latest[1]
-                window = Window(**earlier.window)
-                shown, source = self._turn_image(volume, earlier.slice, earlier.axis, window, earlier.roi)
-                focus = processor.prepare_image(shown, PixelBudget(*earlier.pixel_budget))
-                where = (earlier.number, earlier.slice, earlier.axis, window, earlier.crop, source)
+            shown = latest  # a text-only turn: the answer's [SEG] and boxes refer to the latest image (None: none yet)
+        source, focus = (None, None) if shown is None else shown.prepare(volume, processor, sam2=True)
+        history.append((request.prompt, [focus] if request.slice is not None else [], None))
         inputs = processor.conversation_inputs(history, focus, answer=request.answer)
-        new_tokens = inputs.prompt_length - conversation.tokens
-        problem = budget_problem(conversation, new_tokens, request.max_new_tokens)
+        problem = budget_problem(conversation, inputs.prompt_length - conversation.tokens, request.max_new_tokens)
         if problem:
             raise ConversationTooLong(problem)
         if self.should_cancel():
@@ -337,13 +351,13 @@ class ConversationRunner:
         inference = self.engine.run_inputs(inputs, request.prompt, task="ask", answer=request.answer,
                                            max_new_tokens=request.max_new_tokens, on_text=on_text,
                                            should_cancel=self.should_cancel)
+        own = request.slice is not None
         turn = Turn(number=number, prompt=request.prompt, answer=inference.text, slice=request.slice,
-                    axis=request.axis if request.slice is not None else None,
-                    window=window.__dict__ if request.slice is not None else None,
-                    window_spec=request.window if request.slice is not None else None, roi=request.roi,
-                    crop=where[4] if request.slice is not None else None, pixel_budget=[budget.min_pixels, budget.max_pixels],
-                    image_size=None if request.slice is None else list(focus.original_size),
-                    masks_on_turn=None if where is None else where[0], model=self.model_name,
+                    axis=request.axis if own else None, window=shown.window.__dict__ if own else None,
+                    window_spec=request.window if own else None, roi=request.roi, crop=shown.crop if own else None,
+                    pixel_budget=[budget.min_pixels, budget.max_pixels],
+                    image_size=list(focus.original_size) if own else None,
+                    masks_on_turn=None if shown is None else shown.turn, model=self.model_name,
                     random_weights=inference.random_weights, forced_answer=inference.forced_answer,
                     experimental=experimental_note(request.prompt, inference.text, volume.modality),
                     problems=list(inference.problems), prompt_tokens=inputs.prompt_length,
@@ -352,27 +366,30 @@ class ConversationRunner:
                               labels=np.zeros(volume.shape, np.uint8), random_weights=inference.random_weights,
                               experimental=turn.experimental, problems=turn.problems, timings=inference.timings,
                               settings={"conversation_id": conversation.id, "turn": number})
-        result.source = where[5] if where is not None else SliceSource(
-            volume, request.axis, parse_window(request.window, request.prompt, volume.modality, volume.voxels))
-        if where is not None:
-            _, index, axis, window_used, crop, source = where
-            self._segments(inference, turn, result, volume, source, (axis, index), crop, request.propagate)
-            self._boxes(inference, turn, result, volume, source, index, crop)
-            result.settings |= {"slice": index, "axis": axis, "window": window_used.__dict__}
+        result.source = source or SliceSource(volume, request.axis, parse_window(request.window, request.prompt,
+                                                                                 volume.modality, volume.voxels))
+        if shown is not None:
+            self._segments(inference, turn, result, volume, source, (shown.axis, shown.slice), shown.crop,
+                           request.propagate)
+            self._boxes(inference, turn, result, volume, source, shown.slice, shown.crop)
+            result.settings |= {"slice": shown.slice, "axis": shown.axis, "window": shown.window.__dict__}
         conversation.turns.append(turn)
         self.progress("done", 1.0, inference.text)
         return TurnOutcome(turn=turn, result=result, inference=inference)
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    @staticmethod
-    def _turn_image(volume: Volume, index: int, axis: str, window: Window, roi: dict | None):
-        source = SliceSource(volume, axis, window)
-        image = source.gray(index)
-        if roi is not None:
-            r0, r1, c0, c1 = roi_crop(roi, source.orientation, index, volume.shape)
-            image = np.ascontiguousarray(image[r0:r1 + 1, c0:c1 + 1])
-        return image, source
+    def _history(self, conversation: Conversation, volume: Volume) -> tuple[list, "ShownImage | None"]:
+        """The earlier turns as the model sees them again (their images re-made from the volume), and the latest
+        image shown."""
+        history, latest = [], None
+        for turn in conversation.turns:
+            images = []
+            if turn.slice is not None:
+                latest = ShownImage.of(turn)
+                images = [latest.prepare(volume, self.engine.processor, sam2=False)[1]]
+            history.append((turn.prompt, images, _history_text(turn.answer)))
+        return history, latest
 
     def _segments(self, inference: InferenceResult, turn: Turn, result: VolumeResult, volume: Volume,
                   source: SliceSource, where: tuple[str, int], crop, propagate: bool) -> None:
@@ -555,7 +572,7 @@ def turn_slice_png(volume: Volume, turn: Turn) -> bytes | None:
 
     from PIL import Image
 
-    image, _ = ConversationRunner._turn_image(volume, turn.slice, turn.axis, Window(**turn.window), turn.roi)
+    _, image = ShownImage.of(turn).pixels(volume)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
