@@ -12,7 +12,9 @@ times faster and is what the processor runs (see that module for why it is exact
 Text: ChatML with the system prompt "You are a helpful assistant."; the image block goes where the query's first
 `<image>` tag stands (before the query when it has none), as ms-swift's template places it. ms-swift joins the
 conversation into one string and tokenises it; the pieces here are cut only at special tokens, which the
-tokenizer never merges across, so the ids are the same.
+tokenizer never merges across, so the ids are the same. A multi-turn conversation (`conversation_pieces`,
+`conversation_inputs`) is rendered as Qwen2.5-VL's chat template renders it: every earlier question with its
+images and every earlier answer, then the question being asked; its images go to the model in order.
 """
 from __future__ import annotations
 
