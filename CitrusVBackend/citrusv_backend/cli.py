@@ -258,6 +258,9 @@ def build_parser() -> CommandParser:
     from .refine_cli import add_refine_parser
 
     add_refine_parser(sub, add_model_options)
+    from .ask_cli import add_parser as add_ask_parser
+
+    add_ask_parser(sub, add_model_options)
     add_batch_parser(sub)
     add_serve_parser(sub)
     add_eval_parser(sub)

@@ -240,7 +240,8 @@ def run_fuzz(http: httpx.Client, bases: dict, counts: dict[str, int], record: Fu
                                                              headers={"content-type": content_type}))
 
     @given(method=st.sampled_from(["GET", "DELETE"]), template=st.sampled_from(
-        ["/v1/volumes/{}", "/v1/jobs/{}", "/v1/jobs/{}/result"]), identifier=st.text(min_size=1, max_size=80))
+        ["/v1/volumes/{}", "/v1/jobs/{}", "/v1/jobs/{}/result", "/v1/conversations/{}",
+         "/v1/conversations/{}/export"]), identifier=st.text(min_size=1, max_size=80))
     def random_id(method, template, identifier):
         check(record, http, "random id", lambda: http.request(method, template.format(quote(identifier, safe=""))))
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from .errors import install_error_handlers
 from .middleware import AccessLog, BearerAuth, BodyLimit, LoopbackOpenAccess
-from .routers import exports, health, images, jobs, openai, refine, volumes
+from .routers import conversations, exports, health, images, jobs, openai, refine, volumes
 from .state import (MiB, REFERENCE_MODEL_NAME, VOLUME_UPLOAD_PATH, ServiceConfig,  # noqa: F401  (their home was here)
                     ServiceState, free_accelerator_memory)
 
@@ -28,7 +28,7 @@ def create_app(state: ServiceState) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     for router in (health.router, volumes.router, jobs.router, images.router, openai.router, refine.router,
-                   exports.router):
+                   exports.router, conversations.router):
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit_for=state.config.body_limit, read_timeout_s=state.config.read_timeout_s)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..inference.engine import CitrusVEngine
 from .config import MiB, REFERENCE_MODEL_NAME, VOLUME_UPLOAD_PATH, ServiceConfig  # noqa: F401  (re-exported)
+from .conversations import ConversationStore
 from .exports import ExportStore
 from .jobs import GpuWorker, JobQueue
 from .sessions import RefineSessions
@@ -36,6 +37,7 @@ class ServiceState:
         self.refine = RefineSessions(engine, config.refine_cache_bytes, config.max_refine_sessions, config.volume_ttl_s)
         self.volumes.on_evict.append(self.refine.drop_volume)
         self.exports = ExportStore(config.result_ttl_s)   # DICOM exports of a client's segments
+        self.conversations = ConversationStore()
         self.started_at = time.time()
         self.tmp_dir: Path | None = None
 
