@@ -11,7 +11,7 @@ from citrusv_backend.cli import build_parser, cmd_bench, cmd_make_tiny_checkpoin
 
 pytestmark = pytest.mark.unit
 
-USER_COMMANDS = ["infer", "segment", "detect", "report", "refine", "batch", "serve", "eval", "demo", "download"]
+USER_COMMANDS = ["infer", "segment", "detect", "report", "refine", "ask", "batch", "serve", "eval", "demo", "download"]
 VISIBLE_OPTIONS_LIMIT = 100  # issue 20: at most 100 visible options across the user commands
 
 

@@ -60,7 +60,7 @@ def test_detection_asks_with_the_eval_template_and_budget(tiny_engine, chest, ca
 # ---------------------------------------------------------------------------------------------- reports
 
 def test_reports_use_the_reference_prompt_and_are_marked_experimental_everywhere(tiny_engine, chest, calls, tmp_path):
-    from citrusv_backend.server.tasks import volume_result_payload
+    from citrusv_backend.server.payloads import volume_result_payload
 
     result = VolumePipeline(tiny_engine).run(chest, "", "report", VolumeOptions(report_slices=1, max_new_tokens=4))
     assert calls[0]["prompt"] == REPORT_PROMPT == \

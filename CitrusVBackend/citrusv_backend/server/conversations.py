@@ -19,6 +19,7 @@ from ..volume.io import Volume
 from ..volume.pipeline import VolumeOptions
 from .errors import ApiError
 from .jobs import Job
+from .payloads import to_json_bytes, volume_result_payload
 
 MAX_CONVERSATIONS = 256
 
@@ -87,7 +88,6 @@ def service_model_name(engine: CitrusVEngine) -> str:
 def turn_runner(engine: CitrusVEngine, conversation: Conversation, volume: Volume, request: TurnRequest,
                 max_new_tokens: int) -> Callable[[Job], bytes]:
     def run(job: Job) -> bytes:
-        from .tasks import to_json_bytes
 
         runner = ConversationRunner(engine, service_model_name(engine), progress=job.progress,
                                     should_cancel=job.should_cancel)
@@ -100,7 +100,6 @@ def turn_runner(engine: CitrusVEngine, conversation: Conversation, volume: Volum
 def turn_payload(conversation: Conversation, outcome, volume: Volume) -> dict:
     """The job result of a turn (CONTRACTS.md, issue 23): a volume result of its segments and ROIs, plus the
     answer, where it was asked, and the honesty markings."""
-    from .tasks import volume_result_payload
 
     turn = outcome.turn
     payload = volume_result_payload(outcome.result, volume)

@@ -17,7 +17,7 @@ from ..codec import b64encode
 from ..errors import ApiError
 from ..jobs import Job
 from ..schemas import JobInfo, Pixels, Strict
-from ..tasks import to_json_bytes
+from ..payloads import to_json_bytes
 from . import Service
 
 router = APIRouter(tags=["conversations"])

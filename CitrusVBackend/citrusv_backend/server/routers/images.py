@@ -11,7 +11,8 @@ from ..errors import ApiError
 from ..jobs import Job
 from ..schemas import ImageRequest
 from ...model.processor import check_prompt_and_answer
-from ..tasks import image_runner, to_json_bytes
+from ..payloads import to_json_bytes
+from ..tasks import image_runner
 from . import Service, run_now
 
 router = APIRouter(tags=["images"])

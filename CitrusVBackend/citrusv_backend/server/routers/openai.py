@@ -44,7 +44,8 @@ from ..errors import ApiError
 from ..jobs import Job
 from ..local_images import read_local_image
 from ..schemas import MAX_PROMPT_CHARS, Pixels
-from ..tasks import reference_binary_mask, to_json_bytes
+from ..payloads import to_json_bytes
+from ..tasks import reference_binary_mask
 from . import Service, run_now
 
 router = APIRouter(tags=["openai"])
