@@ -21,8 +21,10 @@ from .apply import UploadCache
 from .conversation import HISTORY_FORMAT, ConversationTurnRunner, Question, turn_record
 from .refine import JOB_TAG, roi_box, tag_segments
 from .runner import Event
-from .view_slice import ViewNotAligned, ViewSlice, index_axis_of_plane, roi_voxels, slice_centre_ras, slice_in_view
-from .writers import create_segmentation_node, place_in_study, volume_array_and_geometry, write_boxes, write_segments
+from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_plane, nearest_plane, roi_voxels, slice_centre_ras,
+                         slice_for_roi, slice_in_view)
+from .writers import (create_segmentation_node, ijk_to_ras_matrix, place_in_study, volume_array_and_geometry,
+                      write_boxes, write_segments)
 
 CONVERSATION_ATTRIBUTE = "CitrusV.Conversation"
 VOLUME_ROLE = "CitrusVConversationVolume"
@@ -74,7 +76,7 @@ def view_slice_of(scene, view: str, volume_node) -> ViewSlice:
     if node is None:
         raise ViewNotAligned(f"there is no {view} view in this layout")
     return slice_in_view(_array(node.GetSliceToRAS()), world_ijk_to_ras(volume_node), volume_shape(volume_node),
-                         view=f"The {view} view", volume=volume_node.GetName())
+                         view=f"The {view} view", volume=volume_node.GetName(), naming=ijk_to_ras_matrix(volume_node))
 
 
 def roi_question(volume_node, roi_node) -> dict:
@@ -85,11 +87,31 @@ def roi_question(volume_node, roi_node) -> dict:
     return roi_voxels(bounds, volume_shape(volume_node))
 
 
+def question_for(scene, volume_node, view: str, prompt: str, window: str | None = None, roi_node=None) -> Question:
+    """*Ask about this slice*: the slice the view shows, or, with an ROI, the ROI on the view's slice when the ROI
+    holds it (else on the ROI's middle slice of the view's plane). ViewNotAligned / ValueError say what is wrong."""
+    prompt = prompt.strip()
+    if not prompt:
+        raise ValueError("Type a question, e.g. 'what is on this slice?'")
+    if roi_node is None:
+        shown = view_slice_of(scene, view, volume_node)
+        return Question(prompt, shown.plane, shown.index, window, view=view)
+    roi = roi_question(volume_node, roi_node)
+    try:
+        shown = view_slice_of(scene, view, volume_node)
+        plane, index = shown.plane, shown.index
+    except ViewNotAligned:          # the ROI says where; the view only which plane
+        node = slice_node_of(scene, view)
+        plane, index = (nearest_plane(_array(node.GetSliceToRAS())) if node is not None else "axial"), None
+    return Question(prompt, plane, slice_for_roi(roi, ijk_to_ras_matrix(volume_node), plane, index), window, roi,
+                    view=view)
+
+
 def jump_to_turn(scene, volume_node, turn: dict) -> np.ndarray:
     """Move every slice view through the middle of the turn's slice (of its ROI's part of it, if any); returns the
     world point. A view turned to the volume's plane then shows that very slice."""
     point = slice_centre_ras(world_ijk_to_ras(volume_node), volume_shape(volume_node), turn["plane"], turn["slice"],
-                             turn.get("roi"))
+                             turn.get("roi"), naming=ijk_to_ras_matrix(volume_node))
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
         scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").JumpSliceByOffsetting(*point)
     return point

@@ -1,7 +1,8 @@
 """Which slice of a volume a slice view shows, and the reverse: the geometry behind *Ask about this slice*.
 
 numpy only (no MRML, no Qt): the callers pass a slice node's SliceToRAS and the volume's IJK->RAS in world
-coordinates (conversation_scene.py reads them from the scene).
+coordinates (conversation_scene.py reads them from the scene), and, for a volume under a transform, the IJK->RAS
+the backend was sent (`naming`: the volume's own), which is what the backend's plane names refer to.
 
 The backend names a slice by (plane, index): `axial` slices step along the volume's index axis whose direction is
 closest to superior, `coronal` the one closest to anterior, `sagittal` the one closest to right (the same greedy
@@ -53,7 +54,18 @@ def index_axis_of_plane(ijk_to_ras, plane: str) -> int:
     return dominant_world_axes(ijk_to_ras).index(WORLD_AXIS_OF_PLANE[plane])
 
 
-def slice_in_view(slice_to_ras, ijk_to_ras, shape_kji, view: str = "The view", volume: str = "the volume") -> ViewSlice:
+def plane_of_index_axis(ijk_to_ras, index_axis: int) -> str:
+    return PLANE_OF_WORLD_AXIS[dominant_world_axes(ijk_to_ras)[index_axis]]
+
+
+def nearest_plane(slice_to_ras) -> str:
+    """The plane a view is closest to in patient axes (its normal's largest component)."""
+    normal = np.asarray(slice_to_ras, float)[:3, 2]
+    return PLANE_OF_WORLD_AXIS[int(np.argmax(np.abs(normal)))]
+
+
+def slice_in_view(slice_to_ras, ijk_to_ras, shape_kji, view: str = "The view", volume: str = "the volume",
+                  naming=None) -> ViewSlice:
     """The slice of the volume that a view with this SliceToRAS shows; ViewNotAligned when it shows none."""
     slice_to_ras = np.asarray(slice_to_ras, float)
     ijk_to_ras = np.asarray(ijk_to_ras, float)
@@ -79,10 +91,11 @@ def slice_in_view(slice_to_ras, ijk_to_ras, shape_kji, view: str = "The view", v
     if not 0 <= index < sizes[axis]:
         raise ViewNotAligned(f"{view} shows no slice of {volume} (it is at index {centre:.1f}; the volume has "
                              f"{sizes[axis]} slices along that axis): move it into the volume first.")
-    return ViewSlice(PLANE_OF_WORLD_AXIS[dominant_world_axes(ijk_to_ras)[axis]], index, axis)
+    return ViewSlice(plane_of_index_axis(ijk_to_ras if naming is None else naming, axis), index, axis)
 
 
-def slice_centre_ras(ijk_to_ras, shape_kji, plane: str, index: int, roi: dict | None = None) -> np.ndarray:
+def slice_centre_ras(ijk_to_ras, shape_kji, plane: str, index: int, roi: dict | None = None,
+                     naming=None) -> np.ndarray:
     """The world point at the middle of slice `index` of `plane` (or of the ROI's part of it): where the views jump."""
     ijk_to_ras = np.asarray(ijk_to_ras, float)
     sizes = np.asarray(shape_kji, int)[::-1]
@@ -90,7 +103,7 @@ def slice_centre_ras(ijk_to_ras, shape_kji, plane: str, index: int, roi: dict | 
         centre = (np.asarray(roi["ijk_min"], float) + np.asarray(roi["ijk_max"], float)) / 2.0
     else:
         centre = (sizes - 1) / 2.0
-    centre[index_axis_of_plane(ijk_to_ras, plane)] = index
+    centre[index_axis_of_plane(ijk_to_ras if naming is None else naming, plane)] = index
     return (ijk_to_ras @ np.r_[centre, 1.0])[:3]
 
 

@@ -170,3 +170,31 @@ def test_selecting_a_turn_jumps_the_views_to_its_slice(mrml_scene):
         assert view_slice_of(mrml_scene, view, volume).index == turn["slice"]
     # The ROI turn put the other views through the ROI's middle: j = 2.5 -> the coronal view shows j 2 or 3.
     assert view_slice_of(mrml_scene, "Green", volume).index in (2, 3)
+
+
+def test_the_question_takes_the_views_slice_or_a_placed_roi(mrml_scene):
+    from CitrusVSlicerLib.conversation_scene import question_for
+    from CitrusVSlicerLib.view_slice import ViewNotAligned, slice_centre_ras
+    from CitrusVSlicerLib.writers import write_boxes
+
+    matrix = MATRICES["oblique"]
+    volume = coded_volume(mrml_scene, matrix)
+    red, _ = slice_view(mrml_scene, volume, "Red")
+    red.SetOrientationToAxial()
+    red.JumpSliceByCentering(*slice_centre_ras(matrix, SHAPE, "axial", 4))
+    with pytest.raises(ValueError, match="Type a question"):
+        question_for(mrml_scene, volume, "Red", "  ")
+    with pytest.raises(ViewNotAligned, match="not aligned"):            # patient axes over an oblique volume
+        question_for(mrml_scene, volume, "Red", "what is this?")
+    # An ROI drawn over voxels i 3..6, j 2..8, k 1..5: asked on its middle axial slice, the view's plane.
+    [roi] = write_boxes(mrml_scene, [{"label": "region", "index_min_kji": [0.5, 1.5, 2.5],
+                                      "index_max_kji": [5.5, 8.5, 6.5]}], volume)
+    question = question_for(mrml_scene, volume, "Red", "what is this?", "lung", roi)
+    assert question.roi == {"ijk_min": [3, 2, 1], "ijk_max": [6, 8, 5]}
+    assert (question.plane, question.slice, question.window, question.view) == ("axial", 3, "lung", "Red")
+    red.RotateToVolumePlane(volume)                                       # now the view shows slice 4 of the ROI
+    red.JumpSliceByCentering(*slice_centre_ras(matrix, SHAPE, "axial", 4))
+    question = question_for(mrml_scene, volume, "Red", "what is this?", None, roi)
+    assert (question.plane, question.slice) == ("axial", 4)
+    assert question_for(mrml_scene, volume, "Red", " what is this? ").body() == {
+        "prompt": "what is this?", "slice": 4, "axis": "axial", "window": None, "roi": None, "propagate": False}
