@@ -36,10 +36,14 @@ class Question:
     propagate: bool = False
     view: str = ""                    # "Red" / "Yellow" / "Green", or "" (a script, a propagation)
     propagated_from: int | None = None
+    answer: str | None = None         # scripts and tests: an answer the model is made to give (it does not write it)
 
     def body(self) -> dict:
-        return {"prompt": self.prompt, "slice": int(self.slice), "axis": self.plane, "window": self.window,
+        body = {"prompt": self.prompt, "slice": int(self.slice), "axis": self.plane, "window": self.window,
                 "roi": self.roi, "propagate": bool(self.propagate)}
+        if self.answer is not None:
+            body["answer"] = self.answer
+        return body
 
 
 class ConversationTurnRunner(ApplyRunner):

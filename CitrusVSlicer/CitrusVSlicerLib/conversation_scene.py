@@ -176,12 +176,13 @@ def propagation_question(turn: dict) -> Question:
 
 
 def writer_box(box: dict, ijk_to_ras: np.ndarray, plane: str) -> dict:
-    """A conversation box (continuous index corners, (i, j, k), edges on voxel borders) as writers.write_boxes
-    draws it: oriented like the volume's grid."""
+    """A conversation box (inclusive voxel index ranges (i, j, k), one slice thick along the turn's plane) as
+    writers.write_boxes draws it: edges on the voxels' borders, oriented like the volume's grid."""
     axis = index_axis_of_plane(ijk_to_ras, plane)
-    low, high = np.asarray(box["ijk_min"], float), np.asarray(box["ijk_max"], float)
+    first, last = np.asarray(box["ijk_min"], float), np.asarray(box["ijk_max"], float)
+    low, high = first - 0.5, last + 0.5
     return {"label": box.get("label") or "", "index_min_kji": low[::-1].tolist(), "index_max_kji": high[::-1].tolist(),
-            "slices": [int(np.ceil(low[axis])), int(np.floor(high[axis]))]}
+            "slices": [int(first[axis]), int(last[axis])]}
 
 
 def write_turn(scene, volume_node, history_node, result, record: dict) -> dict:

@@ -69,7 +69,7 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
     axis = index_axis_of_plane(MATRIX, "coronal")                   # j here: index 1 of (i, j, k)
     mask = np.zeros(SHAPE, bool)
     mask[3:6, 7, 4:9] = True                                        # on coronal slice j = 7
-    box = {"label": "nodule", "ijk_min": [3.5, 6.5, 2.5], "ijk_max": [8.5, 7.5, 5.5]}
+    box = {"label": "nodule", "ijk_min": [4, 7, 3], "ijk_max": [8, 7, 5]}      # inclusive voxels, one slice thick
     answers = [("what is on this slice?", "Lungs.", None, None),
                ("segment the nodule and box it", "It is [SEG] at [box].", mask, box),
                ("how large is it?", "About 2 cm.", None, None)]
@@ -88,8 +88,8 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
     assert turn_rois(history, 1) == [] and roi.GetName() == "Turn 2: nodule"
     # The ROI spans the asked slice, and only it, along the coronal axis (its corners in index space).
     corners = roi_corners_ijk(roi, MATRIX)
-    assert np.allclose(corners.min(axis=0), box["ijk_min"], atol=1e-6)
-    assert np.allclose(corners.max(axis=0), box["ijk_max"], atol=1e-6)
+    assert np.allclose(corners.min(axis=0), np.array(box["ijk_min"]) - 0.5, atol=1e-6)   # on the voxels' borders
+    assert np.allclose(corners.max(axis=0), np.array(box["ijk_max"]) + 0.5, atol=1e-6)
     assert corners[:, axis].min() < 7 < corners[:, axis].max() and corners[:, axis].max() - corners[:, axis].min() == \
         pytest.approx(1.0)
     turns = read_history(history)["turns"]
