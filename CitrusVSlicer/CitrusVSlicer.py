@@ -603,7 +603,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if turn is None:
             return
         self.ui.conversationDetailsTextEdit.setPlainText(turn_details(turn))
-        volume = history_volume(self._parameterNode.conversation)
+        volume = history_volume(self._parameterNode.conversation)  # selectedTurn found one: the node is there
         if volume is not None:
             try:
                 jump_to_turn(slicer.mrmlScene, volume, turn)

@@ -84,7 +84,7 @@ class ConversationTurnRunner(ApplyRunner):
         self._submit()
 
     def _turn_submitted(self, call: Call) -> None:
-        if self.active and not call.ok and call.status == 404:
+        if self.active and not call.ok and call.status == 404 and not self.context_reset:  # once: no loop
             self._call = None
             self.conversation_id, self.context_reset = None, True
             return self._submit()
@@ -100,7 +100,8 @@ class ConversationTurnRunner(ApplyRunner):
             self.payload = json.loads(call.body())
         except ValueError:
             return self._fail(f"the result of job {self.job_id} is not JSON")
-        self._decoder = ResultDecoder(self.payload, self.voxels.shape)
+        # A turn without masks may carry no labelmap: the decoder then checks nothing against the volume's shape.
+        self._decoder = ResultDecoder(dict(self.payload, labelmap=self.payload.get("labelmap") or {}), self.voxels.shape)
         self.stage = "decode"
 
 

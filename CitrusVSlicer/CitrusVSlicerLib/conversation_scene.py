@@ -292,7 +292,10 @@ class SceneConversation:
         runner = self.runner
         reset = runner.context_reset or (self._had_turns and not self.continues)
         record = turn_record(self.question, runner.payload, runner.conversation_id, runner.job_id, reset)
-        written = write_turn(self.scene, self.volume_node, self.history_node, event.result, record)
+        try:
+            written = write_turn(self.scene, self.volume_node, self.history_node, event.result, record)
+        except (ValueError, RuntimeError) as error:   # a damaged history node, a mask outside the volume
+            return Event("error", message=f"the answer could not be written into the scene: {error}")
         history = read_history(self.history_node)
         history.update(conversation_id=runner.conversation_id, server=runner.target.url, volume_id=runner.volume_id)
         save_history(self.history_node, history)
