@@ -12,6 +12,7 @@ import pytest
 
 from test_conversation_scene import roi_corners_ijk
 from test_conversation_views import slice_view
+from test_refine_panel import logic  # noqa: F401  (the fixture: ModuleLogic on the real backend, its own uploads)
 from test_writers import add_volume, oblique_ijk_to_ras, segment_array
 
 pytestmark = [pytest.mark.slicer, pytest.mark.service, pytest.mark.slow]
@@ -19,8 +20,8 @@ pytestmark = [pytest.mark.slicer, pytest.mark.service, pytest.mark.slow]
 BOX_ANSWER = 'It is [SEG].\n```json\n[{"bbox_2d": [30, 24, 70, 60], "label": "nodule"}]\n```'
 
 
-def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reloaded(module_backend, mrml_scene,
-                                                                                     chest_ct_path, tmp_path):
+def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reloaded(logic, mrml_scene, chest_ct_path,
+                                                                                     tmp_path):
     import slicer
 
     from citrusv_backend.volume.io import read_volume
@@ -28,7 +29,6 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     from CitrusVSlicerLib.conversation_scene import (
         TURN_TAG, create_history, history_segmentation, history_volume, jump_to_turn, propagation_question,
         question_for, read_history, turn_rois, view_slice_of)
-    from CitrusVSlicerLib.logic import ModuleLogic
     from CitrusVSlicerLib.refine import segment_tag
     from CitrusVSlicerLib.view_slice import index_axis_of_plane, slice_centre_ras
 
@@ -38,7 +38,6 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     red, _ = slice_view(mrml_scene, volume, "Red")
     red.SetOrientationToAxial()
     red.RotateToVolumePlane(volume)
-    logic = ModuleLogic(module_backend, mrml_scene)
     history = create_history(mrml_scene, volume)
     asked = []
 
@@ -62,6 +61,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     assert all(t["random_weights"] and t["model"] for t in turns)
     assert turns[1]["answer"] == BOX_ANSWER and turns[2]["answer"] == "About two centimetres."
     assert not turns[0]["segments"] and not turns[0]["boxes"] and not turns[2]["boxes"]
+    assert logic.watch.ticks > 0 and logic.watch.new == set(), "Python threads on Slicer's side"
 
     # Turn 2's segment: tagged with its turn, on slice 6 of the axial axis only.
     axis_kji = 2 - index_axis_of_plane(matrix, "axial")
@@ -118,3 +118,22 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     assert (fourth["turn"], fourth["propagate"], fourth["propagated_from"]) == (4, True, 2)
     assert fourth["conversation_id"] == turns[0]["conversation_id"]
 
+
+
+def test_cancel_before_the_question_reaches_the_backend_writes_nothing(logic, mrml_scene, chest_ct_path):
+    from citrusv_backend.volume.io import read_volume
+    from CitrusVSlicerLib.conversation import Question
+    from CitrusVSlicerLib.conversation_scene import create_history, read_history
+
+    volume = add_volume(mrml_scene, read_volume(chest_ct_path).voxels[12:16].copy(), np.diag([3.0, 3.0, 10.0, 1.0]))
+    history = create_history(mrml_scene, volume)
+    logic.startAsk(logic.backend.local_target(), volume, history, Question("What is this?", "axial", 1))
+    assert logic.asking
+    logic.cancelAsk()
+    events = []
+    for _ in range(3):          # the panel's timer ticks on: the ending is handed over by the next poll
+        logic.poll()
+        events.extend(logic.askEvents())
+    assert not logic.asking
+    assert [e.kind for e in events if e.kind != "progress"] == ["cancelled"]
+    assert read_history(history)["turns"] == [] and mrml_scene.GetFirstNodeByClass("vtkMRMLSegmentationNode") is None
