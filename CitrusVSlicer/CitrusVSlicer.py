@@ -36,8 +36,8 @@ from CitrusVSlicerLib.manager import session_manager
 from CitrusVSlicerLib import selftest
 from CitrusVSlicerLib.options import MAX_PIXELS, task_options
 from CitrusVSlicerLib.conversation import history_markdown, turn_details, turn_title
-from CitrusVSlicerLib.conversation_scene import (CONVERSATION_ATTRIBUTE, create_history, history_volume, jump_to_turn,
-                                                 propagation_question, question_for, read_history)
+from CitrusVSlicerLib.conversation_scene import (CONVERSATION_ATTRIBUTE, create_history, histories_of, history_volume,
+                                                 jump_to_turn, propagation_question, question_for, read_history)
 from CitrusVSlicerLib.view_slice import ViewNotAligned
 
 TASKS = ["Segment", "Detect", "Report", "Ask"]
@@ -566,8 +566,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setConversationStatus(_("Cancelled: no image data was sent."))
                 return
             history = node.conversation
-            if history is None or history_volume(history) is not node.inputVolume:
-                history = create_history(slicer.mrmlScene, node.inputVolume)
+            if history is None or history_volume(history) is not node.inputVolume:  # the volume's latest, or a new one
+                earlier = histories_of(slicer.mrmlScene, node.inputVolume)
+                history = earlier[-1] if earlier else create_history(slicer.mrmlScene, node.inputVolume)
                 node.conversation = history
             self.logic.startAsk(target, node.inputVolume, history, question)
         except (BackendError, ValueError) as error:
