@@ -242,6 +242,8 @@ class CitrusVEngine:
                   host: HostStats | None = None) -> list[SegmentationMask]:
         """Masks of every [SEG] in `sequence`; `features`/`row`: SAM2 features already computed for a batch."""
         positions = (sequence[: hidden.size(0)] == self.processor.seg_token_idx).nonzero().flatten()
+        # Only the answer's [SEG]: a conversation's history holds earlier answers' [SEG] tokens, masks of other turns.
+        positions = positions[positions >= inputs.prompt_length]
         # No [SEG], or no image to segment (a text-only question; an image whose SAM2 features come from a
         # cache has no SAM2 input but does have its size).
         if positions.numel() == 0 or inputs.original_size is None:
@@ -303,8 +305,21 @@ class CitrusVEngine:
         default = TASK_PIXEL_BUDGETS[task]
         budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
         inputs = self.processor(image, prompt, budget, answer=answer, allow_empty=allow_empty_prompt)
-        max_new_tokens = self._clip_to_context(max_new_tokens, inputs.prompt_length)
         timings["preprocess_s"] = time.perf_counter() - started
+        return self.run_inputs(inputs, prompt, task, answer, max_new_tokens, mask_upsampling, repetition_penalty,
+                               on_text, should_cancel, timings, started)
+
+    def run_inputs(self, inputs: ModelInputs, prompt: str, task: str = "ask", answer: str | None = None,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mask_upsampling: str = "bilinear",
+                   repetition_penalty: float | None = None, on_text: Callable[[str], None] | None = None,
+                   should_cancel: Callable[[], bool] | None = None, timings: dict | None = None,
+                   started: float | None = None) -> InferenceResult:
+        """`run` on inputs already made (a conversation's several images and turns, `processor.
+        conversation_inputs`): the answer (generated, or forced when `answer` is given), its masks on the
+        inputs' SAM2 image, its text parsed for the task."""
+        timings = {} if timings is None else timings
+        started = time.perf_counter() if started is None else started
+        max_new_tokens = self._clip_to_context(max_new_tokens, inputs.prompt_length)
         if should_cancel is not None and should_cancel():
             raise JobCancelled("cancelled before the model ran")
 

@@ -59,8 +59,28 @@ def split_at_image_tag(query: str) -> tuple[str, str]:
     after the image (`Template._pre_tokenize_images`); a query without a tag gets one in front, with no newline
     (`Template._add_default_tags`). Later tags stay literal text: swift replaces only as many tags as there are
     images (and warns about the rest)."""
-    before, tag, after = query.partition(IMAGE_TAG)
-    return (before, after) if tag else ("", query)
+    before, after = split_at_image_tags(query, 1)
+    return before, after
+
+
+def split_at_image_tags(query: str, images: int) -> list[str]:
+    """The text around `images` image blocks: `images + 1` pieces. The first `images` tags are replaced in order;
+    tags that are missing are added in front (no newline), tags beyond the images stay literal text — ms-swift's
+    rules for one image (`split_at_image_tag`) applied to several."""
+    if images == 0:
+        return [query]
+    missing = max(0, images - query.count(IMAGE_TAG))
+    return [""] * missing + query.split(IMAGE_TAG, images - missing)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One user turn of a conversation as the template renders it: its query (`<image>` tags where its images
+    go), how many placeholders each of its images takes, and the assistant's answer (None: the turn being asked)."""
+
+    query: str
+    image_tokens: tuple[int, ...] = ()   # placeholders of each of its images, in order; () for a text-only turn
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,16 +217,28 @@ class CitrusVProcessor:
         """Token ids of the conversation up to and including `<|im_start|>assistant\\n`; the image block (of
         `image_tokens` placeholders) where `split_at_image_tag` puts it, none for a text-only question (whose
         `<image>` tags, with no image to replace them, stay text as in swift)."""
+        return self.conversation_pieces([ChatTurn(query, () if image_tokens is None else (image_tokens,))])
+
+    def conversation_pieces(self, turns: list["ChatTurn"]) -> list[int]:
+        """Token ids of a multi-turn conversation, rendered as Qwen2.5-VL's chat template (and ms-swift's
+        ChatML history) renders it: the default system prompt, then per turn `<|im_start|>user\\n` + its image
+        block (if any) + its query + `<|im_end|>\\n<|im_start|>assistant\\n`, and for each answered turn its answer
+        + `<|im_end|>\\n`. The last turn is the one being asked (no answer)."""
         ids = self._encode_text(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
-        if image_tokens is None:
-            ids += self._encode_text(f"<|im_start|>user\n{query}")
-        else:
-            before, after = split_at_image_tag(query)
-            ids += self._encode_text(f"<|im_start|>user\n{before}")
-            ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * image_tokens
-            ids += self._encode_text("<|vision_end|>")
-            ids += self._encode_text(after)
-        ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
+        for number, turn in enumerate(turns, start=1):
+            pieces = split_at_image_tags(turn.query, len(turn.image_tokens))
+            ids += self._encode_text(f"<|im_start|>user\n{pieces[0]}")
+            for tokens, after in zip(turn.image_tokens, pieces[1:]):
+                ids += self._encode_text("<|vision_start|>") + [self.image_token_id] * tokens
+                ids += self._encode_text("<|vision_end|>")
+                ids += self._encode_text(after)
+            ids += self._encode_text("<|im_end|>\n<|im_start|>assistant\n")
+            if turn.answer is not None:
+                if number == len(turns):
+                    raise ValueError("the last turn of a conversation is the question being asked: it has no answer")
+                ids += self._encode_text(turn.answer) + self._encode_text("<|im_end|>\n")
+            elif number != len(turns):
+                raise ValueError(f"turn {number} of {len(turns)} has no answer; only the last turn may be unanswered")
         return ids
 
     def prompt_ids(self, query: str, image_tokens: int | None) -> list[int]:
@@ -259,6 +291,34 @@ class CitrusVProcessor:
             sam2_pixel_values=None if prepared is None else prepared.sam2_pixel_values,
             original_size=None if prepared is None else prepared.original_size,
             resized_size=None if prepared is None else prepared.resized_size,
+            prompt_length=prompt_length)
+
+    def conversation_inputs(self, turns: list[tuple[str, list[PreparedImage], str | None]],
+                            focus: PreparedImage | None, answer: str | None = None) -> ModelInputs:
+        """Model inputs of a multi-turn conversation: `turns` are (query, its prepared images, answer), the last
+        one unanswered; their images go to the model in order. `focus`: the image (one of them) whose SAM2 input,
+        sizes and box frame the answer's `[SEG]` and boxes refer to (None: no image at all).
+        `answer`: a forced answer for the last turn (one prefill, as `inputs_for`)."""
+        query = turns[-1][0]
+        self.check_query(query, answer)
+        for earlier, _, said in turns[:-1]:
+            check_prompt_and_answer(earlier, said)
+        chat = [ChatTurn(q, tuple(image.image_tokens(self.merge_size) for image in images), a) for q, images, a in turns]
+        ids = self.conversation_pieces(chat)
+        prompt_length = len(ids)
+        if answer is not None:
+            ids += self.answer_ids(answer)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        images = [image for _, each, _ in turns for image in each]
+        focused = focus
+        return ModelInputs(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
+            pixel_values=torch.cat([image.pixel_values for image in images]) if images else None,
+            image_grid_thw=torch.cat([image.image_grid_thw for image in images]) if images else None,
+            sam2_pixel_values=None if focused is None else focused.sam2_pixel_values,
+            original_size=None if focused is None else focused.original_size,
+            resized_size=None if focused is None else focused.resized_size,
             prompt_length=prompt_length)
 
     def decode(self, ids) -> str:

@@ -16,6 +16,7 @@ from ..inference.engine import CitrusVEngine
 from ..model.processor import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 from ..volume.io import DEFAULT_MAX_VOXELS
 from .errors import install_error_handlers
+from .conversations import ConversationStore
 from .jobs import GpuWorker, JobQueue
 from .middleware import AccessLog, BearerAuth, BodyLimit, LoopbackOpenAccess
 from .sessions import RefineSessions
@@ -83,6 +84,7 @@ class ServiceState:
         self.worker = GpuWorker(self.jobs, free_memory=free_accelerator_memory)
         self.refine = RefineSessions(engine, config.refine_cache_bytes, config.max_refine_sessions, config.volume_ttl_s)
         self.volumes.on_evict.append(self.refine.drop_volume)
+        self.conversations = ConversationStore()
         self.started_at = time.time()
         self.tmp_dir: Path | None = None
 
@@ -97,7 +99,7 @@ class ServiceState:
 
 
 def create_app(state: ServiceState) -> FastAPI:
-    from .routers import health, images, jobs, openai, refine, volumes
+    from .routers import conversations, health, images, jobs, openai, refine, volumes
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -113,6 +115,7 @@ def create_app(state: ServiceState) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, volumes.router, jobs.router, images.router, openai.router, refine.router):
         app.include_router(router)
+    app.include_router(conversations.router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit_for=state.config.body_limit, read_timeout_s=state.config.read_timeout_s)
     if state.token is None:

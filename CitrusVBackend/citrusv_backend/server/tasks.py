@@ -21,11 +21,12 @@ from ..volume.dicom_out import check_dicom_possible, dataset_bytes, describe_obj
 from ..volume.io import Volume
 from ..volume.outputs import report_markdown, segment_color
 from ..volume.orientation import model_orientation
-from ..volume.pipeline import JobCancelled, SliceSource, VolumeOptions, VolumePipeline, VolumeResult
+from ..volume.pipeline import VolumePipeline, VolumeResult
 from ..volume.targets import detection_targets, parse_targets
-from ..volume.windowing import check_window_spec, parse_window
+from ..volume.windowing import check_window_spec
 from . import rle
 from .codec import b64encode, compress_crop, mask_payload
+from .conversations import ask_payload
 from .jobs import Job
 from .refine_service import RefineSeed
 from .schemas import ImageRequest, JobRequest
@@ -88,27 +89,6 @@ def dicom_attachments(job: Job, result: VolumeResult, volume: Volume, model: str
     named += [(f"image_{k + 1:04d}", dataset) for k, dataset in enumerate(objects.images)]
     job.attachments = {name: dataset_bytes(dataset) for name, dataset in named}
     return describe_objects(objects) | {"files": {name: f"/v1/jobs/{job.id}/dicom/{name}" for name, _ in named}}
-
-
-def ask_payload(engine: CitrusVEngine, volume: Volume, request: JobRequest, options: VolumeOptions, job: Job) -> dict:
-    """A question about the volume, asked of one slice: options.slice, else the middle of the slice range."""
-    source = SliceSource(volume, options.plane, parse_window(options.window, request.prompt, volume.modality,
-                                                             volume.voxels))
-    first, last = options.validate(source.depth)
-    index = request.options.slice if request.options.slice is not None else (first + last - 1) // 2
-    if not 0 <= index < source.depth:
-        raise InputError(f"slice {index} is outside the volume's 0:{source.depth} along the {options.plane} axis")
-    if job.should_cancel():
-        raise JobCancelled("cancelled by the user")
-    job.progress("ask", 0.0, f"reading slice {index}")
-    answer = engine.run(source.rgb(index), request.prompt, task="ask", min_pixels=options.min_pixels,
-                        max_pixels=options.max_pixels, max_new_tokens=options.max_new_tokens,
-                        should_cancel=job.should_cancel)
-    return {"task": "ask", "prompt": request.prompt, "case": volume.name, "random_weights": answer.random_weights,
-            "labelmap": labelmap_info(volume), "segments": [], "findings": [], "boxes": [],
-            "report": None, "answer": {"text": answer.text, "slice": index, "plane": options.plane},
-            "problems": answer.problems, "timings": answer.timings,
-            "settings": {"plane": options.plane, "window": source.window.__dict__, "slice": index}}
 
 
 def labelmap_info(volume: Volume) -> dict:
