@@ -84,9 +84,13 @@ class ConversationTurnRunner(ApplyRunner):
         self._submit()
 
     def _turn_submitted(self, call: Call) -> None:
-        if self.active and not call.ok and call.status == 404 and not self.context_reset:  # once: no loop
+        lost = error_type(call) in ("conversation_not_found", "volume_gone")
+        if self.active and lost and not self.context_reset:  # once: a server that keeps refusing is not looped on
             self._call = None
             self.conversation_id, self.context_reset = None, True
+            if error_type(call) == "volume_gone":           # the conversation's upload was evicted: send it again
+                self._reused, self.volume_id = False, None
+                return self._begin_upload()
             return self._submit()
         self._submitted(call)   # Apply's: the job id, then follow it
 
@@ -105,11 +109,31 @@ class ConversationTurnRunner(ApplyRunner):
         self.stage = "decode"
 
 
+def error_type(call: Call) -> str | None:
+    """The service's error type ({"error": {"type", ...}}) of a refused call, if it says one."""
+    if call.ok or call.status is None:
+        return None
+    try:
+        return (json.loads(call.body()).get("error") or {}).get("type")
+    except (ValueError, AttributeError):
+        return None
+
+
+def window_text(window) -> str:
+    """The window a slice was shown with: the backend's {"name", "center", "width"}, or the name asked for."""
+    if isinstance(window, dict):
+        name = window.get("name") or "window"
+        if window.get("center") is not None and window.get("width") is not None:
+            return f"{name} ({window['center']:g}/{window['width']:g})"
+        return name
+    return window or "default"
+
+
 def turn_record(question: Question, payload: dict, conversation_id: str, job_id: str | None,
                 context_reset: bool = False) -> dict:
     """The history's entry for one answered question (the scene side adds the names of what it wrote)."""
     answer = payload.get("answer") or {}
-    experimental = payload.get("experimental")
+    experimental = payload.get("experimental_note") or payload.get("experimental")
     segments = [{"name": s.get("name", ""), "label": s.get("label"), "found": s.get("mask") is not None and
                  s.get("found", True), "reason": s.get("reason"), "key_slice": s.get("key_slice"),
                  "score": s.get("score")} for s in payload.get("segments", [])]
@@ -120,7 +144,7 @@ def turn_record(question: Question, payload: dict, conversation_id: str, job_id:
         "answer": answer.get("text", ""),
         # What the server says it read, which is what the model saw (it may differ from the request: a default window).
         "plane": answer.get("axis") or question.plane, "slice": answer.get("slice", question.slice),
-        "window": answer.get("window", question.window), "roi": question.roi, "view": question.view,
+        "window": question.window, "window_shown": answer.get("window"), "roi": question.roi, "view": question.view,
         "propagate": question.propagate, "propagated_from": question.propagated_from,
         "model": payload.get("model", ""), "random_weights": bool(payload.get("random_weights")),
         "experimental": (experimental if isinstance(experimental, str) else
@@ -156,7 +180,7 @@ def turn_details(turn: dict) -> str:
                      "see the turns before it).")
     lines.append(f"Q: {turn['prompt']}")
     lines.append(f"A: {turn['answer']}")
-    where = f"{turn['plane']} slice {turn['slice']}, window {turn.get('window') or 'default'}"
+    where = f"{turn['plane']} slice {turn['slice']}, window {window_text(turn.get('window_shown') or turn.get('window'))}"
     if turn.get("view"):
         where += f", asked in the {turn['view']} view"
     if turn.get("roi"):

@@ -28,7 +28,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     from CitrusVSlicerLib.conversation import history_markdown
     from CitrusVSlicerLib.conversation_scene import (
         TURN_TAG, create_history, history_segmentation, history_volume, jump_to_turn, propagation_question,
-        question_for, read_history, turn_rois, view_slice_of)
+        question_for, read_history, slice_node_of, turn_rois, view_slice_of)
     from CitrusVSlicerLib.refine import segment_tag
     from CitrusVSlicerLib.view_slice import index_axis_of_plane, slice_centre_ras
 
@@ -98,15 +98,15 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     assert segment_tag(segmentation_back.GetSegmentation().GetSegment(segment_id), TURN_TAG) == "2"
     assert segment_array(segmentation_back, segment_id, volume_back).astype(bool).sum() == mask.sum()
     assert len(turn_rois(history_back, 2)) == 1
-    restored_red, _ = slice_view(restored, volume_back, "Red")
-    restored_red.SetOrientationToAxial()
+    restored_red = slice_node_of(restored, "Red")           # the view came back with the scene
+    assert restored_red is not None and restored.GetNumberOfNodesByClass("vtkMRMLSliceNode") == 1
     restored_red.RotateToVolumePlane(volume_back)
     jump_to_turn(restored, volume_back, read_history(history_back)["turns"][0])
     assert view_slice_of(restored, "Red", volume_back).index == 3
 
     markdown = history_markdown(read_history(history_back), volume_back.GetName())
     assert markdown.count("## Turn ") == 3 and "RANDOM WEIGHTS" in markdown
-    assert "axial slice 3, window lung" in markdown and "axial slice 6, window lung" in markdown
+    assert "axial slice 3, window lung (" in markdown and "axial slice 6, window lung (" in markdown
     assert "Turn 2: nodule" in markdown
 
     # Propagate to 3D, one click: turn 2's question again with propagate on, as turn 4 of the same conversation.

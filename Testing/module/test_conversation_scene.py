@@ -36,7 +36,8 @@ def answer_payload(turn: int, text: str, plane: str, index: int, mask: np.ndarra
         segments.append({"label": 1, "name": "nodule", "color": [230, 80, 60], "mask": crop_of(mask), "found": True,
                          "answer": text, "key_slice": index, "score": 0.61, "turn": turn})
     return {"task": "ask", "conversation_id": "conv-1", "turn": turn,
-            "answer": {"text": text, "slice": index, "axis": plane, "window": "lung"},
+            "answer": {"text": text, "slice": index, "axis": plane,
+                       "window": {"center": -600.0, "width": 1500.0, "name": "lung"}},
             "segments": segments, "boxes": [dict(box, turn=turn)] if box else [],
             "labelmap": {"shape": list(SHAPE)}, "random_weights": True, "experimental": False,
             "model": "tiny-random", "problems": []}
@@ -123,7 +124,7 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
     assert np.allclose(roi_corners_world(roi_back), roi_corners_world(roi), atol=1e-4)
     markdown = history_markdown(read_history(history_back), volume_back.GetName())
     assert "RANDOM WEIGHTS" in markdown and "## Turn 2: segment the nodule and box it" in markdown
-    assert "coronal slice 7, window lung" in markdown and "Turn 2: nodule" in markdown
+    assert "coronal slice 7, window lung (-600/1500)" in markdown and "Turn 2: nodule" in markdown
 
 
 def test_a_segment_not_found_says_why_and_the_experimental_mark_is_kept(mrml_scene):
@@ -136,13 +137,14 @@ def test_a_segment_not_found_says_why_and_the_experimental_mark_is_kept(mrml_sce
     payload["segments"] = [{"label": 1, "name": "nodule", "color": [1, 2, 3], "mask": None, "found": False,
                             "reason": "the model's mask was empty on slice 4", "turn": 1}]
     payload["experimental"] = True
+    payload["experimental_note"] = "EXPERIMENTAL: Citrus-V's reports were trained on chest radiographs only."
     payload["random_weights"] = False
     written = answer_into_scene(mrml_scene, volume, history, Question("segment the nodule", "axial", 4), payload)
     assert written["segmentation"] is None and history_segmentation(history) is None
     [turn] = read_history(history)["turns"]
     details = turn_details(turn)
     assert "Segment 'nodule' not made: the model's mask was empty on slice 4" in details
-    assert "EXPERIMENTAL" in details and "RANDOM WEIGHTS" not in details
+    assert "EXPERIMENTAL: Citrus-V's reports" in details and "RANDOM WEIGHTS" not in details
     assert "EXPERIMENTAL" in history_markdown(read_history(history), "CT")
 
 
