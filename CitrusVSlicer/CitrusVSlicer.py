@@ -136,6 +136,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingInstall = None
         self._installReported = None
         self._refineShortcuts = []
+        self._conversationCache = (None, [])  # ((node id, modified time), turns) of the shown conversation
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -498,11 +499,17 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.conversationExportButton.clicked.connect(self.onConversationExport)
 
     def conversationTurns(self) -> list:
+        """The shown conversation's turns, parsed again only when its node changed (the timer asks every tick)."""
         history = self._parameterNode.conversation if self._parameterNode else None
-        try:
-            return read_history(history)["turns"] if history is not None else []
-        except ValueError:
+        if history is None:
             return []
+        key = (history.GetID(), history.GetMTime())
+        if self._conversationCache[0] != key:
+            try:
+                self._conversationCache = (key, read_history(history)["turns"])
+            except ValueError:
+                self._conversationCache = (key, [])
+        return self._conversationCache[1]
 
     def selectedTurn(self):
         turns = self.conversationTurns()
