@@ -113,8 +113,12 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     slicer.mrmlScene = mrml_scene
     question = propagation_question(turns[1])
     question.answer = "It is [SEG]."
-    logic.ask(volume, history, question, timeout=300)
+    propagated = logic.ask(volume, history, question, timeout=300)
     fourth = read_history(history)["turns"][-1]
+    [propagated_id] = propagated["segment_ids"]
+    slices = set(np.nonzero(segment_array(propagated["segmentation"], propagated_id, volume))[axis_kji].tolist())
+    assert 6 in slices and len(slices) > 1, slices          # carried from the asked slice through the volume
+    assert fourth["segments"][0]["key_slice"] == 6
     assert (fourth["turn"], fourth["propagate"], fourth["propagated_from"]) == (4, True, 2)
     assert fourth["conversation_id"] == turns[0]["conversation_id"]
 
