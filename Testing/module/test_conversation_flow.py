@@ -141,3 +141,22 @@ def test_cancel_before_the_question_reaches_the_backend_writes_nothing(logic, mr
     assert not logic.asking
     assert [e.kind for e in events if e.kind != "progress"] == ["cancelled"]
     assert read_history(history)["turns"] == [] and mrml_scene.GetFirstNodeByClass("vtkMRMLSegmentationNode") is None
+
+
+def test_closing_the_scene_while_a_question_is_asked_writes_nothing(logic, mrml_scene, chest_ct_path):
+    from citrusv_backend.volume.io import read_volume
+    from CitrusVSlicerLib.conversation import Question
+    from CitrusVSlicerLib.conversation_scene import create_history
+
+    volume = add_volume(mrml_scene, read_volume(chest_ct_path).voxels[12:16].copy(), np.diag([3.0, 3.0, 10.0, 1.0]))
+    history = create_history(mrml_scene, volume)
+    logic.startAsk(logic.backend.local_target(), volume, history, Question("What is this?", "axial", 1))
+    logic.poll()
+    mrml_scene.Clear(0)                       # File > Close scene
+    events = []
+    for _ in range(3):
+        logic.poll()
+        events.extend(logic.askEvents())
+    assert not logic.asking and [e.kind for e in events if e.kind != "progress"] == ["cancelled"]
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
