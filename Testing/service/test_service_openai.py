@@ -79,10 +79,10 @@ def test_a_plain_question_is_a_normal_completion(api, ct_slice_rgb):
     (dict(n=2), 400, "n must be 1"),
     (dict(messages=[{"role": "user", "content": []}]), 400, "neither text nor an image"),
     (dict(messages=[{"role": "user", "content": [{"type": "image", "image": "iVBORw0KGgo="}] * 2}]), 400,
-     "one image per request"),
+     "not a readable image"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}},
                                                   {"type": "text", "text": "hi"}]}]), 400, "does not fetch"),
-    (dict(messages=[{"role": "assistant", "content": "hello"}]), 400, "single-turn"),
+    (dict(messages=[{"role": "assistant", "content": "hello"}]), 400, "must follow a user message"),
     (dict(messages=[{"role": "system", "content": "You are a pirate."}]), 400, "system prompt"),
 ])
 def test_bad_chat_requests_are_openai_style_errors(api, ct_slice_rgb, change, status, words):

@@ -294,13 +294,15 @@ class CitrusVProcessor:
             prompt_length=prompt_length)
 
     def conversation_inputs(self, turns: list[tuple[str, list[PreparedImage], str | None]],
-                            focus: PreparedImage | None, answer: str | None = None) -> ModelInputs:
+                            focus: PreparedImage | None, answer: str | None = None,
+                            allow_empty: bool = False) -> ModelInputs:
         """Model inputs of a multi-turn conversation: `turns` are (query, its prepared images, answer), the last
         one unanswered; their images go to the model in order. `focus`: the image (one of them) whose SAM2 input,
         sizes and box frame the answer's `[SEG]` and boxes refer to (None: no image at all).
-        `answer`: a forced answer for the last turn (one prefill, as `inputs_for`)."""
+        `answer`: a forced answer for the last turn (one prefill, as `inputs_for`); `allow_empty`: an empty last
+        question about an image is asked as it is (as `__call__`)."""
         query = turns[-1][0]
-        self.check_query(query, answer)
+        self.check_query(query, answer, allow_empty=allow_empty and bool(turns[-1][1]))
         for earlier, _, said in turns[:-1]:
             check_prompt_and_answer(earlier, said)
         chat = [ChatTurn(q, tuple(image.image_tokens(self.merge_size) for image in images), a) for q, images, a in turns]

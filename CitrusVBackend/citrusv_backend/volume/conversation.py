@@ -352,6 +352,8 @@ class ConversationRunner:
                               labels=np.zeros(volume.shape, np.uint8), random_weights=inference.random_weights,
                               experimental=turn.experimental, problems=turn.problems, timings=inference.timings,
                               settings={"conversation_id": conversation.id, "turn": number})
+        result.source = where[5] if where is not None else SliceSource(
+            volume, request.axis, parse_window(request.window, request.prompt, volume.modality, volume.voxels))
         if where is not None:
             _, index, axis, window_used, crop, source = where
             self._segments(inference, turn, result, volume, source, (axis, index), crop, request.propagate)

@@ -1,11 +1,16 @@
 """OpenAI-compatible GET /v1/models and POST /v1/chat/completions, in the reference server's shapes (ms-swift
 `deploy`), so its clients — the `openai` package, the Gradio and Streamlit demos — work unchanged.
 
-Request: one user message with at most one image (`{"type": "image_url", "image_url": {"url": "data:..."}}`,
-`{"type": "image", "image": "data:..."}`, or swift's top-level `images: [...]`) and text parts. As in swift, the
-text parts are joined as they are and an image part stands where it is in the message; a `<image>` typed in the
-text marks the image's position instead (swift would leave it as text after the image; `serve --chat-image-tags
-swift` keeps swift's rule). Text-only questions and empty questions about an image are answered.
+Request: a conversation as ms-swift's deploy takes it — user and assistant messages in turn, ending with the user's
+question; each user message has text parts and any number of images (`{"type": "image_url", "image_url": {"url":
+"data:..."}}`, `{"type": "image", "image": "data:..."}`; swift's top-level `images: [...]` go to the first user
+message), at most MAX_CHAT_IMAGES in all. Chat clients resend the history every turn: the model sees every earlier
+question, image and answer, rendered as Qwen2.5-VL's chat template renders them (`CitrusVProcessor.
+conversation_pieces`). As in swift, the text parts are joined as they are and an image part stands where it is
+in the message; a `<image>` typed in the text marks the image's position instead (swift would leave it as text
+after the image; `serve --chat-image-tags swift` keeps swift's rule). Text-only questions and empty questions
+about an image are answered. The answer's `[SEG]` masks and box frame are those of the conversation's first
+image, as the reference's `citrus_v_infer` template builds SAM2's input from the first image.
 Response: a chat.completion plus a top-level `raw_response` with `seg_masks_rle` — one COCO RLE of the 256x256
 mask (sigmoid(low-res logits) > 0.5) per [SEG] — and the image's `original_size` and `resized_size` ([h, w]; the
 model writes box coordinates in the resized frame). `stream: true`: Server-Sent Events (chat_stream.py).
@@ -31,7 +36,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ...model.processor import IMAGE_TAG, SYSTEM_PROMPT, check_prompt_and_answer
+from ...model.processor import IMAGE_TAG, SYSTEM_PROMPT, TASK_PIXEL_BUDGETS, PixelBudget, check_prompt_and_answer
 from .. import rle
 from ..chat_stream import stream_job
 from ..codec import b64decode, decode_image, image_source
@@ -86,10 +91,34 @@ class ChatRequest(BaseModel):
     citrusv: CitrusVOptions | None = None
 
 
+MAX_CHAT_IMAGES = 16
+MAX_CONVERSATION_CHARS = 8 * MAX_PROMPT_CHARS
+
+
+@dataclass
+class ChatTurn:
+    prompt: str               # the user's text, `<image>` where each image goes
+    images: list[str]         # the images as the client named them (data URI, base64 or path)
+    answer: str | None        # the assistant's answer that followed (None: the question being asked)
+
+
 @dataclass
 class Conversation:
-    prompt: str               # the user's text, `<image>` where the image goes
-    image: str | None         # the image as the client named it (data URI, base64 or path); None: text only
+    turns: list[ChatTurn]
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[-1].prompt
+
+    @property
+    def image(self) -> str | None:
+        """The one image of a single-turn conversation (None: text only)."""
+        images = [image for turn in self.turns for image in turn.images]
+        return images[0] if images else None
+
+    @property
+    def single_turn(self) -> bool:
+        return len(self.turns) == 1 and len(self.turns[0].images) <= 1
 
 
 @router.get("/v1/models")
@@ -110,14 +139,21 @@ async def chat_completions(body: ChatRequest, request: Request, state: Service) 
     chat = conversation(body.messages, body.images or [], state.config.chat_image_tags)
     extension = body.citrusv or CitrusVOptions()
     check_prompt_and_answer(chat.prompt, extension.answer)
-    image = None if chat.image is None else await run_in_threadpool(load_chat_image, chat.image, state.config)
     server_min, server_max = state.config.pixel_budget()
+    min_pixels, max_pixels = extension.min_pixels or server_min, extension.max_pixels or server_max
+    if chat.single_turn:
+        image = None if chat.image is None else await run_in_threadpool(load_chat_image, chat.image, state.config)
 
-    def run(job, on_text=None):
-        return state.engine.run(image, chat.prompt, task=extension.task, answer=extension.answer,
-                                min_pixels=extension.min_pixels or server_min, max_pixels=extension.max_pixels or server_max,
-                                max_new_tokens=max_tokens, allow_empty_prompt=True, on_text=on_text,
-                                should_cancel=job.should_cancel)
+        def run(job, on_text=None):
+            return state.engine.run(image, chat.prompt, task=extension.task, answer=extension.answer,
+                                    min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_tokens,
+                                    allow_empty_prompt=True, on_text=on_text, should_cancel=job.should_cancel)
+    else:
+        inputs = await run_in_threadpool(conversation_inputs, state, chat, extension, min_pixels, max_pixels)
+
+        def run(job, on_text=None):
+            return state.engine.run_inputs(inputs, chat.prompt, task=extension.task, answer=extension.answer,
+                                           max_new_tokens=max_tokens, on_text=on_text, should_cancel=job.should_cancel)
 
     if body.stream:
         return await stream_job(state, run, lambda result: final_fields(result, state, max_tokens))
@@ -126,45 +162,95 @@ async def chat_completions(body: ChatRequest, request: Request, state: Service) 
 
 
 def conversation(messages: list[ChatMessage], images: list[str], image_tags: str = "text") -> Conversation:
-    """The prompt and the image of a single-turn conversation, as ms-swift's `remove_messages_media` reads it:
-    text parts joined as they are, each image part a `<image>` where it stands. With `image_tags="text"` a tag
-    the user typed marks the image instead of the part's (swift would keep both, the second as text)."""
-    sources, pieces, typed, users = list(images), [], [], 0
+    """The turns of a conversation as ms-swift's `remove_messages_media` reads each user message: text parts
+    joined as they are, each image part a `<image>` where it stands. With `image_tags="text"` a tag the user
+    typed marks the image instead of the part's (swift would keep both, the second as text). Messages alternate
+    user, assistant, ..., user (the question)."""
+    turns: list[ChatTurn] = []
     for message in messages:
         if message.role == "system":
             if _text_of(message.content).strip() not in ("", SYSTEM_PROMPT):
                 raise ApiError(400, f"custom system prompts are not supported (the model was trained with "
                                     f"{SYSTEM_PROMPT!r}); leave the system message out")
             continue
+        if message.role == "assistant":
+            if not turns or turns[-1].answer is not None:
+                raise ApiError(400, "an assistant message must follow a user message (user and assistant take turns)")
+            answer = _assistant_text(message.content)
+            check_prompt_and_answer(None, answer)
+            turns[-1].answer = answer
+            continue
         if message.role != "user":
-            raise ApiError(400, f"a {message.role!r} message: only single-turn conversations are supported (one user "
-                                f"message with at most one image and the question)")
-        users += 1
-        parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content or []
-        for part in parts:
-            if part.type == "text":
-                pieces.append(part.text or "")
-                typed.append(part.text or "")
-            elif part.type in ("image_url", "image"):
-                source = part.image_url if part.type == "image_url" else part.image
-                url = source.url if isinstance(source, ImageURL) else source
-                if not url:
-                    raise ApiError(400, f"an {part.type!r} content part without an image")
-                sources.append(url)
-                pieces.append(IMAGE_TAG)
-            else:
-                raise ApiError(400, f"content parts of type {part.type!r} are not supported; use 'text' and 'image_url'")
-    if users != 1:
-        raise ApiError(400, f"{users} user messages: send exactly one user message (single turn)")
-    if len(sources) > 1:
-        raise ApiError(400, f"{len(sources)} images: CitrusV answers about one image per request")
+            raise ApiError(400, f"a {message.role!r} message: only system, user and assistant messages are supported")
+        if turns and turns[-1].answer is None:
+            raise ApiError(400, "two user messages in a row: user and assistant messages take turns (put the "
+                                "assistant's answer between them, or join the two questions)")
+        turns.append(_user_turn(message, images if not turns else [], image_tags))
+    if not turns:
+        raise ApiError(400, "0 user messages: send the question as a user message")
+    if turns[-1].answer is not None:
+        raise ApiError(400, "the last message is the assistant's: end the conversation with the user's question")
+    total_images = sum(len(turn.images) for turn in turns)
+    if total_images > MAX_CHAT_IMAGES:
+        raise ApiError(400, f"{total_images} images in the conversation, more than the {MAX_CHAT_IMAGES} allowed; "
+                            f"start a new conversation")
+    if len(turns[-1].prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"the prompt has {len(turns[-1].prompt):,} characters, more than the {MAX_PROMPT_CHARS:,} "
+                            f"allowed")
+    total = sum(len(turn.prompt) + len(turn.answer or "") for turn in turns)
+    if total > MAX_CONVERSATION_CHARS:
+        raise ApiError(413, f"the conversation has {total:,} characters, more than the {MAX_CONVERSATION_CHARS:,} "
+                            f"allowed; start a new conversation", type="conversation_too_long")
+    if not turns[-1].images and not turns[-1].prompt.strip():
+        raise ApiError(400, "the user message has neither text nor an image; ask a question")
+    return Conversation(turns)
+
+
+def _user_turn(message: ChatMessage, images: list[str], image_tags: str) -> ChatTurn:
+    sources, pieces, typed = list(images), [], []
+    parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content or []
+    for part in parts:
+        if part.type == "text":
+            pieces.append(part.text or "")
+            typed.append(part.text or "")
+        elif part.type in ("image_url", "image"):
+            source = part.image_url if part.type == "image_url" else part.image
+            url = source.url if isinstance(source, ImageURL) else source
+            if not url:
+                raise ApiError(400, f"an {part.type!r} content part without an image")
+            sources.append(url)
+            pieces.append(IMAGE_TAG)
+        else:
+            raise ApiError(400, f"content parts of type {part.type!r} are not supported; use 'text' and 'image_url'")
     text = "".join(typed)
     prompt = text if image_tags == "text" and IMAGE_TAG in text else "".join(pieces)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"the prompt has {len(prompt):,} characters, more than the {MAX_PROMPT_CHARS:,} allowed")
-    if not sources and not prompt.strip():
-        raise ApiError(400, "the user message has neither text nor an image; ask a question")
-    return Conversation(prompt=prompt, image=sources[0] if sources else None)
+    return ChatTurn(prompt=prompt, images=sources, answer=None)
+
+
+def _assistant_text(content) -> str:
+    if isinstance(content, str) or content is None:
+        return content or ""
+    if any(part.type != "text" for part in content):
+        raise ApiError(400, "an assistant message may hold only text (the model writes no images)")
+    return "".join(part.text or "" for part in content)
+
+
+def conversation_inputs(state, chat: Conversation, extension: CitrusVOptions, min_pixels: int | None,
+                        max_pixels: int | None):
+    """A multi-turn or multi-image conversation's model inputs (every image decoded and prepared; SAM2's input
+    from the first image, as the reference's template builds it)."""
+    processor = state.engine.processor
+    default = TASK_PIXEL_BUDGETS[extension.task]
+    budget = PixelBudget(min_pixels or default.min_pixels, max_pixels or default.max_pixels)
+    turns, focus = [], None
+    for turn in chat.turns:
+        prepared = []
+        for source in turn.images:
+            image = processor.prepare_image(load_chat_image(source, state.config), budget, sam2=focus is None)
+            focus = focus or image
+            prepared.append(image)
+        turns.append((turn.prompt, prepared, turn.answer))
+    return processor.conversation_inputs(turns, focus, answer=extension.answer, allow_empty=True)
 
 
 def load_chat_image(text: str, config):
