@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from .apply import SceneApply, UploadCache
+from .conversation_scene import SceneConversation
 from .dicom_export import dicom_reference
 from .endpoints import BackendError
 from .installer import explain_failure
@@ -33,6 +34,7 @@ class ModuleLogic:
         self.dicomDatabase = dicom_database  # () -> Slicer's DICOM database, or None
         self._apply = None
         self.refinement = None               # SceneRefinement of the segment being corrected
+        self.conversation = None             # SceneConversation: the question being answered
         self.longestPollSeconds = 0.0
         self.dicomExport = None              # SceneDicomExport of the scene's segments, while it runs
         if not hasattr(backend, "uploads"):  # one cache per session: uploads survive a module Reload
@@ -85,6 +87,28 @@ class ModuleLogic:
             self.refinement.stop()
             self.refinement = None
 
+    @property
+    def asking(self) -> bool:
+        return self.conversation is not None and self.conversation.active
+
+    def startAsk(self, target, volumeNode, historyNode, question) -> SceneConversation:
+        """One question of the conversation `historyNode` (conversation_scene.create_history): the volume uploaded
+        once (Apply's upload is reused), the answer's segments and boxes written and the turn recorded by poll()."""
+        if self.asking:
+            raise BackendError("a question is already being answered: wait for it or press Cancel")
+        reference = dicom_reference(volumeNode, ijk_to_ras_matrix(volumeNode), self.dicomDatabase())
+        self.conversation = SceneConversation(self.scene, self.backend.transport, target, self.backend.uploads,
+                                              volumeNode, historyNode, question, reference)
+        self.conversation.start()
+        return self.conversation
+
+    def cancelAsk(self) -> None:
+        if self.conversation is not None:
+            self.conversation.cancel()
+
+    def askEvents(self) -> list:
+        return self.conversation.events() if self.conversation is not None else []
+
     def cancelApply(self) -> None:
         if self._apply is not None:
             self._apply.cancel()
@@ -102,6 +126,8 @@ class ModuleLogic:
             delay = min(delay, self.refinement.poll())
         if self.dicomExport is not None and self.dicomExport.active:
             delay = min(delay, self.dicomExport.poll())
+        if self.conversation is not None:
+            delay = min(delay, self.conversation.poll())
         if self.backend.transport.busy:
             delay = min(delay, 0.01)
         return delay
@@ -130,6 +156,20 @@ class ModuleLogic:
                            timeout, "the Apply")
         except RuntimeError:
             self.cancelApply()
+            raise
+        if ends[0].kind != "done":
+            raise RuntimeError(ends[0].message)
+        return ends[0].written
+
+    def ask(self, volumeNode, historyNode, question, timeout: float = 600.0, target=None) -> dict:
+        """Blocking question for scripts and the self-test: returns the written nodes and the turn's entry."""
+        self.startAsk(target or self.backend.local_target(), volumeNode, historyNode, question)
+        ends = []
+        try:
+            self.pollUntil(lambda: ends.extend(e for e in self.askEvents() if e.kind != "progress") or ends,
+                           timeout, "the question")
+        except RuntimeError:
+            self.cancelAsk()
             raise
         if ends[0].kind != "done":
             raise RuntimeError(ends[0].message)
