@@ -26,9 +26,9 @@ from .environment import isolated, startup_environment
 from .install_platform import required_machine, tls_environment, uv_python_request, windows_launcher_commands
 from .process import StreamingProcess, environment_python
 
-GPU_ENV_GB = 8.0
-CPU_ENV_GB = 3.0
-WEIGHTS_GB = 17.0
+from .requirements import CPU_ENV_GB, GPU_ENV_GB, KNOWN_MODELS, RELEASED_MODEL  # noqa: E402  (one table of sizes)
+
+WEIGHTS_GB = KNOWN_MODELS[RELEASED_MODEL].weights_gb
 BACKEND_PYTHON_VERSION = os.environ.get("CITRUSV_BACKEND_PYTHON_VERSION", "3.12")
 SYSTEM_CANDIDATES = ("python3.12", "python3.11", "python3.13", "python3.10", "python3", "python")
 # Prints the version, the machine (arm64 / x86_64 / AMD64) and the interpreter's own path; argv[1] (if any) is the
@@ -93,11 +93,11 @@ class GpuProbe(StreamingProcess):
 
     @property
     def gpu_memory_gb(self) -> float | None:
-        """Its memory ("24564 MiB" -> 25.8 GB, as the model's need is counted)."""
+        """Its memory in GB as cards are labelled (GiB: "12288 MiB" -> 12)."""
         parts = self._first_gpu()
         if len(parts) < 2 or not parts[1].split()[0].replace(".", "").isdigit():
             return None
-        return float(parts[1].split()[0]) * 2 ** 20 / 1e9
+        return float(parts[1].split()[0]) / 1024
 
 
 @dataclass
