@@ -37,6 +37,16 @@ class FailureEvent:
         return float(value) if isinstance(value, (int, float)) else None
 
 
+def first_sentence(text: str) -> str:
+    """The backend's message says what happened first, then its own advice for the command line: the panel shows
+    the first part with the panel's own way out (the whole message is in the log pane)."""
+    text = text.strip()
+    for end in (". ", "; "):
+        if end in text:
+            return text.split(end, 1)[0]
+    return text.rstrip(".")
+
+
 def _gb(value: float | None) -> str:
     return f"{value:.0f} GB" if value is not None else "?"
 
@@ -44,7 +54,7 @@ def _gb(value: float | None) -> str:
 def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None = None,
                           cpu_ram_needed_gb: float | None = None) -> str:
     """The panel's message for a `failed` event of `citrusv serve` (or of `citrusv download`)."""
-    said = event.message.strip().rstrip(".")
+    said = first_sentence(event.message)
     if event.reason == "model_missing":
         return (f"The model {model} is not on this computer ({said}). Press Download to fetch it, or, if you have "
                 f"the weights (copied from another machine or a USB drive), choose their folder with Browse....")

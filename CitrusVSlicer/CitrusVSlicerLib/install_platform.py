@@ -8,7 +8,7 @@ and whether an installed environment matches this version of the extension.
   explicitly, and every candidate Python must report arm64.
 * TLS: uv verifies with its own Mozilla roots unless told to use the system's store (UV_SYSTEM_CERTS, formerly
   UV_NATIVE_TLS: both set); an organisation's CA bundle (the panel's setting) goes to uv (SSL_CERT_FILE), pip
-  (PIP_CERT) and the backend's huggingface_hub/requests (REQUESTS_CA_BUNDLE, SSL_CERT_FILE).
+  (PIP_CERT) and the backend's hub client (CITRUSV_CA_BUNDLE, REQUESTS_CA_BUNDLE, SSL_CERT_FILE).
 * Version handshake: the installed backend's version (its dist-info in the environment, read without starting it)
   against the bundled backend's (`__version__` in its source): an updated extension offers to update.
 """
@@ -29,7 +29,8 @@ def tls_environment(ca_bundle: str = "") -> dict:
     env = {"UV_SYSTEM_CERTS": "true", "UV_NATIVE_TLS": "true"}
     if ca_bundle.strip():
         bundle = str(Path(ca_bundle.strip()).expanduser())
-        env.update(SSL_CERT_FILE=bundle, PIP_CERT=bundle, REQUESTS_CA_BUNDLE=bundle, UV_SYSTEM_CERTS="false")
+        # uv reads SSL_CERT_FILE in either mode; through a TLS-inspecting proxy every certificate is the org's.
+        env.update(SSL_CERT_FILE=bundle, PIP_CERT=bundle, REQUESTS_CA_BUNDLE=bundle, CITRUSV_CA_BUNDLE=bundle)
     return env
 
 
