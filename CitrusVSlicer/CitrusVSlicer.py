@@ -8,6 +8,7 @@ releases the GIL while Qt's event loop runs). See CitrusVSlicerLib/transport.py 
 """
 
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -629,6 +630,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         layout.addRow(self.firstUseProgressBar)
         self.firstUseDeviceLabel = qt.QLabel(_("Install checks this computer and says which device the model will use."))
         self.firstUseDeviceLabel.wordWrap = True
+        if platform.system() == "Darwin":  # no GPU to probe: the CPU and the RAM it needs, said from the start
+            self.firstUseDeviceLabel.text = self.logic.firstUse.preflight(None, None).device_summary()
         layout.addRow(_("Runs on:"), self.firstUseDeviceLabel)
         self.firstUseCaBundleLineEdit = qt.QLineEdit(self.logic.firstUse.settings.ca_bundle)
         self.firstUseCaBundleLineEdit.placeholderText = _("optional: your organisation's CA bundle (.pem)")

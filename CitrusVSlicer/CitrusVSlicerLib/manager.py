@@ -64,6 +64,7 @@ class BackendManager:
         self.download: DownloadProcess | None = None
         self.transport = Transport(work_dir)
         self.extra_env: dict = {}               # for every child: an organisation's CA bundle (settings)
+        self._explained: tuple = (None, None)   # (ended process, its failure message)
         self._restart_pending = False
 
     # ------------------------------------------------------------------------------------------ install
@@ -133,6 +134,13 @@ class BackendManager:
         process = self.process
         if process is None or process.is_running() or self._restart_pending:
             return None
+        if self._explained[0] is not process:   # worked out once per ended process (the panel asks every tick)
+            process.poll()
+            self._explained = (process, self._explain(process))
+        return self._explained[1]
+
+    @staticmethod
+    def _explain(process: BackendProcess) -> str | None:
         if process.failure is not None:
             return explain_start_failure(process.failure, process.model, total_ram_gb(),
                                          model_need(process.model).cpu_ram_gb)
