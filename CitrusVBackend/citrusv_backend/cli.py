@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .refine_cli import add_refine_parser
 
     add_refine_parser(sub, add_model_options)
+    from .download_cli import add_parser as add_download_parser
+    add_download_parser(sub)
 
     bench = sub.add_parser("bench", help="performance figures per stage and end to end (JSON + table)")
     add_model_options(bench)

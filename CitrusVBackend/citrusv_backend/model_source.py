@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
+from .model.hub import RELEASED_MODEL_ID
+
+DEFAULT_MODEL = RELEASED_MODEL_ID
 MODEL_ENV = "CITRUSV_MODEL"
 TINY_ALIAS = "tiny"
 

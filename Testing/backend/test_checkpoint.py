@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from citrusv_backend.errors import CheckpointError
+from citrusv_backend.errors import CheckpointError, HubUnreachableError, ModelMissingError
 from citrusv_backend.model.checkpoint import (INDEX_NAME, canonical_key, legacy_key, resolve_checkpoint_dir,
                                               save_weights)
 from citrusv_backend.model.config import CitrusVConfig
@@ -191,8 +191,12 @@ def test_corrupt_shard(tiny_checkpoint: Path, tmp_path: Path):
 def test_offline_hub_id_says_how_to_get_the_weights(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(CheckpointError, match=r"not in the local cache and the hub is offline.*hf download"):
+    with pytest.raises(HubUnreachableError, match=r"HF_HUB_OFFLINE is set.*citrusv download .*Browse…") as offline:
         resolve_checkpoint_dir("jdh-algo/Citrus-V-8B-v1.0")
+    assert offline.value.reason == "hub_unreachable"
+    with pytest.raises(ModelMissingError, match=r"not been downloaded.*may not download.*Download.*Browse…") as missing:
+        resolve_checkpoint_dir("jdh-algo/Citrus-V-8B-v1.0", download=False)
+    assert missing.value.reason == "model_missing"
 
 
 def test_nonexistent_folder(tmp_path: Path):

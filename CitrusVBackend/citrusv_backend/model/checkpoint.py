@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelMissingError
 from .config import CitrusVConfig
+from .hub import (CHECKPOINT_FILE_PATTERNS, RELEASED_MODEL_ID, get_the_weights_advice, hub_failure, hub_offline,
+                  is_hub_id)
 from .modeling import CitrusVModel
 from .sam2_support import build_sam2_model, resolve_sam2_config
 
-RELEASED_MODEL_ID = "jdh-algo/Citrus-V-8B-v1.0"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -57,33 +58,30 @@ def legacy_key(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- locating
 
-def hub_download_hint(model_id: str) -> str:
-    return (f"Download it once on a machine with internet access, e.g. `hf download {model_id} "
-            f"--local-dir ./Citrus-V-8B` (about 17 GB), copy the folder here and pass it with --model FOLDER "
-            f"(or set HF_HUB_OFFLINE=0 to let CitrusV download it into the Hugging Face cache).")
-
-
-def resolve_checkpoint_dir(model: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is a hub id, downloaded once into the Hugging Face cache."""
+def resolve_checkpoint_dir(model: str | os.PathLike, download: bool = True) -> Path:
+    """A local folder as is; anything else is a hub id, taken from the Hugging Face cache — downloaded into it
+    first when it is not there, unless `download` is False (the Slicer module downloads as a step of its own)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
     text = str(model)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{text}: no such checkpoint folder (and it is not a hub id like {RELEASED_MODEL_ID})")
+    if not is_hub_id(text):
+        raise ModelMissingError(f"{text}: no such checkpoint folder (and it is not a hub id like {RELEASED_MODEL_ID}). "
+                                f"{get_the_weights_advice(RELEASED_MODEL_ID)}")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    cached_only = not download or hub_offline()
     try:
-        local = snapshot_download(text, local_files_only=offline,
-                                  allow_patterns=["*.json", "*.safetensors", "*.yaml", "*.jinja", "*.txt", "*.model",
-                                                  "*.tiktoken", "merges.txt", "vocab.json"])
-    except Exception as error:  # offline, not found, no network, gated...
-        kind = "is not in the local cache and the hub is offline" if offline else "could not be downloaded"
-        if isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) in (401, 403, 404):
-            kind = "was not found on the hub (or needs a login)"
-        raise CheckpointError(f"Model {text} {kind} ({type(error).__name__}). {hub_download_hint(text)}") from None
+        local = snapshot_download(text, local_files_only=cached_only, allow_patterns=list(CHECKPOINT_FILE_PATTERNS))
+    except LocalEntryNotFoundError as error:
+        if download:  # asked the hub (or would have, but HF_HUB_OFFLINE is set)
+            raise hub_failure(text, error) from None
+        raise ModelMissingError(f"Model {text} has not been downloaded to this machine (it is not in the Hugging Face "
+                                f"cache{'' if download else ', and this start may not download'}). "
+                                f"{get_the_weights_advice(text)}") from None
+    except Exception as error:  # offline, not found, no network, gated, a proxy...
+        raise hub_failure(text, error) from None
     return Path(local)
 
 
@@ -100,8 +98,8 @@ def checkpoint_files(directory: Path) -> list[Path]:
     elif (directory / SINGLE_FILE_NAME).is_file():
         files = [directory / SINGLE_FILE_NAME]
     else:
-        raise CheckpointError(f"{directory}: no {SINGLE_FILE_NAME} or {INDEX_NAME}; the weights are missing "
-                              f"(an incomplete download? {hub_download_hint(RELEASED_MODEL_ID)})")
+        raise ModelMissingError(f"{directory}: no {SINGLE_FILE_NAME} or {INDEX_NAME}; the weights are missing "
+                                f"(an incomplete download or copy?). {get_the_weights_advice(RELEASED_MODEL_ID)}")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{directory}: weight files listed in the index are missing: {', '.join(missing)}")
