@@ -139,7 +139,7 @@ class DownloadProcess(StreamingProcess):
         if self.failure is not None:
             from .failures import explain_start_failure
 
-            return explain_start_failure(self.failure, self.model)
+            return explain_start_failure(self.failure, self.model, downloading=True)
         from .logview import meaningful_lines
 
         last = "\n".join(meaningful_lines(list(self.lines), 4)) or "(no output)"

@@ -52,16 +52,21 @@ def _gb(value: float | None) -> str:
 
 
 def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None = None,
-                          cpu_ram_needed_gb: float | None = None) -> str:
-    """The panel's message for a `failed` event of `citrusv serve` (or of `citrusv download`)."""
+                          cpu_ram_needed_gb: float | None = None, downloading: bool = False) -> str:
+    """The panel's message for a `failed` event of `citrusv serve` (or of `citrusv download`: `downloading`)."""
     said = first_sentence(event.message)
+    if event.reason == "model_missing" and downloading:
+        return (f"The hub has no model {model} ({said}). Check the Model field (the released model is "
+                f"jdh-algo/Citrus-V-8B-v1.0), or choose a folder with the weights with Browse....")
+    if event.reason == "cancelled" and downloading:
+        return "Download cancelled; what was fetched is kept and Download again continues from there."
     if event.reason == "model_missing":
-        return (f"The model {model} is not on this computer ({said}). Press Download to fetch it, or, if you have "
-                f"the weights (copied from another machine or a USB drive), choose their folder with Browse....")
+        return (f"The model is not on this computer: {said}. Press Download to fetch it, or, if you have the "
+                f"weights (copied from another machine or a USB drive), choose their folder with Browse....")
     if event.reason == "hub_unreachable":
-        return (f"The model hub could not be reached ({said}). If you have the weights (copied from another machine "
+        return (f"{said}. If you have the weights (copied from another machine "
                 f"or a USB drive), choose their folder with Browse...; otherwise check the network or proxy "
-                f"(HTTPS_PROXY) and press Download.")
+                f"(HTTPS_PROXY; a CA bundle for a TLS-inspecting proxy) and press Download.")
     if event.reason == "out_of_memory":
         needed, available = event.number("needed_gb"), event.number("available_gb")
         memory = f" (the model needs about {_gb(needed)}, {_gb(available)} are free on the GPU)" \

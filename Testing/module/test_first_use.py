@@ -225,7 +225,7 @@ def event(reason, message, **numbers):
 
 @pytest.mark.parametrize("reason, numbers, expected", [
     ("model_missing", {}, ["Press Download", "Browse..."]),
-    ("hub_unreachable", {}, ["hub could not be reached", "Browse...", "HTTPS_PROXY"]),
+    ("hub_unreachable", {}, ["What the backend said. If you have the weights", "Browse...", "HTTPS_PROXY"]),
     ("out_of_memory", {"needed_gb": 20, "available_gb": 11.5},
      ["ran out of memory", "needs about 20 GB, 12 GB are free", "Device: cpu (needs about 34 GB of RAM, this computer "
       "has 32 GB — not enough here)", "Remote server"]),
@@ -236,7 +236,7 @@ def event(reason, message, **numbers):
 def test_each_failed_event_becomes_its_own_message(reason, numbers, expected):
     from CitrusVSlicerLib.failures import explain_start_failure
 
-    text = explain_start_failure(event(reason, "what the backend said", **numbers), "jdh-algo/Citrus-V-8B-v1.0",
+    text = explain_start_failure(event(reason, "What the backend said. Its advice for the command line.", **numbers), "jdh-algo/Citrus-V-8B-v1.0",
                                  ram_gb=32, cpu_ram_needed_gb=34)
     for part in expected:
         assert part in text, (part, text)
