@@ -1,11 +1,12 @@
 """How much a model needs — download, GPU memory, RAM on the CPU — and how much the environment needs on disk.
 
-The module cannot import the backend (Slicer's Python never loads torch), so the released model's figures are kept
-here as a small table; Testing/module/test_first_use_preflight.py checks them against the backend's own estimate.
-Figures: Citrus-V-8B is Qwen2.5-VL-7B (8.3 B parameters) + SAM2 (0.22 B): 17.1 GB of bf16 safetensors; on a GPU the
-bf16 weights plus activations at the default pixel budgets need about 20 GB; the CPU runs float32 (no bf16 matmul
-there, no MPS: see docs/first-use-slicer.md), twice the weights plus the working set: about 34 GB of RAM.
-A folder of unknown weights is estimated from its safetensors' size with the same rule.
+The module cannot import the backend (Slicer's Python never loads torch), so the backend's estimate
+(citrusv_backend/model/requirements.py: parameters x bytes of the dtype the device runs, plus working memory at the
+default pixel budgets) is mirrored here: the released model's figures as a row, the same rule for a folder of other
+weights. Testing/module/test_first_use.py checks both against the backend's own numbers.
+Released Citrus-V-8B: 8.53 B values (Qwen2.5-VL-7B + SAM2 Hiera-L + the [SEG] projector): 17.1 GB of bf16
+safetensors; on a GPU bf16 weights + 2.5 GB working memory + 0.6 GB CUDA context = 20.2 GB; on the CPU float32 (no
+MPS: docs/first-use-slicer.md) weights + 4 GB = 38.1 GB of RAM.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 GPU_ENV_GB = 8.0       # the CUDA build of torch and the rest of the backend environment
 CPU_ENV_GB = 3.0       # the CPU build
-GPU_OVERHEAD_GB = 3.0  # activations at the default pixel budgets + CUDA context
-CPU_OVERHEAD_GB = 0.0  # included in the float32 estimate below (RAM is counted against the total, not the free)
+RELEASED_PARAMETERS = 8_530_363_442
+GPU_WORKING_GB = 2.5   # activations, KV cache, logits, SAM2 features at the default budgets (bf16)
+CUDA_CONTEXT_GB = 0.6
+CPU_WORKING_GB = 4.0   # the same in float32, plus the process
 
 
 @dataclass(frozen=True)
@@ -25,17 +28,16 @@ class ModelNeed:
     cpu_ram_gb: float       # RAM to run it on the CPU (float32)
 
 
-RELEASED_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
-KNOWN_MODELS = {
-    RELEASED_MODEL: ModelNeed(weights_gb=17.1, gpu_gb=20.0, cpu_ram_gb=34.0),
-    "tiny": ModelNeed(weights_gb=0.01, gpu_gb=0.5, cpu_ram_gb=1.0),
-}
-
-
 def estimate_from_weights(weights_gb: float) -> ModelNeed:
-    """bf16 on disk -> the same on the GPU plus activations; float32 (twice) on the CPU."""
-    return ModelNeed(round(weights_gb, 1), round(weights_gb + GPU_OVERHEAD_GB, 1),
-                     round(2 * weights_gb + CPU_OVERHEAD_GB, 1))
+    """bf16 weights of `weights_gb` on disk: the backend's rule (a small model needs a share of the working memory)."""
+    share = min(1.0, weights_gb * 1e9 / 2 / RELEASED_PARAMETERS)
+    return ModelNeed(round(weights_gb, 1), round(weights_gb + GPU_WORKING_GB * share + CUDA_CONTEXT_GB, 1),
+                     round(2 * weights_gb + CPU_WORKING_GB * share, 1))
+
+
+RELEASED_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
+KNOWN_MODELS = {RELEASED_MODEL: estimate_from_weights(RELEASED_PARAMETERS * 2 / 1e9),
+                "tiny": estimate_from_weights(0.01)}   # the backend's random tiny checkpoint
 
 
 def model_need(model: str) -> ModelNeed:

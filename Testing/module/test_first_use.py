@@ -181,12 +181,12 @@ def test_a_12_gb_gpu_is_compared_with_the_need_and_the_plan_offers_what_fits(tmp
                             free_disk=plenty)
     assert check.device_summary() == (
         "This GPU (NVIDIA RTX A2000 12GB) has 12 GB and the model needs about 20 GB: use a remote server "
-        "(the CPU (needs 34 GB of RAM, this machine has 32; minutes per volume) does not fit either).")
+        "(the CPU (needs 38 GB of RAM, this machine has 32; minutes per volume) does not fit either).")
     assert check.suggested_device == "remote"
     roomy = first.preflight(probe.gpu_name, probe.gpu_memory_gb, "jdh-algo/Citrus-V-8B-v1.0", ram_gb=64,
                             free_disk=plenty)
     assert roomy.suggested_device == "cpu"
-    assert "use a remote server, or the CPU (needs 34 GB of RAM, this machine has 64" in roomy.device_summary()
+    assert "use a remote server, or the CPU (needs 38 GB of RAM, this machine has 64" in roomy.device_summary()
     big = first.preflight("NVIDIA A100-SXM4-40GB", 40, "jdh-algo/Citrus-V-8B-v1.0", ram_gb=64, free_disk=plenty)
     assert big.suggested_device == "cuda" and "will run on the GPU" in big.device_summary()
     # The plan says where things go, in numbers.
@@ -210,8 +210,21 @@ def test_macos_says_the_cpu_and_its_ram():
     from CitrusVSlicerLib.requirements import model_need
 
     check = preflight(MachineFacts(None, None, 32.0, system="Darwin"), model_need(""), None, None)
-    assert check.device_summary() == ("On macOS the model runs on the CPU (needs about 34 GB of RAM, this Mac has 32 GB "
+    assert check.device_summary() == ("On macOS the model runs on the CPU (needs about 38 GB of RAM, this Mac has 32 GB "
                                       "— not enough: use a remote server); Apple's GPU (MPS) is not used.")
+
+
+def test_the_need_figures_match_the_backends_own_estimate(tiny_checkpoint):
+    """The module mirrors the backend's rule (it cannot import the backend inside Slicer); the tests can compare."""
+    from citrusv_backend.model.requirements import RELEASED_NEED, need_of_checkpoint
+    from CitrusVSlicerLib.requirements import RELEASED_MODEL, model_need
+
+    released = model_need(RELEASED_MODEL)
+    assert (released.weights_gb, released.gpu_gb, released.cpu_ram_gb) == \
+        (round(RELEASED_NEED.disk_gb, 1), RELEASED_NEED.gpu_gb, RELEASED_NEED.cpu_ram_gb)
+    tiny, backend_tiny = model_need(str(tiny_checkpoint)), need_of_checkpoint(tiny_checkpoint)
+    assert tiny.gpu_gb == pytest.approx(backend_tiny.gpu_gb, abs=0.15)
+    assert tiny.cpu_ram_gb == pytest.approx(backend_tiny.cpu_ram_gb, abs=0.15)
 
 
 # ---------------------------------------------------------------------------------------------- messages
