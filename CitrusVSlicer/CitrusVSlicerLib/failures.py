@@ -52,7 +52,8 @@ def _gb(value: float | None) -> str:
 
 
 def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None = None,
-                          cpu_ram_needed_gb: float | None = None, downloading: bool = False) -> str:
+                          cpu_ram_needed_gb: float | None = None, downloading: bool = False,
+                          device: str = "auto") -> str:
     """The panel's message for a `failed` event of `citrusv serve` (or of `citrusv download`: `downloading`)."""
     said = first_sentence(event.message)
     if event.reason == "model_missing" and downloading:
@@ -67,6 +68,12 @@ def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None 
         return (f"{said}. If you have the weights (copied from another machine "
                 f"or a USB drive), choose their folder with Browse...; otherwise check the network or proxy "
                 f"(HTTPS_PROXY; a CA bundle for a TLS-inspecting proxy) and press Download.")
+    if event.reason == "out_of_memory" and (str(event.details.get("device", device)) == "cpu"):
+        needed, available = event.number("needed_gb"), event.number("available_gb")
+        memory = f" (the model needs about {_gb(needed)}, {_gb(available)} are available)" \
+            if needed is not None or available is not None else ""
+        return (f"This computer ran out of memory (RAM) while loading the model on the CPU{memory}. Close other "
+                f"programs, or use a Remote server with a GPU.")
     if event.reason == "out_of_memory":
         needed, available = event.number("needed_gb"), event.number("available_gb")
         memory = f" (the model needs about {_gb(needed)}, {_gb(available)} are free on the GPU)" \

@@ -143,7 +143,7 @@ class BackendManager:
     def _explain(process: BackendProcess) -> str | None:
         if process.failure is not None:
             return explain_start_failure(process.failure, process.model, total_ram_gb(),
-                                         model_need(process.model).cpu_ram_gb)
+                                         model_need(process.model).cpu_ram_gb, device=process.device)
         if process.stop_requested or (process.returncode == 0 and process.ready_info):
             return None   # stopped from the panel (or at Slicer's exit): nothing to explain
         return explain_crash(process.lines, process.returncode, bool(process.ready_info), process.log_path)
