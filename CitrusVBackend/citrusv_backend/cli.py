@@ -163,7 +163,12 @@ def cmd_serve(args) -> int:
     from .server.launch import ServeSettings, serve
 
     def load():
-        return open_engine(resolve_model_argument(args.model), args.device, args.dtype, args.attention)
+        model = resolve_model_argument(args.model)
+        if args.no_download:  # a model that is not here fails at once (model_missing) instead of downloading
+            from .model.checkpoint import resolve_checkpoint_dir
+
+            model = str(resolve_checkpoint_dir(model, download=False))
+        return open_engine(model, args.device, args.dtype, args.attention)
 
     return serve(ServeSettings.from_args(args), load_engine=load)
 
@@ -313,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the reference's demo clients unchanged: port 8000, ANY bearer token accepted, loopback "
                             "only (see the README before using it)")
     serve.add_argument("--exit-with-parent", action="store_true", help=EXIT_WITH_PARENT_HELP)
+    serve.add_argument("--no-download", action="store_true",
+                       help="never download the model: one not on this machine fails at once (see `citrusv download`)")
     serve.set_defaults(handler=cmd_serve)
 
     batch = sub.add_parser("batch", help="a folder of volumes: every case segmented (detected, reported), resumable; "

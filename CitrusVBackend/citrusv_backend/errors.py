@@ -82,4 +82,6 @@ def failure_event(error: BaseException) -> dict:
     """The one JSON line a launcher reads when a command fails for a reason it can name."""
     if isinstance(error, CitrusVError):
         return {"event": "failed", "reason": error.reason, "message": str(error), **error.numbers}
+    if type(error).__name__ == "OutOfMemoryError":  # torch's, outside the load that names the numbers
+        return {"event": "failed", "reason": "out_of_memory", "message": f"out of memory: {error}"}
     return {"event": "failed", "reason": "other", "message": f"{type(error).__name__}: {error}"}

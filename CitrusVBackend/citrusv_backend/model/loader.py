@@ -4,17 +4,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import CudaUnusableError, InputError, NotEnoughMemoryError
 from .checkpoint import DTYPES, build_model, checkpoint_files, load_weights, resolve_checkpoint_dir
 from .config import CitrusVConfig
 from .modeling import CitrusVModel
 from .processor import CitrusVProcessor
+from .requirements import GB, need_of_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +26,52 @@ RANDOM_WEIGHTS_WARNING = ("!!! RANDOM WEIGHTS: this checkpoint ({path}) was made
 
 
 def choose_device(requested: str | None = None) -> torch.device:
+    """`auto`: CUDA when torch can use it, else the CPU — unless a GPU driver is there and torch cannot use it
+    (a driver older than torch's CUDA): that is a set-up to fix, not a reason to run 20× slower unnoticed."""
     if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.version.cuda is not None and nvidia_driver_version() is not None:
+            raise CudaUnusableError(cuda_diagnosis("auto"))
+        return torch.device("cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
         raise InputError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {requested} was asked for, but torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        raise CudaUnusableError(cuda_diagnosis(requested))
     return device
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (Linux), without asking CUDA."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    return match.group(1) if match else "unknown"
+
+
+def cuda_diagnosis(requested: str) -> str:
+    """Why torch cannot use CUDA here, and the fix."""
+    if torch.version.cuda is None:
+        return (f"Device {requested}: this backend has the CPU build of torch {torch.__version__}, which cannot use a GPU. "
+                f"Reinstall the backend on the GPU machine (the Slicer module's Install, or `bootstrap.py setup "
+                f"--force`), or choose the CPU.")
+    driver = nvidia_driver_version()
+    try:
+        torch.cuda.init()
+        cause = "torch found no usable GPU"
+    except Exception as error:  # torch's own words: "The NVIDIA driver on your system is too old (found version ...)"
+        cause = str(error).strip().splitlines()[0]
+    if driver is None:
+        return (f"Device {requested}: no NVIDIA driver is loaded ({cause}). Install the NVIDIA driver (check with "
+                f"`nvidia-smi`), or choose the CPU.")
+    return (f"Device {requested}: torch {torch.__version__} is built for CUDA {torch.version.cuda}, and NVIDIA driver "
+            f"{driver} cannot run it ({cause}). Update the driver (CUDA {torch.version.cuda} needs a driver from "
+            f"the same CUDA major release or newer), or reinstall the backend for an older CUDA build "
+            f"(CITRUSV_TORCH_CUDA_BUILDS, docs/first-use.md), or choose the CPU.")
 
 
 def choose_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
@@ -91,6 +130,38 @@ def read_generation_defaults(directory: Path) -> dict:
     return {"repetition_penalty": float(penalty)} if isinstance(penalty, (int, float)) else {}
 
 
+TEST_FAIL_LOAD_ENV = "CITRUSV_TEST_FAIL_LOAD"
+
+
+def device_memory_gb(device: torch.device) -> tuple[str, float]:
+    """(what, GB) of the memory the model would live in: the GPU's total, or this machine's RAM."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        return f"{torch.cuda.get_device_name(index)} has", total / GB
+    return "this machine has", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+
+
+def out_of_memory_error(directory: Path, device: torch.device) -> NotEnoughMemoryError:
+    need = need_of_checkpoint(directory)
+    what, available = device_memory_gb(device)
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()  # give back what the failed load took
+        return NotEnoughMemoryError(
+            f"Out of GPU memory while loading the model: it needs about {need.gpu_gb:.1f} GB of GPU memory in bf16 "
+            f"and {what} {available:.1f} GB. Choose the CPU (it needs about {need.cpu_ram_gb:.1f} GB of RAM) or a "
+            f"remote server on a bigger GPU in the Slicer module (on the command line: --device cpu).",
+            needed_gb=need.gpu_gb, available_gb=round(available, 1), device=str(device))
+    return NotEnoughMemoryError(
+        f"Out of memory while loading the model on the CPU: it needs about {need.cpu_ram_gb:.1f} GB of RAM in "
+        f"float32 and {what} {available:.1f} GB. Use a GPU with at least {need.gpu_gb:.1f} GB of memory, or a remote "
+        f"server in the Slicer module.", needed_gb=need.cpu_ram_gb, available_gb=round(available, 1),
+        device=str(device))
+
+
 def load_citrusv(model: str | Path, device: str | None = None, dtype: str | None = None,
                  attention: str | None = None) -> LoadedModel:
     started = time.monotonic()
@@ -100,8 +171,13 @@ def load_citrusv(model: str | Path, device: str | None = None, dtype: str | None
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
     attn = choose_attention(torch_device, attention)
-    citrusv = build_model(config, directory, torch_device, torch_dtype, attn_implementation=attn)
-    load_weights(citrusv, directory)
+    try:
+        if os.environ.get(TEST_FAIL_LOAD_ENV) == "out_of_memory":  # tests only: an out-of-memory at load
+            raise torch.OutOfMemoryError(f"{TEST_FAIL_LOAD_ENV}=out_of_memory")
+        citrusv = build_model(config, directory, torch_device, torch_dtype, attn_implementation=attn)
+        load_weights(citrusv, directory)
+    except torch.OutOfMemoryError:
+        raise out_of_memory_error(directory, torch_device) from None
     qwen_config = citrusv.mllm.config
     processor = CitrusVProcessor.from_checkpoint(directory, config.seg_token_idx, qwen_config.image_token_id,
                                                  citrusv.grounding_encoder.image_size)

@@ -1,4 +1,5 @@
-"""`citrusv serve`: token, socket, model, then uvicorn — and one JSON "ready" line on stdout when it is up.
+"""`citrusv serve`: token, socket, model, then uvicorn — and one JSON "ready" line on stdout when it is up, or,
+when it cannot start, one JSON "failed" line (`errors.failure_event`: a reason a launcher acts on, and the message).
 
 Order matters: the host and token are checked first (a refused configuration fails at once), the port is
 bound (reserved, so a taken port fails before a 17 GB model load) but listens only after the model has
@@ -7,6 +8,7 @@ loaded, so a launcher that sees the ready line — or can connect at all — fin
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -26,9 +28,9 @@ from typing import Callable
 
 import uvicorn
 
-from ..errors import CitrusVError
+from ..errors import CitrusVError, PortInUseError, failure_event
 from ..model.processor import IMAGE_FACTOR, QWEN_MAX_PIXELS
-from ..signals import SIGNAL_EXIT, STOP_SIGNALS, exit_on_signals
+from ..signals import SIGNAL_EXIT, STOP_SIGNALS, SignalExit, exit_on_signals
 from .app import MiB, ServiceConfig, ServiceState, create_app
 from .connections import guarded_protocol
 from .local_images import allowed_folders
@@ -151,15 +153,41 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as error:
         sock.close()
-        raise CitrusVError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port, or 0 for any "
-                           f"free port") from None
+        kind = PortInUseError if error.errno == errno.EADDRINUSE else CitrusVError
+        raise kind(f"cannot listen on {host}:{port} ({error.strerror}): another program uses this port; choose "
+                   f"another --port, or 0 for any free port (the Slicer module does)"
+                   if kind is PortInUseError else
+                   f"cannot listen on {host}:{port} ({error.strerror}); choose another --port, or 0 for any "
+                   f"free port") from None
     return sock
 
 
 def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=None) -> int:
+    """Serve until stopped. Any failure before the ready line is also told on stdout as a "failed" line."""
     stdout = stdout or sys.stdout
     configure_logging()
     capture_stderr()
+    announced: list[dict] = []
+    try:
+        return _serve(settings, load_engine, stdout, announced)
+    except SignalExit as stopped:
+        if not announced:
+            _say_failed({"event": "failed", "reason": "cancelled", "message": f"the backend was {stopped} while it "
+                         f"was starting"}, stdout)
+        raise
+    except Exception as error:
+        if not announced:
+            _say_failed(failure_event(error), stdout)
+        raise
+
+
+def _say_failed(event: dict, stdout) -> None:
+    print(json.dumps(event), file=stdout, flush=True)
+    log_event(log, "failed", **{("detail" if key == "message" else key): value for key, value in event.items()
+                                if key != "event"})
+
+
+def _serve(settings: ServeSettings, load_engine: Callable[[], object], stdout, announced: list) -> int:
     token = None if settings.reference_compatible else resolve_token(settings.token_file)
     sock = bind_socket(settings.host, settings.port)
     address, port = sock.getsockname()[:2]
@@ -187,7 +215,7 @@ def serve(settings: ServeSettings, load_engine: Callable[[], object], stdout=Non
             sock.listen(2048)
             ready = ready_line(state, address, port, token)
             server = ReadyServer(uvicorn_config(app, settings.config),
-                                 on_ready=lambda: _announce(ready | ready_fields(state), stdout))
+                                 on_ready=lambda: announced.append(_announce(ready | ready_fields(state), stdout)))
             server.run(sockets=[sock])
             if server.exit_signal is not None:
                 log_event(log, "stopped", signal=signal.Signals(server.exit_signal).name)
@@ -225,9 +253,10 @@ OPEN_ACCESS_WARNING = (
     "Use it to run the reference's demo clients; never for patient data on a shared machine.")
 
 
-def _announce(ready: dict, stdout) -> None:
+def _announce(ready: dict, stdout) -> dict:
     print(json.dumps(ready), file=stdout, flush=True)
     log_event(log, "ready", **{k: v for k, v in ready.items() if k != "event"})
+    return ready
 
 
 class ReadyServer(uvicorn.Server):
