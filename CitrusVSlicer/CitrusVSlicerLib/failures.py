@@ -48,7 +48,9 @@ def first_sentence(text: str) -> str:
 
 
 def _gb(value: float | None) -> str:
-    return f"{value:.0f} GB" if value is not None else "?"
+    if value is None:
+        return "?"
+    return f"{value:.0f} GB" if value >= 10 else f"{value:.1f} GB"
 
 
 def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None = None,

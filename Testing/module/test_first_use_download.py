@@ -1,6 +1,6 @@
 """The panel's Download step end to end: the module's library runs the real `citrusv download` (the backend installed
 in the test environment) as its child process, against a hub on 127.0.0.1 speaking the hub's file protocol
-(Testing/backend/local_hub.py) with the real huggingface_hub client, and renders what the user sees. Faults: the hub
+(Testing/local_hub.py) with the real huggingface_hub client, and renders what the user sees. Faults: the hub
 unreachable, a connection cut mid-file, a Cancel mid-file and a second Download, a name the hub does not know."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from module_helpers import run_until
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/local_hub.py
 from local_hub import LocalHub  # noqa: E402
 
 pytestmark = [pytest.mark.slicer, pytest.mark.service]

@@ -34,13 +34,18 @@ def start_until_it_ends(manager, model, device="cpu", timeout=300):
     return process
 
 
-def test_out_of_memory_at_load_says_cpu_or_remote_with_the_numbers(tmp_path, tiny_checkpoint):
+def test_out_of_memory_at_load_says_what_to_do_with_the_numbers(tmp_path, tiny_checkpoint):
+    """On this machine (no GPU) the load runs on the CPU: the message names RAM and the way out. The GPU variant
+    (CPU or Remote, with the CPU's RAM need) is test_first_use.py's test_each_failed_event_becomes_its_own_message."""
     manager = manager_for(tmp_path, CITRUSV_TEST_FAIL_LOAD="out_of_memory")
     process = start_until_it_ends(manager, str(tiny_checkpoint), device="auto")
     assert process.failure is not None and process.failure.reason == "out_of_memory", list(process.lines)[-10:]
+    needed, available = process.failure.number("needed_gb"), process.failure.number("available_gb")
+    assert needed > 0 and available > 0
     failure = manager.failure
-    assert "ran out of memory while loading the model" in failure, failure
-    assert "Remote server" in failure and "Restart" not in failure
+    assert failure == (f"This computer ran out of memory (RAM) while loading the model on the CPU (the model needs "
+                       f"about {needed:.1f} GB, {available:.0f} GB are available). Close other programs, or use a "
+                       f"Remote server with a GPU.")
     logs = manager.drain_logs()
     assert any(line.startswith("FAILED (out_of_memory): ") for line in logs), logs
     assert not any(line.startswith('{"') for line in logs)

@@ -145,7 +145,7 @@ def test_install_download_start_apply_under_slicer_5_10_with_a_chosen_python(sli
                                                                               tiny_checkpoint):
     """The first hour as a user walks it (issue 22): Install, Download from a hub (on 127.0.0.1, the real
     huggingface_hub client in the installed backend), Start, first Apply; the timeline and the status lines."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/local_hub.py
     from local_hub import LocalHub
 
     layout = layout_for(slicer_layouts, "5.10.0")
