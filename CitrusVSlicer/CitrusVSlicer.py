@@ -148,7 +148,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         # Explicit signatures: Qt5's QComboBox has activated/currentIndexChanged overloads (int and QString).
         self.ui.examplesComboBox.connect("activated(int)", self.onExampleChosen)
-        self.ui.installBackendButton.clicked.connect(self.onInstall)
+        self.ui.installBackendButton.clicked.connect(lambda: self.onInstall())  # not clicked(bool) as `update`
         self.ui.startBackendButton.clicked.connect(self.onStartBackend)
         self.ui.stopBackendButton.clicked.connect(self.onStopBackend)
         self.ui.restartBackendButton.clicked.connect(self.onRestartBackend)
@@ -633,6 +633,11 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if platform.system() == "Darwin":  # no GPU to probe: the CPU and the RAM it needs, said from the start
             self.firstUseDeviceLabel.text = self.logic.firstUse.preflight(None, None).device_summary()
         layout.addRow(_("Runs on:"), self.firstUseDeviceLabel)
+        self.firstUseWeightsLineEdit = qt.QLineEdit(self.logic.firstUse.settings.weights_folder)
+        self.firstUseWeightsLineEdit.placeholderText = _("the Hugging Face cache (default)")
+        self.firstUseWeightsLineEdit.toolTip = _("Where Download puts the weights (a folder per model); the Model "
+                                                 "field is set to it when the download ends.")
+        layout.addRow(_("Weights folder:"), self.firstUseWeightsLineEdit)
         self.firstUseCaBundleLineEdit = qt.QLineEdit(self.logic.firstUse.settings.ca_bundle)
         self.firstUseCaBundleLineEdit.placeholderText = _("optional: your organisation's CA bundle (.pem)")
         self.firstUseCaBundleLineEdit.toolTip = _("For networks whose proxy inspects TLS: the installer and the "
@@ -643,6 +648,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.firstUseCancelInstallButton.clicked.connect(self.onCancelInstall)
         self.firstUseSampleButton.clicked.connect(self.onLoadSample)
         self.firstUseCaBundleLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
+        self.firstUseWeightsLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
         self.ui.modelLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
         self.ui.deviceComboBox.connect("activated(int)", lambda index: self.onMachineSettingEdited())
         self.firstUseUrlCompleter = qt.QCompleter(self.logic.firstUse.settings.remote_urls)
@@ -665,6 +671,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.model = self.ui.modelLineEdit.text.strip()
         settings.device = self.ui.deviceComboBox.currentText
         settings.ca_bundle = self.firstUseCaBundleLineEdit.text.strip()
+        settings.weights_folder = self.firstUseWeightsLineEdit.text.strip()
         self.logic.firstUse.save()
 
     def onDownload(self) -> None:
