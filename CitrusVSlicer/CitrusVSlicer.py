@@ -547,10 +547,18 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = node.model.strip() or DEFAULT_MODEL
         step = self.logic.firstUse.next_step(model)
         try:
-            if step.action in ("install", "update"):
+            if step.action == "install":
                 self.setStatus(step.message)
-                self.onInstall(update=step.action == "update")
+                self.onInstall()
                 return
+            if step.action == "update" and slicer.util.confirmYesNoDisplay(
+                    step.message + "\n\n" + _("Update now? (No: start the installed backend as it is.)"),
+                    _("Update the CitrusV backend?")):
+                self.setStatus(step.message)
+                self.onInstall(update=True)
+                return
+            if step.action == "update":  # declined: the weights may still be missing
+                step = self.logic.firstUse.next_step(model, check_version=False)
             if step.action == "download":
                 self.setStatus(step.message, error=True)
                 if slicer.util.confirmOkCancelDisplay(step.message, _("Download the model?")):

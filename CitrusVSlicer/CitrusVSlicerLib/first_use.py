@@ -50,13 +50,15 @@ class FirstUse:
 
     # ------------------------------------------------------------------------------------------ Start
 
-    def next_step(self, model: str | None = None) -> StartStep:
+    def next_step(self, model: str | None = None, check_version: bool = True) -> StartStep:
+        """`check_version=False`: the user chose to keep an older backend for now."""
         model = (model or self.model).strip()
         manager = self.manager
         if manager.needs_install():
             return StartStep("install", "The backend is not installed yet: press Install (it checks this computer and "
                                         "asks before installing anything).")
-        offer = None if manager._python_override else update_offer(manager.backend_dir, manager.env_dir)
+        offer = None if manager._python_override or not check_version else \
+            update_offer(manager.backend_dir, manager.env_dir)
         if offer:
             return StartStep("update", offer)
         check = manager.weights(model)

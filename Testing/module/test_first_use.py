@@ -119,6 +119,7 @@ def test_start_offers_install_then_update_then_download_then_starts(tmp_path, mo
     assert step.action == "update"
     assert "CitrusV backend 0.0.9" in step.message and "Press Install to update" in step.message
     assert first.install_plan(None, update=True).bootstrap_command("python")[-1] == "--force"
+    assert first.next_step("jdh-algo/Citrus-V-8B-v1.0", check_version=False).action == "download"  # update declined
 
     from CitrusVSlicerLib.install_platform import bundled_backend_version
 
