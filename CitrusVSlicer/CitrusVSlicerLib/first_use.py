@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .install_platform import tls_environment, update_offer
 from .preflight import MachineFacts, Preflight, preflight, total_ram_gb
-from .requirements import RELEASED_MODEL, model_need
+from .requirements import KNOWN_MODELS, RELEASED_MODEL, model_need
 from .settings import MachineSettings, SettingsStore
 from .weights import hub_cache_dir, looks_like_hub_id
 
@@ -63,10 +63,10 @@ class FirstUse:
             return StartStep("update", offer)
         check = manager.weights(model)
         if not check.present:
-            source = "from the Hugging Face hub " if check.is_hub_id else ""
+            source = " from the Hugging Face hub" if check.is_hub_id else ""
+            size = f" (about {KNOWN_MODELS[model].weights_gb:.0f} GB)" if model in KNOWN_MODELS else ""
             return StartStep("download", f"The model is not on this computer: {check.missing}. Press Download to "
-                                         f"fetch it {source}(about {model_need(model).weights_gb:.0f} GB), or choose a "
-                                         f"folder with the weights with Browse....")
+                                         f"fetch it{source}{size}, or choose a folder with the weights with Browse....")
         return StartStep("start", "")
 
     def install_plan(self, gpu_name: str | None, update: bool = False):

@@ -51,7 +51,7 @@ def main() -> None:
                              work_dir=arguments["work_dir"])
     first_use = FirstUse(manager, MemoryStore())
     say = report["messages"].append          # what the panel's status line says, step by step
-    check = first_use.preflight(None, None, arguments.get("hub_model") or arguments["model"])
+    check = first_use.preflight(None, None, arguments["model"])   # the tiny model's own need, from its folder
     say(check.device_summary())
     plan = manager.install_plan(None, arguments.get("base_python"))
     if arguments.get("python_version"):
@@ -88,9 +88,10 @@ def main() -> None:
 
         poll_until(manager, downloaded, 600, "download")
         report["timeline"]["download_s"] = round(time.monotonic() - started, 2)
-        report.update(download_state=download.state, download_progress=progress[-3:], download_path=download.path,
-                      download_log_tail=list(download.lines)[-10:])
-        say(progress[-1] if progress else "(no progress line)")
+        report.update(download_state=download.state, download_progress=progress[:2] + progress[-3:],
+                      download_path=download.path, download_log_tail=list(download.lines)[-10:])
+        say(next((line for line in progress if line.startswith("Downloading") and "(100%)" not in line),
+                 progress[0] if progress else "(no progress line)"))
         say(download.status_text())
         model = first_use.download_finished() or model
         report["start_step_after_download"] = first_use.next_step(model).action
