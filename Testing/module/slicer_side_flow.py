@@ -66,6 +66,8 @@ def main() -> None:
         print("CITRUSV-RESULT " + json.dumps(report), flush=True)
         return
     say("Backend installed. Press Start.")
+    sample = first_use.sample_volume()        # Load sample CT: shipped by the environment just installed
+    report["sample_volume"] = str(sample) if sample else None
     model = arguments["model"]
     if arguments.get("hub_model"):
         # The weights as their own step, from a hub on 127.0.0.1 (HF_ENDPOINT) into the weights folder.

@@ -156,3 +156,40 @@ def test_hub_unreachable_and_unknown_model_are_their_own_messages(hub, tmp_path)
     assert download.failure.reason == "model_missing"
     assert download.status_text().startswith("The hub has no model someone/not-a-model (")
     assert "Check the Model field" in download.status_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs as the weights folder's drive (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root?); test_first_use.py's preflight test covers the rule")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_said_before_anything_is_fetched(hub, small_disk, tmp_path):
+    first = first_use_with_hub(tmp_path, hub.url)
+    first.settings.weights_folder = str(small_disk)
+    # The preflight sees it first, from the real free space of that drive ...
+    check = first.preflight(None, None, REPO, ram_gb=64)
+    assert any("the weights need about 17 GB in" in problem and "0 GB are free" in problem
+               for problem in check.disk_problems), check.disk_problems
+    # ... and the download itself refuses before any byte (a hub model of unknown size: the backend knows it).
+    download = first.start_download(REPO)
+    follow(first)
+    assert download.state == "failed" and download.failure.reason == "disk_full"
+    assert download.status_text().startswith("The disk is full (")
+    assert not [request for request in hub.requests if request[0] == "GET" and "/resolve/" in request[1]]
+
+
+def test_the_sample_ct_is_the_one_the_backend_environment_ships(tmp_path):
+    """Load sample CT: slicerio's CTChest4.nrrd from the backend's environment (here: the test environment's)."""
+    import slicerio
+
+    first = first_use_with_hub(tmp_path, "http://127.0.0.1:9")
+    sample = first.sample_volume()
+    assert sample == Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd" and sample.is_file()

@@ -162,6 +162,8 @@ def test_install_download_start_apply_under_slicer_5_10_with_a_chosen_python(sli
     assert report["start_step_after_download"] == "start"
     assert report["download_progress"][0].startswith("Downloading Citrus-V-tiny: ")
     assert set(report["timeline"]) == {"install_s", "download_s", "start_s", "first_apply_s"}
+    assert report["sample_volume"].startswith(str(session_dir / "slicer-backend-env")) and \
+        report["sample_volume"].endswith("slicerio/data/CTChest4.nrrd")
     # The record of what a first-time user sees, step by step (docs/first-use-slicer.md quotes it).
     (session_dir / "first-use-timeline.json").write_text(json.dumps(
         {"timeline": report["timeline"], "messages": report["messages"]}, indent=2))
