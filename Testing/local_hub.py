@@ -65,16 +65,19 @@ class LocalHub:
                  for path in sorted(folder.rglob("*")) if path.is_file()}
         return cls(repo_id, files)
 
+    tls: bool = False
+
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def bytes_total(self) -> int:
         return sum(len(file.data) for file in self.files.values())
 
-    def start(self) -> "LocalHub":
+    def start(self, certificate: tuple[Path, Path] | None = None) -> "LocalHub":
+        """Serve on a free port of 127.0.0.1; over TLS with (certificate, key) when given."""
         hub = self
 
         class Handler(_HubHandler):
@@ -83,6 +86,13 @@ class LocalHub:
         Handler.hub = hub
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if certificate is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.tls = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -152,8 +162,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             stall = name in self.hub.stall_once
             self.hub.cut_once.discard(name)
             self.hub.stall_once.discard(name)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
+            try:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+            except OSError:  # the client went away first (a cancelled download)
+                return
             if stall:
                 self.hub.release.wait(60)
             self.close_connection = True
@@ -181,3 +194,18 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("X-Linked-Size", str(len(file.data)))
         else:
             self.send_header("ETag", f'"{file.blob_id}"')
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path] | None:
+    """A self-signed certificate for 127.0.0.1 (an organisation's CA whose proxy inspects TLS): (cert, key), or
+    None where openssl cannot make one."""
+    import subprocess
+
+    cert, key = folder / "org-ca.pem", folder / "key.pem"
+    try:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                               str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                               "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (cert, key) if made.returncode == 0 else None

@@ -3,6 +3,8 @@
   {"event": "download", "file", "bytes_done", "bytes_total", "rate_bps", "eta_s"}   (the whole download's bytes)
   {"event": "downloaded", "path", "bytes_total"}                                       exit 0
   {"event": "failed", "reason", "message", ...}                                        exit 2
+`--check` downloads nothing: one `{"event": "check", "need": ..., "machine": ..., "weights": ..., "device", "fits",
+"advice"}` line (preflight.py).
 A stop signal (the panel's Cancel) ends it with `failed`/`cancelled`; what was downloaded stays and the next run
 continues it.
 """
@@ -21,6 +23,9 @@ def add_parser(sub) -> None:
     parser.add_argument("model", nargs="?", default=RELEASED_MODEL_ID, help=f"hub id (default {RELEASED_MODEL_ID})")
     parser.add_argument("--to", default=None, metavar="DIR",
                         help="a folder of your choice (default: the Hugging Face cache, $HF_HOME)")
+    parser.add_argument("--check", action="store_true",
+                        help="download nothing: print what the model needs (GPU memory, RAM, disk) beside what this "
+                             "machine has (one JSON line)")
     parser.set_defaults(handler=cmd_download)
 
 
@@ -31,6 +36,11 @@ def _emit(event: dict) -> None:
 def cmd_download(args) -> int:
     try:
         with exit_on_signals():
+            if args.check:
+                from .preflight import preflight
+
+                _emit(preflight(args.model, Path(args.to).expanduser() if args.to else None))
+                return 0
             return _download(args)
     except CitrusVError as error:
         _emit(failure_event(error))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CheckpointError, DiskFullError
-from .model.hub import CHECKPOINT_FILE_PATTERNS, hub_failure
+from .model.hub import CHECKPOINT_FILE_PATTERNS, hub_failure, use_ca_bundle
 
 GB = 1e9
 PART_SUFFIX = ".citrusv-part"
@@ -149,6 +149,7 @@ def plan_download(repo_id: str, revision: str | None = None, to: Path | None = N
     from huggingface_hub.utils import filter_repo_objects
 
     revision = revision or "main"
+    use_ca_bundle()
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as error:

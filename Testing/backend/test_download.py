@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from local_hub import LocalHub
+from local_hub import LocalHub, make_certificate
 
 pytestmark = pytest.mark.service  # a real server on 127.0.0.1 (the hub) and the real command
 
@@ -35,9 +35,10 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "citrusv_backend.cli", "download", *args]
 
 
-def run_download(hub_url: str, home: Path, *args: str, timeout: float = 120) -> tuple[int, list[dict], str]:
-    done = subprocess.run(_command(*args), env=_environment(hub_url, home), capture_output=True, text=True,
-                          timeout=timeout)
+def run_download(hub_url: str, home: Path, *args: str, timeout: float = 120,
+                 env: dict | None = None) -> tuple[int, list[dict], str]:
+    done = subprocess.run(_command(*args), env=_environment(hub_url, home) | (env or {}), capture_output=True,
+                          text=True, timeout=timeout)
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
 
@@ -213,3 +214,26 @@ def test_disk_space_checked_before(monkeypatch, tmp_path):
         check_disk_space(plan, free=lambda path: 12_000_000_000)
     assert full.value.numbers == {"needed_gb": 17.0, "available_gb": 12.0}
     check_disk_space(plan, free=lambda path: 17_000_000_000)  # exactly enough is enough
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    made = make_certificate(tmp_path_factory.mktemp("tls"))
+    if made is None:
+        pytest.skip("openssl cannot make a certificate here")
+    return made
+
+
+def test_an_untrusted_certificate_is_named_and_a_ca_bundle_fixes_it(small_repo, certificate, tmp_path):
+    hub = LocalHub.from_folder(REPO, small_repo).start(certificate)
+    try:
+        code, events, stderr = run_download(hub.url, tmp_path)
+        assert code == 2 and "Traceback" not in stderr
+        assert events[-1]["reason"] == "hub_unreachable"
+        assert "certificate was not trusted" in events[-1]["message"] and "CITRUSV_CA_BUNDLE" in events[-1]["message"]
+
+        code, events, stderr = run_download(hub.url, tmp_path, env={"CITRUSV_CA_BUNDLE": str(certificate[0])})
+        assert code == 0, (events[-1], stderr)
+        assert events[-1]["event"] == "downloaded"
+    finally:
+        hub.stop()

@@ -73,7 +73,7 @@ def test_out_of_memory_at_load_gives_the_numbers(tmp_path, tiny_checkpoint):
                          env=_environment(tmp_path, CITRUSV_TEST_FAIL_LOAD="out_of_memory"))
     assert event["reason"] == "out_of_memory" and event["device"] == "cpu"
     assert 0 < event["needed_gb"] < 5 and event["available_gb"] > 0  # the tiny model's need, this machine's RAM
-    assert f"about {event['needed_gb']:.1f} GB of RAM" in event["message"]
+    assert f"about {event['needed_gb']:.1f} GB of RAM" in event["message"]  # below 10 GB: one decimal
     assert "remote server" in event["message"]
 
 

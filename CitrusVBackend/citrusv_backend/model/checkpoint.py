@@ -21,7 +21,7 @@ import torch
 from ..errors import CheckpointError, ModelMissingError
 from .config import CitrusVConfig
 from .hub import (CHECKPOINT_FILE_PATTERNS, RELEASED_MODEL_ID, get_the_weights_advice, hub_failure, hub_offline,
-                  is_hub_id)
+                  is_hub_id, use_ca_bundle)
 from .modeling import CitrusVModel
 from .sam2_support import build_sam2_model, resolve_sam2_config
 
@@ -72,6 +72,7 @@ def resolve_checkpoint_dir(model: str | os.PathLike, download: bool = True) -> P
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cached_only = not download or hub_offline()
+    use_ca_bundle()
     try:
         local = snapshot_download(text, local_files_only=cached_only, allow_patterns=list(CHECKPOINT_FILE_PATTERNS))
     except LocalEntryNotFoundError as error:

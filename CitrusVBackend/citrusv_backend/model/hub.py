@@ -20,6 +20,21 @@ def is_hub_id(text: str) -> bool:
         and ":" not in text
 
 
+CA_BUNDLE_ENV = "CITRUSV_CA_BUNDLE"
+
+
+def use_ca_bundle(environ=os.environ) -> None:
+    """An organisation's CA bundle ($CITRUSV_CA_BUNDLE, given for CitrusV: it wins over SSL_CERT_FILE) for the hub's
+    TLS: huggingface_hub's client (httpx2) reads SSL_CERT_FILE; without either it uses the system's certificate
+    store (truststore on Windows and macOS, OpenSSL's on Linux)."""
+    bundle = environ.get(CA_BUNDLE_ENV, "").strip()
+    if bundle:
+        if not Path(bundle).is_file():
+            raise HubUnreachableError(f"${CA_BUNDLE_ENV}={bundle}: no such file (a PEM file of your organisation's "
+                                      f"CA certificates)")
+        environ["SSL_CERT_FILE"] = bundle
+
+
 def hub_offline(environ=os.environ) -> bool:
     return environ.get("HF_HUB_OFFLINE", "0").strip() not in ("", "0", "false", "False", "no")
 
@@ -46,9 +61,13 @@ def _causes(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
+def _kind(error: BaseException, *names: str) -> bool:
+    """By class name: huggingface_hub 2.x raises httpx2's exceptions, 1.x httpx's, older ones requests'."""
+    return any(cls.__name__ in names for cls in type(error).__mro__)
+
+
 def hub_failure(model_id: str, error: BaseException) -> CitrusVError:
     """The user's error for an exception raised while asking the hub for `model_id`."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     for cause in _causes(error):
@@ -60,12 +79,12 @@ def hub_failure(model_id: str, error: BaseException) -> CitrusVError:
                                      f"Check the name; {get_the_weights_advice(model_id)}")
         if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
             return HubUnreachableError(f"The hub's certificate was not trusted ({cause}): a proxy that inspects TLS? "
-                                       f"Set CITRUSV_CA_BUNDLE (or REQUESTS_CA_BUNDLE) to your organisation's CA "
-                                       f"bundle. {no_hub_advice(model_id)}")
-        if isinstance(cause, httpx.ProxyError):
+                                       f"Set CITRUSV_CA_BUNDLE to a PEM file with your organisation's CA "
+                                       f"certificates. {no_hub_advice(model_id)}")
+        if _kind(cause, "ProxyError"):
             return HubUnreachableError(f"The proxy refused the connection to the hub ({cause}); check HTTPS_PROXY. "
                                        f"{no_hub_advice(model_id)}")
-        if isinstance(cause, (httpx.TransportError, ConnectionError, TimeoutError)):
+        if _kind(cause, "TransportError", "ConnectionError", "TimeoutError", "Timeout"):
             return HubUnreachableError(f"The model hub cannot be reached ({type(cause).__name__}: {cause}). "
                                        f"{no_hub_advice(model_id)}")
         if isinstance(cause, HfHubHTTPError):

@@ -17,7 +17,7 @@ from .checkpoint import DTYPES, build_model, checkpoint_files, load_weights, res
 from .config import CitrusVConfig
 from .modeling import CitrusVModel
 from .processor import CitrusVProcessor
-from .requirements import GB, need_of_checkpoint
+from .requirements import GB, gb_text, need_of_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,13 @@ def out_of_memory_error(directory: Path, device: torch.device) -> NotEnoughMemor
         gc.collect()
         torch.cuda.empty_cache()  # give back what the failed load took
         return NotEnoughMemoryError(
-            f"Out of GPU memory while loading the model: it needs about {need.gpu_gb:.1f} GB of GPU memory in bf16 "
-            f"and {what} {available:.1f} GB. Choose the CPU (it needs about {need.cpu_ram_gb:.1f} GB of RAM) or a "
+            f"Out of GPU memory while loading the model: it needs about {gb_text(need.gpu_gb)} GB of GPU memory in bf16 "
+            f"and {what} {gb_text(available)} GB. Choose the CPU (it needs about {gb_text(need.cpu_ram_gb)} GB of RAM) or a "
             f"remote server on a bigger GPU in the Slicer module (on the command line: --device cpu).",
             needed_gb=need.gpu_gb, available_gb=round(available, 1), device=str(device))
     return NotEnoughMemoryError(
-        f"Out of memory while loading the model on the CPU: it needs about {need.cpu_ram_gb:.1f} GB of RAM in "
-        f"float32 and {what} {available:.1f} GB. Use a GPU with at least {need.gpu_gb:.1f} GB of memory, or a remote "
+        f"Out of memory while loading the model on the CPU: it needs about {gb_text(need.cpu_ram_gb)} GB of RAM in "
+        f"float32 and {what} {gb_text(available)} GB. Use a GPU with at least {gb_text(need.gpu_gb)} GB of memory, or a remote "
         f"server in the Slicer module.", needed_gb=need.cpu_ram_gb, available_gb=round(available, 1),
         device=str(device))
 

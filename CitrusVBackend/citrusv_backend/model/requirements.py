@@ -52,6 +52,11 @@ def memory_need(parameters: int, stored_bytes: int | None = None) -> MemoryNeed:
 RELEASED_NEED = memory_need(RELEASED_PARAMETERS)
 
 
+def gb_text(value: float) -> str:
+    """20 GB, 0.6 GB: whole gigabytes where that is precise enough."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def checkpoint_parameters(directory: Path) -> tuple[int, int]:
     """(values, bytes) stored in a checkpoint folder's safetensors files, read from their headers only."""
     values = stored = 0
