@@ -358,6 +358,8 @@ _TORCH_BUILD = ("No PyTorch build for this machine was found on the package inde
                 "build (+cu...), the index or mirror does not serve it: set-up tries the builds it supports in turn; "
                 "update the NVIDIA driver, or install the CPU build (set CITRUSV_FORCE_CPU=1) and use Device: cpu.")
 
+_BOOTSTRAP_VERDICTS = ("could not install ", "the NVIDIA driver supports CUDA")
+
 # (pattern in the log, what to tell the user)
 _FAILURES = [
     ("No space left on device", "The disk is full. Free space (about {gb:.0f} GB are needed) or choose another "
@@ -387,6 +389,11 @@ _FAILURES = [
 
 
 def explain_failure(log_lines: list[str], plan: InstallPlan | None = None) -> str:
+    # bootstrap.py names what it knows itself (a CUDA build with no wheel after its fall-backs, a certificate, a
+    # proxy, the driver, an x86_64 Python under Rosetta): its own last line comes first.
+    own = next((line.strip() for line in reversed(log_lines) if line.strip().startswith(_BOOTSTRAP_VERDICTS)), None)
+    if own:
+        return f"The installation failed: {own[:600]}"
     text = "\n".join(log_lines[-400:])
     for pattern, advice in _FAILURES:
         if pattern in text:

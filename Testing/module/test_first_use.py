@@ -376,6 +376,9 @@ def test_tls_and_ca_bundle_reach_uv_pip_and_the_backend(tmp_path):
     ("ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cu130 (from versions: none)",
      "No PyTorch build for this machine"),
     ("OSError: [Errno 28] No space left on device", "The disk is full"),
+    # bootstrap.py's own verdict (after its CUDA fall-backs) is said as it is.
+    ("could not install torch==2.13.0+cu130 or torch==2.13.0+cu128: no wheel for this platform",
+     "The installation failed: could not install torch==2.13.0+cu130 or torch==2.13.0+cu128"),
 ])
 def test_install_failures_are_named(log_line, expected):
     from CitrusVSlicerLib.installer import explain_failure

@@ -146,8 +146,7 @@ def test_hub_unreachable_and_unknown_model_are_their_own_messages(hub, tmp_path)
     follow(first)
     assert download.state == "failed" and download.failure.reason == "hub_unreachable"
     text = download.status_text()
-    assert text.startswith("The model hub cannot be reached (ConnectionRefusedError: [Errno 111] Connection refused)"
-                           ". If you have the weights")
+    assert text.startswith("The model hub cannot be reached (") and "Connection refused). If you have the weights" in text
     assert "choose their folder with Browse..." in text and "HTTPS_PROXY" in text
 
     first = first_use_with_hub(tmp_path / "second", hub.url)
