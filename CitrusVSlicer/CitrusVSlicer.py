@@ -623,8 +623,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         layout = self.ui.backendCollapsibleButton.layout()  # the QFormLayout of the Backend section
         buttons = qt.QHBoxLayout()
         self.firstUseDownloadButton = qt.QPushButton(_("Download model"))
-        self.firstUseDownloadButton.toolTip = _("Download the model's weights (about 17 GB) into the Hugging Face cache "
-                                                "or the weights folder; an interrupted download resumes.")
+        self.firstUseDownloadButton.toolTip = _("Download the model's weights (about 17 GB) into the Hugging Face "
+                                                "cache or the weights folder; an interrupted download resumes.")
         self.firstUseCancelDownloadButton = qt.QPushButton(_("Cancel download"))
         self.firstUseCancelInstallButton = qt.QPushButton(_("Cancel install"))
         self.firstUseSampleButton = qt.QPushButton(_("Load sample CT"))
@@ -636,7 +636,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.firstUseProgressBar = qt.QProgressBar()
         self.firstUseProgressBar.visible = False
         layout.addRow(self.firstUseProgressBar)
-        self.firstUseDeviceLabel = qt.QLabel(_("Install checks this computer and says which device the model will use."))
+        self.firstUseDeviceLabel = qt.QLabel(_("Install checks this computer and says which device the model will "
+                                               "use."))
         self.firstUseDeviceLabel.wordWrap = True
         if platform.system() == "Darwin":  # no GPU to probe: the CPU and the RAM it needs, said from the start
             self.firstUseDeviceLabel.text = self.logic.firstUse.preflight(None, None).device_summary()

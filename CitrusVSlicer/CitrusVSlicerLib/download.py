@@ -131,7 +131,8 @@ class DownloadProcess(StreamingProcess):
         if state == "running":
             return self.progress.describe() if self.progress else f"Downloading {name}: starting..."
         if state == "done":
-            size = f" ({format_bytes(self.progress.bytes_total)})" if self.progress and self.progress.bytes_total else ""
+            total = self.progress.bytes_total if self.progress else 0
+            size = f" ({format_bytes(total)})" if total else ""
             return f"Downloaded {name}{size} into {self.path}. Press Start."
         if state == "cancelled":
             done = f" after {format_bytes(self.progress.bytes_done)}" if self.progress else ""

@@ -230,8 +230,9 @@ class BackendManager:
         running_on = str((self.process.ready_info or {}).get("device", ""))
         if not running_on.startswith("cuda"):
             return None
+        need = model_need(self.process.model).gpu_gb
         return (f"The interactive backend already holds the model on {running_on}. The batch would load a second "
-                f"copy of the model (about {model_need(self.process.model).gpu_gb:.0f} GB) beside it on the same GPU, which may not fit and slows both "
+                f"copy of the model (about {need:.0f} GB) beside it on the same GPU, which may not fit and slows both "
                 f"down. Stop the interactive backend first, or run the batch on another device.")
 
     def start_batch(self, input_folder: str, output_folder: str, task: str, prompt: str, model: str, device: str,

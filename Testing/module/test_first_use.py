@@ -250,7 +250,8 @@ def event(reason, message, **numbers):
 def test_each_failed_event_becomes_its_own_message(reason, numbers, expected):
     from CitrusVSlicerLib.failures import explain_start_failure
 
-    text = explain_start_failure(event(reason, "What the backend said. Its advice for the command line.", **numbers), "jdh-algo/Citrus-V-8B-v1.0",
+    said = event(reason, "What the backend said. Its advice for the command line.", **numbers)
+    text = explain_start_failure(said, "jdh-algo/Citrus-V-8B-v1.0",
                                  ram_gb=32, cpu_ram_needed_gb=34)
     for part in expected:
         assert part in text, (part, text)
