@@ -411,3 +411,23 @@ def test_the_python_check_refuses_a_python_of_the_wrong_architecture(tmp_path):
     assert wrong.returncode == 3 and f"not {other}" in wrong.stdout and "no PyTorch wheels" in wrong.stdout
     right = subprocess.run([sys.executable, "-I", "-c", _CHECK, platform.machine()], capture_output=True, text=True)
     assert right.returncode == 0 and right.stdout.split()[-1] == sys.executable
+
+
+def test_cancel_install_stops_the_set_up_and_everything_it_started(tmp_path):
+    """The panel's Cancel install during bootstrap.py (a real set-up into a fresh environment): it stops at once,
+    its pip with it, and the run says cancelled (the panel: "Installation cancelled. Press Install to start again.")."""
+    from CitrusVSlicerLib.first_use import FirstUse
+    from CitrusVSlicerLib.settings import MemoryStore
+
+    first = FirstUse(manager_for(tmp_path), MemoryStore())
+    first.settings.backend_python = sys.executable
+    run = first.manager.start_install(first.install_plan(None))
+    run_until(first.manager.poll, lambda: run._current is not None and run._current.name == "bootstrap" and
+              any("[citrusv setup]" in line for line in run.lines), 120)
+    bootstrap = run._current.process
+    run.request_stop(grace_seconds=5.0)
+    run_until(first.manager.poll, lambda: not run.is_running(), 30)
+    assert run.state == "cancelled" and run.returncode == 1
+    assert not bootstrap.is_running()
+    assert "installation cancelled" in run.lines
+    assert first.next_step().action == "install"          # nothing half-installed is taken for installed
