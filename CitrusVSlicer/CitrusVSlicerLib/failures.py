@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .logview import meaningful_lines, parse_json_line
+from .requirements import gb
 
 FAILED_EVENT = "failed"
 REASONS = ("model_missing", "hub_unreachable", "out_of_memory", "cuda_unusable", "bad_checkpoint", "disk_full",
@@ -48,9 +49,7 @@ def first_sentence(text: str) -> str:
 
 
 def _gb(value: float | None) -> str:
-    if value is None:
-        return "?"
-    return f"{value:.0f} GB" if value >= 10 else f"{value:.1f} GB"
+    return "?" if value is None else gb(value)
 
 
 def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None = None,
@@ -82,9 +81,9 @@ def explain_start_failure(event: FailureEvent, model: str, ram_gb: float | None 
             if needed is not None or available is not None else ""
         cpu = ""
         if cpu_ram_needed_gb:
-            has = f", this computer has {ram_gb:.0f} GB" if ram_gb else ""
+            has = f", this computer has {gb(ram_gb)}" if ram_gb else ""
             fits = "" if not ram_gb or ram_gb >= cpu_ram_needed_gb else " — not enough here"
-            cpu = f" (needs about {cpu_ram_needed_gb:.0f} GB of RAM{has}{fits})"
+            cpu = f" (needs about {gb(cpu_ram_needed_gb)} of RAM{has}{fits})"
         return (f"The GPU ran out of memory while loading the model{memory}. Close other programs that use the GPU, "
                 f"or choose Device: cpu{cpu} and press Start, or use a Remote server with a larger GPU.")
     if event.reason == "cuda_unusable":

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .requirements import CPU_ENV_GB, GPU_ENV_GB, ModelNeed
+from .requirements import CPU_ENV_GB, GPU_ENV_GB, ModelNeed, gb
 
 
 def total_ram_gb() -> float | None:
@@ -95,14 +95,14 @@ class Preflight:
         same_drive = self.env_dir is not None and self.weights_dir is not None and \
             _drive(self.env_dir) == _drive(self.weights_dir)
         if same_drive and self.env_needed_gb + self.need.weights_gb > self.env_free_gb:
-            return [f"the environment and the weights need about {self.env_needed_gb + self.need.weights_gb:.0f} GB "
-                    f"on the drive of {self.env_dir}, {self.env_free_gb:.0f} GB are free"]
+            return [f"the environment and the weights need about {gb(self.env_needed_gb + self.need.weights_gb)} "
+                    f"on the drive of {self.env_dir}, {gb(self.env_free_gb)} are free"]
         if self.env_dir is not None and self.env_needed_gb > self.env_free_gb:
-            problems.append(f"the environment needs about {self.env_needed_gb:.0f} GB in {self.env_dir}, "
-                            f"{self.env_free_gb:.0f} GB are free")
+            problems.append(f"the environment needs about {gb(self.env_needed_gb)} in {self.env_dir}, "
+                            f"{gb(self.env_free_gb)} are free")
         if self.weights_dir is not None and self.need.weights_gb > self.weights_free_gb:
-            problems.append(f"the weights need about {self.need.weights_gb:.0f} GB in {self.weights_dir}, "
-                            f"{self.weights_free_gb:.0f} GB are free")
+            problems.append(f"the weights need about {gb(self.need.weights_gb)} in {self.weights_dir}, "
+                            f"{gb(self.weights_free_gb)} are free")
         return problems
 
     @property
@@ -112,37 +112,40 @@ class Preflight:
             return "cuda"
         return "cpu" if self.cpu_fits else "remote"
 
-    def cpu_line(self) -> str:
-        has = f", this machine has {self.facts.ram_gb:.0f}" if self.facts.ram_gb else ""
-        return f"the CPU (needs {self.need.cpu_ram_gb:.0f} GB of RAM{has}; minutes per volume)"
+    def _ram(self) -> str:
+        return f", this machine has {gb(self.facts.ram_gb)}" if self.facts.ram_gb else ""
 
     def device_summary(self) -> str:
         """Which device the model will use, and why, in one or two sentences."""
         facts, need = self.facts, self.need
+        cpu = f"the CPU (needs about {gb(need.cpu_ram_gb)} of RAM{self._ram()}; minutes per volume)"
         if facts.system == "Darwin":
             fits = "" if self.cpu_fits else " — not enough: use a remote server"
-            return (f"On macOS the model runs on the CPU (needs about {need.cpu_ram_gb:.0f} GB of RAM, this Mac has "
-                    f"{facts.ram_gb or 0:.0f} GB{fits}); Apple's GPU (MPS) is not used.")
+            return (f"On macOS the model runs on the CPU (needs about {gb(need.cpu_ram_gb)} of RAM, this Mac has "
+                    f"{gb(facts.ram_gb or 0)}{fits}); Apple's GPU (MPS) is not used.")
         if self.gpu_fits:
-            return f"The model will run on the GPU ({facts.gpu_name}, {facts.gpu_memory_gb:.0f} GB; it needs about " \
-                   f"{need.gpu_gb:.0f} GB)."
+            return f"The model will run on the GPU ({facts.gpu_name}, {gb(facts.gpu_memory_gb)}; it needs about " \
+                   f"{gb(need.gpu_gb)})."
         if facts.gpu_name:
-            memory = f"{facts.gpu_memory_gb:.0f} GB" if facts.gpu_memory_gb else "too little memory"
-            head = f"This GPU ({facts.gpu_name}) has {memory} and the model needs about {need.gpu_gb:.0f} GB: "
-        else:
-            head = f"No NVIDIA GPU was found (the model needs one with about {need.gpu_gb:.0f} GB to run fast): "
+            memory = gb(facts.gpu_memory_gb) if facts.gpu_memory_gb else "too little memory"
+            head = f"This GPU ({facts.gpu_name}) has {memory} and the model needs about {gb(need.gpu_gb)}: "
+            if self.cpu_fits:
+                return head + f"use a remote server, or {cpu}."
+            return head + f"use a remote server (the CPU would need about {gb(need.cpu_ram_gb)} of RAM{self._ram()})."
         if self.cpu_fits:
-            return head + f"use a remote server, or {self.cpu_line()}."
-        return head + f"use a remote server ({self.cpu_line()} does not fit either)."
+            return (f"No NVIDIA GPU was found: the model will run on {cpu}. A remote server with a GPU of about "
+                    f"{gb(need.gpu_gb)} is much faster.")
+        return (f"No NVIDIA GPU was found and the CPU would need about {gb(need.cpu_ram_gb)} of RAM{self._ram()}: "
+                f"use a remote server with a GPU of about {gb(need.gpu_gb)}.")
 
     def describe(self) -> str:
         lines = [self.device_summary()]
         if self.weights_dir is not None:
-            lines.append(f"Weights: about {self.need.weights_gb:.0f} GB into {self.weights_dir} "
-                         f"({self.weights_free_gb:.0f} GB free).")
+            lines.append(f"Weights: about {gb(self.need.weights_gb)} into {self.weights_dir} "
+                         f"({gb(self.weights_free_gb)} free).")
         if self.env_dir is not None:
-            lines.append(f"Environment: about {self.env_needed_gb:.0f} GB in {self.env_dir} "
-                         f"({self.env_free_gb:.0f} GB free).")
+            lines.append(f"Environment: about {gb(self.env_needed_gb)} in {self.env_dir} "
+                         f"({gb(self.env_free_gb)} free).")
         for problem in self.disk_problems:
             lines.append(f"Not enough disk space: {problem}. Free space or choose another folder.")
         return "\n".join(lines)

@@ -21,6 +21,11 @@ CUDA_CONTEXT_GB = 0.6
 CPU_WORKING_GB = 4.0   # the same in float32, plus the process
 
 
+def gb(value: float) -> str:
+    """"20 GB", "8 GB", "0.4 GB": whole numbers from 1 GB up (the figures are estimates), one decimal below."""
+    return f"{value:.0f} GB" if value >= 0.95 else f"{value:.1f} GB"
+
+
 @dataclass(frozen=True)
 class ModelNeed:
     weights_gb: float       # the download (bf16 safetensors)

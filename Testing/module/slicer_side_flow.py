@@ -92,8 +92,8 @@ def main() -> None:
         report["timeline"]["download_s"] = round(time.monotonic() - started, 2)
         report.update(download_state=download.state, download_progress=progress[:2] + progress[-3:],
                       download_path=download.path, download_log_tail=list(download.lines)[-10:])
-        say(next((line for line in progress if line.startswith("Downloading") and "(100%)" not in line),
-                 progress[0] if progress else "(no progress line)"))
+        moving = [line for line in progress if line.startswith("Downloading") and "(100%)" not in line]
+        say(moving[len(moving) // 2] if moving else progress[0] if progress else "(no progress line)")
         say(download.status_text())
         model = first_use.download_finished() or model
         report["start_step_after_download"] = first_use.next_step(model).action

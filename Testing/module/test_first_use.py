@@ -182,12 +182,17 @@ def test_a_12_gb_gpu_is_compared_with_the_need_and_the_plan_offers_what_fits(tmp
                             free_disk=plenty)
     assert check.device_summary() == (
         "This GPU (NVIDIA RTX A2000 12GB) has 12 GB and the model needs about 20 GB: use a remote server "
-        "(the CPU (needs 38 GB of RAM, this machine has 32; minutes per volume) does not fit either).")
+        "(the CPU would need about 38 GB of RAM, this machine has 32 GB).")
     assert check.suggested_device == "remote"
     roomy = first.preflight(probe.gpu_name, probe.gpu_memory_gb, "jdh-algo/Citrus-V-8B-v1.0", ram_gb=64,
                             free_disk=plenty)
     assert roomy.suggested_device == "cpu"
-    assert "use a remote server, or the CPU (needs 38 GB of RAM, this machine has 64" in roomy.device_summary()
+    assert roomy.device_summary() == (
+        "This GPU (NVIDIA RTX A2000 12GB) has 12 GB and the model needs about 20 GB: use a remote server, or the CPU "
+        "(needs about 38 GB of RAM, this machine has 64 GB; minutes per volume).")
+    no_gpu = first.preflight(None, None, "jdh-algo/Citrus-V-8B-v1.0", ram_gb=64, free_disk=plenty)
+    assert no_gpu.device_summary().startswith("No NVIDIA GPU was found: the model will run on the CPU (needs about "
+                                              "38 GB of RAM, this machine has 64 GB; minutes per volume).")
     big = first.preflight("NVIDIA A100-SXM4-40GB", 40, "jdh-algo/Citrus-V-8B-v1.0", ram_gb=64, free_disk=plenty)
     assert big.suggested_device == "cuda" and "will run on the GPU" in big.device_summary()
     # The plan says where things go, in numbers.

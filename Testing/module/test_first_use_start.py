@@ -43,8 +43,10 @@ def test_out_of_memory_at_load_says_what_to_do_with_the_numbers(tmp_path, tiny_c
     needed, available = process.failure.number("needed_gb"), process.failure.number("available_gb")
     assert needed > 0 and available > 0
     failure = manager.failure
+    from CitrusVSlicerLib.requirements import gb
+
     assert failure == (f"This computer ran out of memory (RAM) while loading the model on the CPU (the model needs "
-                       f"about {needed:.1f} GB, {available:.0f} GB are available). Close other programs, or use a "
+                       f"about {gb(needed)}, {gb(available)} are available). Close other programs, or use a "
                        f"Remote server with a GPU.")
     logs = manager.drain_logs()
     assert any(line.startswith("FAILED (out_of_memory): ") for line in logs), logs
