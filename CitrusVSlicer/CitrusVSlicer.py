@@ -292,7 +292,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._failureShownFor = backend.process
             self.setStatus(failure, error=True)
         self._statusShownFor = None
-        self.ui.deviceStatusLabel.text = state
+        bar = backend.process.progress_line if backend.process is not None and state == "starting" else ""
+        self.ui.deviceStatusLabel.text = f"{state}: {bar}" if bar else state   # a progress bar still on its line
 
     def onDeviceStatus(self, text, error) -> None:
         if self.isRemote():
