@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .install_platform import tls_environment, update_offer
+from .install_platform import CA_VARIABLES, tls_environment, update_offer
 from .preflight import MachineFacts, Preflight, preflight, total_ram_gb
 from .requirements import KNOWN_MODELS, RELEASED_MODEL, model_need
 from .settings import MachineSettings, SettingsStore
@@ -37,8 +37,12 @@ class FirstUse:
         """Where the environment is and how to reach the network follow the settings."""
         if self.settings.environment_folder.strip():
             self.manager.env_dir = Path(self.settings.environment_folder.strip()).expanduser()
+        # The backend's children get the CA bundle (uv's switches only matter to the installer, which sets them).
+        for name in CA_VARIABLES:
+            self.manager.extra_env.pop(name, None)
         ca = self.settings.ca_bundle.strip()
-        self.manager.extra_env = {k: v for k, v in tls_environment(ca).items() if not k.startswith("UV_")} if ca else {}
+        if ca:
+            self.manager.extra_env.update({k: v for k, v in tls_environment(ca).items() if k in CA_VARIABLES})
 
     def save(self) -> None:
         self.settings.save(self.store)

@@ -21,6 +21,7 @@ from . import environment
 from .preflight import apple_silicon
 
 WINDOWS_LAUNCHER_VERSIONS = ("3.12", "3.11", "3.10")
+CA_VARIABLES = ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CITRUSV_CA_BUNDLE")   # where a CA bundle goes
 APPLE_SILICON_ARCH = "arm64"
 
 
@@ -30,7 +31,7 @@ def tls_environment(ca_bundle: str = "") -> dict:
     if ca_bundle.strip():
         bundle = str(Path(ca_bundle.strip()).expanduser())
         # uv reads SSL_CERT_FILE in either mode; through a TLS-inspecting proxy every certificate is the org's.
-        env.update(SSL_CERT_FILE=bundle, PIP_CERT=bundle, REQUESTS_CA_BUNDLE=bundle, CITRUSV_CA_BUNDLE=bundle)
+        env.update({name: bundle for name in CA_VARIABLES})
     return env
 
 

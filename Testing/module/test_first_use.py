@@ -371,6 +371,11 @@ def test_tls_and_ca_bundle_reach_uv_pip_and_the_backend(tmp_path):
     first.save()
     env = first.install_plan(None).environment()
     assert env["SSL_CERT_FILE"] == env["PIP_CERT"] == env["REQUESTS_CA_BUNDLE"] == str(tmp_path / "ca.pem")
+    assert first.manager.extra_env["CITRUSV_CA_BUNDLE"] == str(tmp_path / "ca.pem")   # the backend's hub client
+    first.manager.extra_env["HF_ENDPOINT"] = "https://mirror.example"
+    first.settings.ca_bundle = ""
+    first.save()
+    assert first.manager.extra_env == {"HF_ENDPOINT": "https://mirror.example"}       # only the CA entries go
 
 
 @pytest.mark.parametrize("log_line, expected", [

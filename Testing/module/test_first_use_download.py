@@ -121,8 +121,17 @@ def test_cancel_mid_file_then_download_again_continues(hub, tmp_path):
     first = first_use_with_hub(tmp_path, hub.url)
     download = first.start_download(REPO)
     blobs = tmp_path / "hub-cache" / "models--jdh-algo--Citrus-V-8B-v1.0" / "blobs"
-    run_until(first.manager.poll, lambda: any(p.name.endswith(".citrusv-part") and p.stat().st_size == CHUNK
-                                              for p in blobs.glob("*")) if blobs.is_dir() else False, 60)
+    def stalled() -> bool:
+        """The shard's part has its first chunk (other files' parts come and go while this looks)."""
+        for part in blobs.glob("*.citrusv-part") if blobs.is_dir() else []:
+            try:
+                if part.stat().st_size == CHUNK:
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    run_until(first.manager.poll, stalled, 60)
     first.manager.cancel_download()                       # the panel's Cancel download
     run_until(first.manager.poll, lambda: not download.is_running(), 30)
     hub.release.set()
