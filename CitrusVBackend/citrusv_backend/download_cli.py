@@ -48,6 +48,9 @@ def cmd_download(args) -> int:
         _emit({"event": "failed", "reason": "cancelled",
                "message": f"The download was stopped ({stopped}); what it fetched is kept and the next download "
                           f"continues from there."})
+    except Exception as error:  # unexpected: the launcher still gets its line; the traceback follows on stderr
+        _emit(failure_event(error))
+        raise
     return 2
 
 

@@ -13,6 +13,7 @@ verified, and the next run continues it. A finished file is placed where `snapsh
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hashlib
 import os
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, DiskFullError
+from .errors import CheckpointError, CitrusVError, DiskFullError
 from .model.hub import CHECKPOINT_FILE_PATTERNS, hub_failure, use_ca_bundle
+from .paths import writable_folder
 
 GB = 1e9
 PART_SUFFIX = ".citrusv-part"
@@ -286,11 +288,13 @@ def fetch_file(plan: DownloadPlan, file: HubFile, progress: Progress, endpoint: 
             http_get(metadata.location, handle, resume_size=present, headers=build_hf_headers(),
                      expected_size=file.size, displayed_filename=file.name, tqdm_class=progress.bar_class())
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise DiskFullError(f"The disk holding {partial.parent} filled up while downloading {file.name}; free "
                                 f"some space and run the download again (it continues where it stopped)",
                                 needed_gb=round((plan.bytes_total - progress.done) / GB, 3),
                                 available_gb=round(free_bytes(partial.parent) / GB, 3)) from None
+        if error.errno is not None and error.filename is not None:  # this machine's file system, not the hub
+            raise CitrusVError(f"{error.filename}: cannot write the download there ({error.strerror})") from None
         raise hub_failure(plan.repo_id, error) from None
     except Exception as error:  # the connection lost for good after http_get's own resumed retries
         raise hub_failure(plan.repo_id, error) from None
@@ -302,9 +306,12 @@ def fetch_file(plan: DownloadPlan, file: HubFile, progress: Progress, endpoint: 
 def download(plan: DownloadPlan, emit: Callable[[dict], None], endpoint: str | None = None,
              free: Callable[[Path], int] = free_bytes) -> Path:
     """Every file of `plan` not yet complete; returns the checkpoint folder."""
+    writable_folder(plan.destination.root, option="the download's folder")  # before anything is fetched
     check_disk_space(plan, free)
     progress = Progress(plan.bytes_total, plan.bytes_present(), emit)
     for file in plan.files:
         if not plan.destination.is_complete(file):
             fetch_file(plan, file, progress, endpoint)
+    with contextlib.suppress(OSError):  # the folder of parts, empty now (--to DIR)
+        (plan.destination.root / ".citrusv-download").rmdir()
     return plan.destination.result_path

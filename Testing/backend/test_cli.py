@@ -71,7 +71,8 @@ def test_missing_model_says_how_to_get_it(work_dir: Path):
     Image.new("RGB", (64, 64)).save(image)
     run = citrusv("infer", "--model", "jdh-algo/Citrus-V-8B-v1.0", "--image", str(image), "--prompt", PROMPT,
                   "--out", str(work_dir / "x"), env={"HF_HUB_CACHE": str(work_dir / "cache")})
-    assert run.returncode == 2 and "hf download jdh-algo/Citrus-V-8B-v1.0" in run.stderr
+    assert run.returncode == 2 and "citrusv download jdh-algo/Citrus-V-8B-v1.0" in run.stderr
+    assert "Browse…" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.model

@@ -107,8 +107,8 @@ def test_to_a_folder_and_only_checkpoint_files(hub, small_repo, tmp_path):
     assert code == 0, stderr
     assert events[-1] == {"event": "downloaded", "path": str(tmp_path / "weights"),
                           "bytes_total": hub.bytes_total - len((small_repo / "README.md").read_bytes())}
-    names = sorted(path.name for path in (tmp_path / "weights").iterdir() if path.is_file())
-    assert names == sorted(name for name in hub.files if name != "README.md")
+    names = sorted(path.name for path in (tmp_path / "weights").iterdir())
+    assert names == sorted(name for name in hub.files if name != "README.md")  # and no folder of parts left
     _assert_same_files(small_repo, tmp_path / "weights", names)
 
 
@@ -237,3 +237,65 @@ def test_an_untrusted_certificate_is_named_and_a_ca_bundle_fixes_it(small_repo, 
         assert events[-1]["event"] == "downloaded"
     finally:
         hub.stop()
+
+
+def test_a_refusing_proxy_is_named(tmp_path):
+    """A proxy that wants a login (407 to the CONNECT) is reported as the proxy's refusal, not as "offline"."""
+    import socket
+    import threading
+
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+
+    def refuse() -> None:
+        while True:
+            try:
+                connection, _ = proxy.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        code, events, stderr = run_download("https://hub.example.org", tmp_path,
+                                            env={"HTTPS_PROXY": proxy_url, "NO_PROXY": "", "no_proxy": ""})
+    finally:
+        proxy.close()
+    assert code == 2 and "Traceback" not in stderr
+    assert events[-1]["reason"] == "hub_unreachable" and "proxy refused" in events[-1]["message"]
+
+
+@pytest.mark.slow
+def test_downloaded_weights_start_the_service_without_the_hub(tiny_checkpoint, tmp_path):
+    """The first use from the backend's side: download from the hub, then `serve --no-download REPO_ID` with the hub
+    gone (HF_HUB_OFFLINE=1) finds the weights in the cache and becomes ready."""
+    from citrusv_backend.server.process import start_server
+
+    hub = LocalHub.from_folder(REPO, tiny_checkpoint).start()
+    try:
+        started = time.monotonic()
+        code, events, stderr = run_download(hub.url, tmp_path)
+        downloaded = time.monotonic() - started
+    finally:
+        hub.stop()
+    assert code == 0, stderr
+    env = _environment("http://127.0.0.1:9", tmp_path) | {"HF_HUB_OFFLINE": "1"}
+    env.pop("CITRUSV_TOKEN", None)
+    started = time.monotonic()
+    with start_server(REPO, "--no-download", "--device", "cpu", env=env, log_path=tmp_path / "serve.log") as server:
+        ready = time.monotonic() - started
+        assert server.ready["checkpoint"] == events[-1]["path"] and server.ready["random_weights"] is True
+    print(f"\ndownload {downloaded:.1f} s ({events[-1]['bytes_total'] / 1e6:.1f} MB), start to ready {ready:.1f} s")
+
+
+def test_a_folder_that_cannot_be_written_fails_before_downloading(hub, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    code, events, stderr = run_download(hub.url, tmp_path, "--to", str(blocker / "weights"))
+    assert code == 2 and "Traceback" not in stderr
+    assert events[-1]["reason"] == "other" and "is a file, so nothing can be created under it" in events[-1]["message"]
+    assert not [request for request in hub.requests if request[0] == "GET" and "/resolve/" in request[1]]

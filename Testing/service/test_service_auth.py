@@ -78,5 +78,7 @@ def test_listening_beyond_loopback_needs_an_explicit_token(tmp_path):
     run = subprocess.run([sys.executable, "-m", "citrusv_backend.cli", "serve", "--host", "0.0.0.0", "--port", "0",
                           "--model", str(tmp_path / "no-model-needed")], capture_output=True, encoding="utf-8", timeout=120,
                          env=env)
-    assert run.returncode == 2 and "refusing to listen on 0.0.0.0" in run.stderr and run.stdout == ""
+    assert run.returncode == 2 and "refusing to listen on 0.0.0.0" in run.stderr
+    failed = json.loads(run.stdout)  # the launcher's one line: why it did not start
+    assert failed["event"] == "failed" and failed["reason"] == "other" and "refusing to listen" in failed["message"]
     assert "loading model" not in run.stderr

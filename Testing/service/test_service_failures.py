@@ -16,7 +16,7 @@ import pytest
 
 from local_hub import LocalHub
 
-pytestmark = [pytest.mark.service, pytest.mark.slow]  # each test starts a backend process (~5-25 s)
+pytestmark = pytest.mark.service  # each test starts a backend process that ends by itself (4-10 s on 2 cores)
 
 REPO = "jdh-algo/Citrus-V-8B-v1.0"
 

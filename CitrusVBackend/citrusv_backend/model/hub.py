@@ -72,8 +72,8 @@ def hub_failure(model_id: str, error: BaseException) -> CitrusVError:
 
     for cause in _causes(error):
         if isinstance(cause, OfflineModeIsEnabled) or (hub_offline() and not isinstance(cause, HfHubHTTPError)):
-            return HubUnreachableError(f"Model {model_id} is not on this machine and HF_HUB_OFFLINE is set, so the hub "
-                                       f"is not asked. {no_hub_advice(model_id)}")
+            return HubUnreachableError(f"HF_HUB_OFFLINE is set, so the hub is not asked for {model_id} (unset it to "
+                                       f"download). {no_hub_advice(model_id)}")
         if isinstance(cause, HfHubHTTPError) and getattr(cause.response, "status_code", None) in (401, 403, 404):
             return ModelMissingError(f"Model {model_id} was not found on the hub (or needs a login: `hf auth login`). "
                                      f"Check the name; {get_the_weights_advice(model_id)}")

@@ -31,9 +31,9 @@ def choose_device(requested: str | None = None) -> torch.device:
     if requested in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if torch.version.cuda is not None and nvidia_driver_version() is not None:
+        if torch.version.cuda is not None and nvidia_driver_version() is not None and "driver" in cuda_init_error():
             raise CudaUnusableError(cuda_diagnosis("auto"))
-        return torch.device("cpu")
+        return torch.device("cpu")  # no GPU, or GPUs hidden on purpose (CUDA_VISIBLE_DEVICES="")
     try:
         device = torch.device(requested)
     except RuntimeError:
@@ -53,6 +53,16 @@ def nvidia_driver_version() -> str | None:
     return match.group(1) if match else "unknown"
 
 
+def cuda_init_error() -> str:
+    """torch's own words on why CUDA cannot start ("The NVIDIA driver on your system is too old (found version
+    ...)", "No CUDA GPUs are available"), or ''."""
+    try:
+        torch.cuda.init()
+    except Exception as error:
+        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ""
+
+
 def cuda_diagnosis(requested: str) -> str:
     """Why torch cannot use CUDA here, and the fix."""
     if torch.version.cuda is None:
@@ -60,11 +70,7 @@ def cuda_diagnosis(requested: str) -> str:
                 f"Reinstall the backend on the GPU machine (the Slicer module's Install, or `bootstrap.py setup "
                 f"--force`), or choose the CPU.")
     driver = nvidia_driver_version()
-    try:
-        torch.cuda.init()
-        cause = "torch found no usable GPU"
-    except Exception as error:  # torch's own words: "The NVIDIA driver on your system is too old (found version ...)"
-        cause = str(error).strip().splitlines()[0]
+    cause = cuda_init_error() or "torch found no usable GPU"
     if driver is None:
         return (f"Device {requested}: no NVIDIA driver is loaded ({cause}). Install the NVIDIA driver (check with "
                 f"`nvidia-smi`), or choose the CPU.")
@@ -176,13 +182,14 @@ def load_citrusv(model: str | Path, device: str | None = None, dtype: str | None
             raise torch.OutOfMemoryError(f"{TEST_FAIL_LOAD_ENV}=out_of_memory")
         citrusv = build_model(config, directory, torch_device, torch_dtype, attn_implementation=attn)
         load_weights(citrusv, directory)
+        qwen_config = citrusv.mllm.config
+        processor = CitrusVProcessor.from_checkpoint(directory, config.seg_token_idx, qwen_config.image_token_id,
+                                                     citrusv.grounding_encoder.image_size)
+        processor.fast.verified()  # the fast preprocessing's one-time self-check, here rather than in the first job
+        processor.fast.use_device(torch_device)  # a GPU makes the SAM2 inputs of slices itself (checked first)
     except torch.OutOfMemoryError:
+        citrusv = None  # what the failed load holds goes before the numbers are read
         raise out_of_memory_error(directory, torch_device) from None
-    qwen_config = citrusv.mllm.config
-    processor = CitrusVProcessor.from_checkpoint(directory, config.seg_token_idx, qwen_config.image_token_id,
-                                                 citrusv.grounding_encoder.image_size)
-    processor.fast.verified()  # the fast preprocessing's one-time self-check, here rather than in the first job
-    processor.fast.use_device(torch_device)  # a GPU makes the SAM2 inputs of slices itself (checked first)
     loaded = LoadedModel(citrusv, processor, config, directory, torch_device, torch_dtype, attn,
                          read_generation_defaults(directory), time.monotonic() - started)
     if loaded.random_weights:
