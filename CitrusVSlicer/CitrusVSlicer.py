@@ -874,6 +874,8 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
         spinBox = widget.ui.maxPixelsSpinBox
         self.assertEqual((spinBox.minimum, spinBox.maximum), (0, MAX_PIXELS))  # the connector kept the bounds
         self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session
+        # The first-use row built in code (not in the .ui): PythonQt's QFormLayout took it.
+        self.assertTrue(widget.firstUseDownloadButton.parent() is not None and widget.firstUseDeviceLabel.text)
 
     def test_FullFlowWithTinyModel(self):
         """Install if asked, start the backend with the tiny model, segment a phantom, check what was written,
