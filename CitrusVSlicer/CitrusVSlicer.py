@@ -8,6 +8,7 @@ releases the GIL while Qt's event loop runs). See CitrusVSlicerLib/transport.py 
 """
 
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -29,6 +30,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CitrusVSlicerLib.endpoints import BackendError, Target
+from CitrusVSlicerLib.first_use import FirstUse
 from CitrusVSlicerLib.installer import explain_failure, installed_summary
 from CitrusVSlicerLib.key_slice import jump_to_key_slice, segment_evidence
 from CitrusVSlicerLib.logic import ModuleLogic
@@ -46,7 +48,6 @@ TASKS = ["Segment", "Detect", "Report", "Ask"]
 BACKEND_MODES = ["Local (this computer)", "Remote (server)"]
 DEFAULT_MODEL = "jdh-algo/Citrus-V-8B-v1.0"
 IDLE_TICK_MS = 200
-BACKEND_PYTHON_SETTING = "CitrusV/BackendPython"
 CONVERSATION_VIEWS = ["Red", "Yellow", "Green"]
 
 #
@@ -136,6 +137,9 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._statusShownFor = None
         self._pendingInstall = None
         self._installReported = None
+        self._pendingInstallUpdate = False
+        self._failureShownFor = None
+        self._downloadReported = None
         self._refineShortcuts = []
         self._conversationCache = (None, [])  # ((node id, modified time), turns) of the shown conversation
 
@@ -155,15 +159,16 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         # Explicit signatures: Qt5's QComboBox has activated/currentIndexChanged overloads (int and QString).
         self.ui.examplesComboBox.connect("activated(int)", self.onExampleChosen)
-        self.ui.installBackendButton.clicked.connect(self.onInstall)
+        self.ui.installBackendButton.clicked.connect(lambda: self.onInstall())  # not clicked(bool) as `update`
         self.ui.startBackendButton.clicked.connect(self.onStartBackend)
         self.ui.stopBackendButton.clicked.connect(self.onStopBackend)
         self.ui.restartBackendButton.clicked.connect(self.onRestartBackend)
         self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self.ui.modelBrowseButton.clicked.connect(self.onBrowseModel)
         self.ui.backendPythonBrowseButton.clicked.connect(self.onBrowseBackendPython)
-        self.ui.backendPythonLineEdit.text = qt.QSettings().value(BACKEND_PYTHON_SETTING, "")
+        self.ui.backendPythonLineEdit.text = self.logic.firstUse.settings.backend_python
         self.ui.backendPythonLineEdit.connect("editingFinished()", self.onBackendPythonEdited)
+        self.setupFirstUse()
         self.ui.backendModeComboBox.connect("currentIndexChanged(int)", self.onBackendModeChanged)
         self.ui.batchInputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchInputLineEdit))
         self.ui.batchOutputBrowseButton.clicked.connect(lambda: self.browseFolder(self.ui.batchOutputLineEdit))
@@ -213,6 +218,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        self.applyMachineSettings(self._parameterNode)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
@@ -283,6 +289,7 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onConversationEvent(event)
             self.updateBackendStatus()
             self.updateInstall()
+            self.updateDownload()
             self.updateBatch()
             self.updateGui()
         finally:  # re-armed even if a step failed, so the panel never freezes silently
@@ -300,10 +307,13 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setStatus(_("Backend ready."))
                 backend.request_status(backend.local_target(), self.onDeviceStatus)
             return
-        if state == "crashed" and self._statusShownFor is not None:
-            self.setStatus(_("The backend stopped unexpectedly: see its log below, then press Restart."), error=True)
+        failure = backend.failure   # why it did not start or stopped: the reason with its fix, said once
+        if failure and self._failureShownFor is not backend.process:
+            self._failureShownFor = backend.process
+            self.setStatus(failure, error=True)
         self._statusShownFor = None
-        self.ui.deviceStatusLabel.text = state
+        bar = backend.process.progress_line if backend.process is not None and state == "starting" else ""
+        self.ui.deviceStatusLabel.text = f"{state}: {bar}" if bar else state   # a progress bar still on its line
 
     def onDeviceStatus(self, text, error) -> None:
         if self.isRemote():
@@ -690,25 +700,37 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onBackendPythonEdited()
 
     def onBackendPythonEdited(self) -> None:
-        qt.QSettings().setValue(BACKEND_PYTHON_SETTING, self.ui.backendPythonLineEdit.text.strip())
+        self.logic.firstUse.settings.backend_python = self.ui.backendPythonLineEdit.text.strip()
+        self.logic.firstUse.save()
 
-    def onInstall(self) -> None:
+    def onInstall(self, update: bool = False) -> None:
         """Probe the GPU (a child process), then ask; the timer shows the dialog once the probe has finished."""
         if self.logic.backend.backend_dir is None:
             self.setStatus(_("The CitrusV backend is not bundled with this module: reinstall the extension."), error=True)
             return
+        self._pendingInstallUpdate = bool(update) or self.logic.firstUse.next_step().action == "update"
         self._pendingInstall = self.logic.backend.probe_gpu()
-        self.setStatus(_("Checking this computer's GPU..."))
+        self.setStatus(_("Checking this computer's GPU, memory and disk..."))
 
     def updateInstall(self) -> None:
         backend = self.logic.backend
         if self._pendingInstall is not None and self._pendingInstall.finished:
             probe, self._pendingInstall = self._pendingInstall, None
             try:
-                plan = backend.install_plan(probe.gpu_name, self.ui.backendPythonLineEdit.text.strip() or None)
-                if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install the CitrusV backend?")):
+                node = self._parameterNode
+                check = self.logic.firstUse.preflight(probe.gpu_name, probe.gpu_memory_gb,
+                                                      node.model.strip() if node else None)
+                self.firstUseDeviceLabel.text = check.device_summary()
+                plan = self.logic.firstUse.install_plan(probe.gpu_name, self._pendingInstallUpdate)
+                if check.disk_problems:
+                    self.setStatus(check.describe(), error=True)
+                    return
+                if not slicer.util.confirmOkCancelDisplay(check.describe() + "\n\n" + plan.describe(),
+                                                          _("Install the CitrusV backend?")):
                     self.setStatus(_("Installation cancelled: nothing was installed."))
                     return
+                if node is not None and node.device == "auto" and check.suggested_device == "cpu":
+                    node.device = "cpu"
                 backend.start_install(plan)
             except BackendError as error:
                 self.setStatus(str(error), error=True)
@@ -721,20 +743,40 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._installReported = installer
         if installer.returncode == 0:
             self.setStatus(_("Backend installed ({what}). Press Start.").format(what=installed_summary(backend.env_dir)))
-        elif installer.state != "cancelled":
+        elif installer.state == "cancelled":
+            self.setStatus(_("Installation cancelled. Press Install to start again."))
+        else:
             self.setStatus(explain_failure(list(installer.lines), installer.plan), error=True)
 
     def onStartBackend(self) -> None:
+        """Start only what can start: install, update or download first are offered, never done silently."""
         node = self._parameterNode
+        model = node.model.strip() or DEFAULT_MODEL
+        step = self.logic.firstUse.next_step(model)
         try:
-            if self.logic.backend.needs_install():
+            if step.action == "install":
+                self.setStatus(step.message)
                 self.onInstall()
                 return
-            self.logic.backend.start_local(node.model.strip() or DEFAULT_MODEL, node.device)
+            if step.action == "update" and slicer.util.confirmYesNoDisplay(
+                    step.message + "\n\n" + _("Update now? (No: start the installed backend as it is.)"),
+                    _("Update the CitrusV backend?")):
+                self.setStatus(step.message)
+                self.onInstall(update=True)
+                return
+            if step.action == "update":  # declined: the weights may still be missing
+                step = self.logic.firstUse.next_step(model, check_version=False)
+            if step.action == "download":
+                self.setStatus(step.message, error=True)
+                if slicer.util.confirmOkCancelDisplay(step.message, _("Download the model?")):
+                    self.onDownload()
+                return
+            self.logic.backend.start_local(model, node.device)
         except BackendError as error:
             self.setStatus(str(error), error=True)
             return
-        self.setStatus(_("Starting the backend (loading the model can take a minute)..."))
+        self.setStatus(_("Starting the backend with {model} (loading the model can take a minute)...").format(
+            model=model))
 
     def onStopBackend(self) -> None:
         self.logic.backend.stop()  # returns at once; the timer sees it exit (and kills it if it does not)
@@ -764,14 +806,143 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.deviceStatusLabel.text = text
         self.setStatus(_("Connection works: ") + text)
+        if self._parameterNode is not None:  # kept in this machine's history of servers (never the token)
+            self.logic.firstUse.settings.remember_url(self._parameterNode.remoteUrl)
+            self.logic.firstUse.save()
+            self.firstUseUrlCompleter = qt.QCompleter(self.logic.firstUse.settings.remote_urls)
+            self.ui.remoteUrlLineEdit.setCompleter(self.firstUseUrlCompleter)
 
     def onBrowseModel(self) -> None:
         self.browseFolder(self.ui.modelLineEdit)
+        self.onMachineSettingEdited()
 
     def browseFolder(self, lineEdit) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder"), lineEdit.text)
         if folder:
             lineEdit.text = folder
+
+    # ------------------------------------------------------------------------------------------ First use
+
+    def setupFirstUse(self) -> None:
+        """Download (with progress and Cancel), Cancel for Install, a sample volume, the CA bundle and the device the
+        model will use: added to the Backend section here, so the .ui stays as it is. Machine settings
+        (CitrusVSlicerLib/settings.py) fill the fields and are saved when edited."""
+        layout = self.ui.backendCollapsibleButton.layout()  # the QFormLayout of the Backend section
+        buttons = qt.QHBoxLayout()
+        self.firstUseDownloadButton = qt.QPushButton(_("Download model"))
+        self.firstUseDownloadButton.toolTip = _("Download the model's weights (about 17 GB) into the Hugging Face "
+                                                "cache or the weights folder; an interrupted download resumes.")
+        self.firstUseCancelDownloadButton = qt.QPushButton(_("Cancel download"))
+        self.firstUseCancelInstallButton = qt.QPushButton(_("Cancel install"))
+        self.firstUseSampleButton = qt.QPushButton(_("Load sample CT"))
+        self.firstUseSampleButton.toolTip = _("Load a chest CT to try the module on (type a prompt, press Apply).")
+        for button in (self.firstUseDownloadButton, self.firstUseCancelDownloadButton, self.firstUseCancelInstallButton,
+                       self.firstUseSampleButton):
+            buttons.addWidget(button)
+        layout.addRow(buttons)
+        self.firstUseProgressBar = qt.QProgressBar()
+        self.firstUseProgressBar.visible = False
+        layout.addRow(self.firstUseProgressBar)
+        self.firstUseDeviceLabel = qt.QLabel(_("Install checks this computer and says which device the model will "
+                                               "use."))
+        self.firstUseDeviceLabel.wordWrap = True
+        if platform.system() == "Darwin":  # no GPU to probe: the CPU and the RAM it needs, said from the start
+            self.firstUseDeviceLabel.text = self.logic.firstUse.preflight(None, None).device_summary()
+        layout.addRow(_("Runs on:"), self.firstUseDeviceLabel)
+        self.firstUseWeightsLineEdit = qt.QLineEdit(self.logic.firstUse.settings.weights_folder)
+        self.firstUseWeightsLineEdit.placeholderText = _("the Hugging Face cache (default)")
+        self.firstUseWeightsLineEdit.toolTip = _("Where Download puts the weights (a folder per model); the Model "
+                                                 "field is set to it when the download ends.")
+        layout.addRow(_("Weights folder:"), self.firstUseWeightsLineEdit)
+        self.firstUseCaBundleLineEdit = qt.QLineEdit(self.logic.firstUse.settings.ca_bundle)
+        self.firstUseCaBundleLineEdit.placeholderText = _("optional: your organisation's CA bundle (.pem)")
+        self.firstUseCaBundleLineEdit.toolTip = _("For networks whose proxy inspects TLS: the installer and the "
+                                                  "download trust this CA (plus the system's certificate store).")
+        layout.addRow(_("CA bundle:"), self.firstUseCaBundleLineEdit)
+        self.firstUseDownloadButton.clicked.connect(self.onDownload)
+        self.firstUseCancelDownloadButton.clicked.connect(self.logic.backend.cancel_download)
+        self.firstUseCancelInstallButton.clicked.connect(self.onCancelInstall)
+        self.firstUseSampleButton.clicked.connect(self.onLoadSample)
+        self.firstUseCaBundleLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
+        self.firstUseWeightsLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
+        self.ui.modelLineEdit.connect("editingFinished()", self.onMachineSettingEdited)
+        self.ui.deviceComboBox.connect("activated(int)", lambda index: self.onMachineSettingEdited())
+        self.firstUseUrlCompleter = qt.QCompleter(self.logic.firstUse.settings.remote_urls)
+        self.ui.remoteUrlLineEdit.setCompleter(self.firstUseUrlCompleter)
+
+    def applyMachineSettings(self, node) -> None:
+        """A new scene's parameter node starts from this machine's model, device and last server."""
+        settings = self.logic.firstUse.settings
+        if node is None:
+            return
+        if settings.model and node.model == DEFAULT_MODEL:
+            node.model = settings.model
+        if settings.device != "auto" and node.device == "auto":
+            node.device = settings.device
+        if settings.remote_urls and not node.remoteUrl:
+            node.remoteUrl = settings.remote_urls[0]
+
+    def onMachineSettingEdited(self) -> None:
+        settings = self.logic.firstUse.settings
+        settings.model = self.ui.modelLineEdit.text.strip()
+        settings.device = self.ui.deviceComboBox.currentText
+        settings.ca_bundle = self.firstUseCaBundleLineEdit.text.strip()
+        settings.weights_folder = self.firstUseWeightsLineEdit.text.strip()
+        self.logic.firstUse.save()
+
+    def onDownload(self) -> None:
+        node = self._parameterNode
+        model = (node.model.strip() if node else "") or DEFAULT_MODEL
+        try:
+            self.logic.firstUse.start_download(model)
+        except BackendError as error:
+            self.setStatus(str(error), error=True)
+            return
+        self._downloadReported = None
+        self.firstUseProgressBar.visible = True
+        self.firstUseProgressBar.value = 0
+        self.setStatus(_("Downloading {model}...").format(model=model))
+
+    def updateDownload(self) -> None:
+        download = self.logic.backend.download
+        installing = self.logic.backend.installer is not None and self.logic.backend.installer.is_running()
+        downloading = download is not None and download.is_running()
+        self.firstUseCancelInstallButton.enabled = installing
+        self.firstUseCancelDownloadButton.enabled = downloading
+        self.firstUseDownloadButton.enabled = not downloading and not installing and not self.isRemote()
+        if download is None or self._downloadReported is download:
+            return
+        if downloading:
+            if download.progress and download.progress.fraction is not None:
+                self.firstUseProgressBar.value = int(100 * download.progress.fraction)
+            self.setStatus(download.status_text())
+            return
+        self._downloadReported = download
+        self.firstUseProgressBar.visible = False
+        folder = self.logic.firstUse.download_finished()
+        if folder and self._parameterNode is not None:
+            self._parameterNode.model = folder
+        self.setStatus(download.status_text(), error=download.state == "failed")
+
+    def onCancelInstall(self) -> None:
+        if self.logic.backend.installer is not None:
+            self.logic.backend.installer.request_stop()
+            self.setStatus(_("Cancelling the installation..."))
+
+    def onLoadSample(self) -> None:
+        """The chest CT of the backend environment (no download); else Slicer's own sample data."""
+        path = self.logic.firstUse.sample_volume()
+        if path is not None:
+            volume = slicer.util.loadVolume(str(path))
+        else:
+            import SampleData
+
+            volume = SampleData.downloadSample("CTChest")
+        if volume is not None and self._parameterNode is not None:
+            self._parameterNode.inputVolume = volume
+            if not self._parameterNode.prompt.strip():
+                self._parameterNode.prompt = "segment the left lung"
+            self.setStatus(_("Sample chest CT loaded: press Apply."))
 
     # ------------------------------------------------------------------------------------------ Batch
 
@@ -831,6 +1002,8 @@ class CitrusVSlicerLogic(ScriptedLoadableModuleLogic, ModuleLogic):
         # One manager per Slicer session: a Reload of the module finds the running backend instead of a new one.
         ModuleLogic.__init__(self, session_manager(os.path.dirname(os.path.abspath(__file__))), slicer.mrmlScene,
                              slicer.app.processEvents, lambda: getattr(slicer, "dicomDatabase", None))
+        # This machine's settings (model, weights, device, environment, servers) in Slicer's QSettings.
+        self.firstUse = FirstUse(self.backend, qt.QSettings())
 
     def getParameterNode(self) -> CitrusVSlicerParameterNode:
         return CitrusVSlicerParameterNode(super().getParameterNode())
@@ -902,6 +1075,8 @@ class CitrusVSlicerTest(ScriptedLoadableModuleTest):
         spinBox = widget.ui.maxPixelsSpinBox
         self.assertEqual((spinBox.minimum, spinBox.maximum), (0, PIXEL_BUDGET_MAX))  # the connector kept the bounds
         self.assertIs(CitrusVSlicerLogic().backend, widget.logic.backend)       # one manager per session
+        # The first-use row built in code (not in the .ui): PythonQt's QFormLayout took it.
+        self.assertTrue(widget.firstUseDownloadButton.parent() is not None and widget.firstUseDeviceLabel.text)
 
     def test_FullFlowWithTinyModel(self):
         """Install if asked, start the backend with the tiny model, segment a phantom, check what was written,

@@ -23,15 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .environment import isolated, startup_environment
+from .install_platform import required_machine, tls_environment, uv_python_request, windows_launcher_commands
 from .process import StreamingProcess, environment_python
 
-GPU_ENV_GB = 8.0
-CPU_ENV_GB = 3.0
-WEIGHTS_GB = 17.0
+from .requirements import CPU_ENV_GB, GPU_ENV_GB, KNOWN_MODELS, RELEASED_MODEL  # noqa: E402  (one table of sizes)
+
+WEIGHTS_GB = KNOWN_MODELS[RELEASED_MODEL].weights_gb
 BACKEND_PYTHON_VERSION = os.environ.get("CITRUSV_BACKEND_PYTHON_VERSION", "3.12")
 SYSTEM_CANDIDATES = ("python3.12", "python3.11", "python3.13", "python3.10", "python3", "python")
-_CHECK = ("import sys, venv, ensurepip; v = sys.version_info; print('CITRUSV-PYTHON', v[0], v[1], sys.executable); "
-          "sys.exit(0 if v >= (3, 10) else 3)")
+# Prints the version, the machine (arm64 / x86_64 / AMD64) and the interpreter's own path; argv[1] (if any) is the
+# machine it must be (an x86_64 Python on Apple silicon has no torch wheels).
+_CHECK = ("import sys, platform, venv, ensurepip; v = sys.version_info; m = platform.machine(); "
+          "print('CITRUSV-PYTHON', v[0], v[1], m, sys.executable); "
+          "need = sys.argv[1] if len(sys.argv) > 1 else ''; "
+          "need and m != need and print('this Python is built for ' + m + ', not ' + need + "
+          "' (an x86_64 Python under Rosetta has no PyTorch wheels): skipped'); "
+          "sys.exit(0 if v >= (3, 10) and (not need or m == need) else 3)")
 
 
 def default_environment_dir() -> Path:
@@ -72,12 +79,25 @@ class GpuProbe(StreamingProcess):
         self.poll()
         return not self.available or (self._process is not None and not self.is_running())
 
+    def _first_gpu(self) -> list[str]:
+        if not self.available or self.returncode != 0:
+            return []
+        lines = [line.strip() for line in self.lines if line.strip()]
+        return [part.strip() for part in lines[0].rsplit(",", 1)] if lines else []
+
     @property
     def gpu_name(self) -> str | None:
-        if not self.available or self.returncode != 0:
+        """"NVIDIA GeForce RTX 4090" (the first GPU's name)."""
+        parts = self._first_gpu()
+        return parts[0] if parts else None
+
+    @property
+    def gpu_memory_gb(self) -> float | None:
+        """Its memory in GB as cards are labelled (GiB: "12288 MiB" -> 12)."""
+        parts = self._first_gpu()
+        if len(parts) < 2 or not parts[1].split()[0].replace(".", "").isdigit():
             return None
-        lines = [line.strip() for line in self.lines if line.strip()]
-        return lines[0] if lines else None
+        return float(parts[1].split()[0]) / 1024
 
 
 @dataclass
@@ -89,6 +109,8 @@ class InstallPlan:
     disk_needed_gb: float
     disk_free_gb: float
     python_version: str = BACKEND_PYTHON_VERSION
+    ca_bundle: str = ""               # an organisation's CA bundle (PEM), for proxies that inspect TLS
+    update: bool = False              # an older backend is installed: set it up again even if the stamp matches
 
     @property
     def enough_disk(self) -> bool:
@@ -107,16 +129,23 @@ class InstallPlan:
                 f"(about {WEIGHTS_GB:.0f} GB) are downloaded later, on first use, unless you choose a local folder.")
 
     def bootstrap_command(self, python: str) -> list[str]:
-        return isolated(python) + [str(self.backend_dir / "bootstrap.py"), "setup", "--extras", ""]
+        return isolated(python) + [str(self.backend_dir / "bootstrap.py"), "setup", "--extras", ""] + \
+            (["--force"] if self.update else [])
 
     def environment(self) -> dict:
-        env = startup_environment()
+        env = self.network_environment()
         env.update(CITRUSV_VENV=str(self.env_dir), CITRUSV_EDITABLE="0", CITRUSV_EXIT_WITH_PARENT="1")
+        return env
+
+    def network_environment(self) -> dict:
+        """Slicer's startup environment with the TLS settings for uv and pip."""
+        env = startup_environment()
+        env.update(tls_environment(self.ca_bundle))
         return env
 
 
 def plan_install(backend_dir: Path, env_dir: Path | None = None, base_python: str | None = None,
-                 gpu_name: str | None = None) -> InstallPlan:
+                 gpu_name: str | None = None, ca_bundle: str = "", update: bool = False) -> InstallPlan:
     """No child processes here: `gpu_name` comes from a finished GpuProbe."""
     env_dir = Path(env_dir or default_environment_dir())
     probe = env_dir
@@ -124,7 +153,8 @@ def plan_install(backend_dir: Path, env_dir: Path | None = None, base_python: st
         probe = probe.parent
     free = shutil.disk_usage(probe).free / 1e9
     chosen = (base_python or os.environ.get("CITRUSV_BASE_PYTHON") or "").strip() or None
-    return InstallPlan(Path(backend_dir), env_dir, chosen, gpu_name, GPU_ENV_GB if gpu_name else CPU_ENV_GB, free)
+    return InstallPlan(Path(backend_dir), env_dir, chosen, gpu_name, GPU_ENV_GB if gpu_name else CPU_ENV_GB, free,
+                       ca_bundle=ca_bundle, update=update)
 
 
 @dataclass
@@ -162,7 +192,7 @@ class InstallRun:
             self._steps = [self._check_step(self.plan.base_python, fallback=False)]
         else:
             self._say(f"looking for a Python {self.plan.python_version} for the backend (uv, then this computer's)")
-            self._steps = self._uv_steps() + self._path_checks()
+            self._steps = self._launcher_checks() + self._uv_steps() + self._path_checks()
         self._next()
 
     def poll(self) -> None:
@@ -242,14 +272,24 @@ class InstallRun:
         self._say("no Python 3.10 or newer was found for the backend. Install one (python.org, or your system's "
                   "package manager), then choose it in the Backend section (Backend Python) and press Install again.")
 
-    def _check_step(self, python: str, fallback: bool) -> _Step:
+    def _check_step(self, python: str, fallback: bool, launcher: list[str] | None = None) -> _Step:
+        """Is `python` (or the `py -3.X` launcher command) a usable 3.10+ for this machine's architecture?"""
         def found(process: StreamingProcess) -> None:
             for line in process.lines:
                 if line.startswith("CITRUSV-PYTHON "):
-                    self.base_python = line.split(" ", 3)[3].strip()
+                    self.base_python = line.split(" ", 4)[4].strip()
             self._say(f"the backend environment will be made with {self.base_python}")
             self._steps = [_Step("bootstrap", self.plan.bootstrap_command(self.base_python), self.plan.environment())]
-        return _Step(f"check {python}", isolated(python) + ["-c", _CHECK], startup_environment(), found, fallback)
+        command = (launcher + ["-I", "-u", "-X", "utf8"]) if launcher else isolated(python)
+        machine = required_machine()
+        return _Step(f"check {' '.join(launcher) if launcher else python}",
+                     command + ["-c", _CHECK] + ([machine] if machine else []), startup_environment(), found, fallback)
+
+    def _launcher_checks(self) -> list[_Step]:
+        """Windows: `py -3.12`, `py -3.11`, `py -3.10` (python.org's launcher) before anything else."""
+        path = startup_environment().get("PATH")
+        return [self._check_step(command[0], fallback=True, launcher=command)
+                for command in windows_launcher_commands(lambda name: shutil.which(name, path=path))]
 
     def _path_checks(self) -> list[_Step]:
         seen, steps = set(), []
@@ -268,7 +308,10 @@ class InstallRun:
         if _uv_binary() is None:
             # As slicer.util.pip_install does (Slicer's launcher environment: this is Slicer's own Python), but as a
             # child process the panel follows, not a call that blocks it.
-            steps.append(_Step("pip install uv", [self.slicer_python, "-m", "pip", "install", "uv"], self.slicer_env,
+            slicer_env = dict(self.slicer_env)
+            if self.plan.ca_bundle:
+                slicer_env["PIP_CERT"] = self.plan.ca_bundle
+            steps.append(_Step("pip install uv", [self.slicer_python, "-m", "pip", "install", "uv"], slicer_env,
                                fallback=True))
 
         def uv(*arguments: str):
@@ -279,11 +322,12 @@ class InstallRun:
             if paths:  # the remaining uv steps are not needed; the PATH checks stay as the last resort
                 self._steps = [self._check_step(paths[-1], fallback=True)] + self._path_checks()
 
-        env = startup_environment()
+        env = self.plan.network_environment()
+        request = uv_python_request(version)   # an aarch64 CPython on Apple silicon, even under Rosetta
         # --system: never a virtual environment (an active one, or a .venv in the current folder or above).
-        find = ("python", "find", "--system", version)
+        find = ("python", "find", "--system", request)
         return steps + [_Step("uv python find", uv(*find), env, found, fallback=True),
-                        _Step("uv python install", uv("python", "install", version), env, fallback=True),
+                        _Step("uv python install", uv("python", "install", request), env, fallback=True),
                         _Step("uv python find", uv(*find), env, found, fallback=True)]
 
     def _say(self, line: str) -> None:
@@ -302,18 +346,39 @@ def _uv_binary() -> str | None:
         return shutil.which("uv")
 
 
+_CERTIFICATE = ("A certificate failure: the connection to the package index was intercepted by a proxy that "
+                "inspects TLS (usual in hospitals and companies), whose certificate this computer's Python does not "
+                "trust. Ask IT for the organisation's CA bundle (a .pem file) and choose it in the Backend section "
+                "(CA bundle), then install again. uv and pip already use the system's certificate store; checks are "
+                "never disabled.")
+_PROXY = ("A proxy failure: the package index is only reachable through a proxy that refused or needs a login. Set "
+          "HTTPS_PROXY (for example http://user:password@proxy:8080) in the environment Slicer starts with, then "
+          "install again.")
+_TORCH_BUILD = ("No PyTorch build for this machine was found on the package index ({line}). If the log shows a CUDA "
+                "build (+cu...), the index or mirror does not serve it: set-up tries the builds it supports in turn; "
+                "update the NVIDIA driver, or install the CPU build (set CITRUSV_FORCE_CPU=1) and use Device: cpu.")
+
+_BOOTSTRAP_VERDICTS = ("could not install ", "the NVIDIA driver supports CUDA")
+
 # (pattern in the log, what to tell the user)
 _FAILURES = [
     ("No space left on device", "The disk is full. Free space (about {gb:.0f} GB are needed) or choose another "
                                 "environment folder (setting CITRUSV_SLICER_ENV), then install again."),
+    # Before the generic "not found": a proxy or a TLS-inspecting proxy makes every index look empty.
+    ("CERTIFICATE_VERIFY_FAILED", _CERTIFICATE),
+    ("invalid peer certificate", _CERTIFICATE),             # uv (rustls): UnknownIssuer, BadSignature...
+    ("self-signed certificate", _CERTIFICATE),
+    ("SSLError", _CERTIFICATE),
+    ("ProxyError", _PROXY),
+    ("407 Proxy Authentication Required", _PROXY),
+    ("Tunnel connection failed", _PROXY),
     ("Temporary failure in name resolution", "The package index could not be reached (offline, or a proxy is needed). "
                                              "Set HTTPS_PROXY, or install offline: on a connected machine run "
                                              "`pip download` for the backend into a folder, copy it here and set "
                                              "PIP_FIND_LINKS to that folder with PIP_NO_INDEX=1."),
+    ("satisfies the requirement torch", _TORCH_BUILD),
     ("Could not find a version that satisfies", "A package was not found on the package index (offline or a "
                                                 "restricted mirror). See the offline instructions in the README."),
-    ("CERTIFICATE_VERIFY_FAILED", "TLS certificates could not be verified (a corporate proxy?). Point "
-                                  "PIP_CERT/REQUESTS_CA_BUNDLE at your organisation's CA bundle; never disable checks."),
     ("needs Python 3.10", "The chosen Python is too old for the backend: choose a Python 3.10 or newer as Backend "
                           "Python (Slicer's own Python is never used for it), or leave the field empty."),
     ("no Python 3.10 or newer was found", "No Python 3.10+ was found for the backend: install one (python.org or "
@@ -324,10 +389,16 @@ _FAILURES = [
 
 
 def explain_failure(log_lines: list[str], plan: InstallPlan | None = None) -> str:
+    # bootstrap.py names what it knows itself (a CUDA build with no wheel after its fall-backs, a certificate, a
+    # proxy, the driver, an x86_64 Python under Rosetta): its own last line comes first.
+    own = next((line.strip() for line in reversed(log_lines) if line.strip().startswith(_BOOTSTRAP_VERDICTS)), None)
+    if own:
+        return f"The installation failed: {own[:600]}"
     text = "\n".join(log_lines[-400:])
     for pattern, advice in _FAILURES:
         if pattern in text:
-            return advice.format(gb=plan.disk_needed_gb if plan else CPU_ENV_GB)
+            line = next((entry.strip()[:200] for entry in reversed(log_lines) if pattern in entry), "")
+            return advice.format(gb=plan.disk_needed_gb if plan else CPU_ENV_GB, line=line)
     last = next((line for line in reversed(log_lines) if line.strip()), "no output")
     return f"The installation failed: {last.strip()[:300]}. The full log is in the Backend section."
 

@@ -15,10 +15,17 @@ import time
 from pathlib import Path
 
 from .batch import BatchRun
+from .download import DownloadProcess
 from .endpoints import BackendError, Target
+from .environment import startup_environment
+from .failures import explain_crash, explain_start_failure
 from .installer import GpuProbe, InstallPlan, InstallRun, default_environment_dir, is_installed, plan_install
+from .logview import readable
+from .preflight import total_ram_gb
 from .process import BackendProcess, bundled_backend_dir, default_log_dir, environment_python
+from .requirements import model_need
 from .transport import Call, Transport
+from .weights import WeightsCheck, check_weights
 
 SHUTDOWN_WAIT_S = 5.0
 _SESSION: dict = {}
@@ -54,7 +61,10 @@ class BackendManager:
         self.installer: InstallRun | None = None
         self.gpu_probe: GpuProbe | None = None
         self.batch: BatchRun | None = None
+        self.download: DownloadProcess | None = None
         self.transport = Transport(work_dir)
+        self.extra_env: dict = {}               # for every child: an organisation's CA bundle (settings)
+        self._explained: tuple = (None, None)   # (ended process, its failure message)
         self._restart_pending = False
 
     # ------------------------------------------------------------------------------------------ install
@@ -72,11 +82,13 @@ class BackendManager:
         self.gpu_probe.start()
         return self.gpu_probe
 
-    def install_plan(self, gpu_name: str | None = None, base_python: str | None = None) -> InstallPlan:
+    def install_plan(self, gpu_name: str | None = None, base_python: str | None = None, ca_bundle: str = "",
+                     update: bool = False) -> InstallPlan:
         if self.backend_dir is None:
             raise BackendError("the CitrusV backend is not bundled with this module (CitrusVBackend folder missing); "
                                "reinstall the extension")
-        return plan_install(self.backend_dir, self.env_dir, base_python=base_python, gpu_name=gpu_name)
+        return plan_install(self.backend_dir, self.env_dir, base_python=base_python, gpu_name=gpu_name,
+                            ca_bundle=ca_bundle, update=update)
 
     def start_install(self, plan: InstallPlan, slicer_python: str | None = None,
                       slicer_env: dict | None = None) -> InstallRun:
@@ -104,9 +116,55 @@ class BackendManager:
             if self.process.stopping:
                 raise BackendError("the backend is still stopping; press Start again in a moment")
             raise BackendError("the backend is already running (Stop or Restart it first)")
-        self.process = BackendProcess(self.python, model, device, log_dir=self.log_dir)
+        if self.download is not None and self.download.is_running():
+            raise BackendError("the model is still downloading: wait for it, or Cancel it")
+        self.process = BackendProcess(self.python, model, device, extra_env=self.extra_env, log_dir=self.log_dir)
         self.process.start()
         return self.process
+
+    def weights(self, model: str) -> WeightsCheck:
+        """Are `model`'s weights here (a folder, or the Hugging Face cache the backend will look in)?"""
+        env = startup_environment()
+        env.update(self.extra_env)
+        return check_weights(model, env)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the local backend is not running, as the panel says it (None while nothing went wrong)."""
+        process = self.process
+        if process is None or process.is_running() or self._restart_pending:
+            return None
+        if self._explained[0] is not process:   # worked out once per ended process (the panel asks every tick)
+            process.poll()
+            self._explained = (process, self._explain(process))
+        return self._explained[1]
+
+    @staticmethod
+    def _explain(process: BackendProcess) -> str | None:
+        if process.failure is not None:
+            return explain_start_failure(process.failure, process.model, total_ram_gb(),
+                                         model_need(process.model).cpu_ram_gb, device=process.device)
+        if process.stop_requested or (process.returncode == 0 and process.ready_info):
+            return None   # stopped from the panel (or at Slicer's exit): nothing to explain
+        return explain_crash(process.lines, process.returncode, bool(process.ready_info), process.log_path)
+
+    # ------------------------------------------------------------------------------------------ download
+
+    def start_download(self, model: str, destination: str | None = None) -> DownloadProcess:
+        """`citrusv download` as a child (the environment must be installed: the backend does the download)."""
+        if self.needs_install():
+            raise BackendError("install the backend first: it downloads the model")
+        if self.download is not None and self.download.is_running():
+            raise BackendError("the model is already downloading")
+        env = startup_environment()
+        env.update(self.extra_env)
+        self.download = DownloadProcess(self.python, model, destination, env=env, log_dir=self.log_dir)
+        self.download.start()
+        return self.download
+
+    def cancel_download(self) -> None:
+        if self.download is not None:
+            self.download.cancel()
 
     def stop(self) -> None:
         """Ask the local backend to stop; returns at once (the tree is killed later if it does not exit)."""
@@ -172,8 +230,9 @@ class BackendManager:
         running_on = str((self.process.ready_info or {}).get("device", ""))
         if not running_on.startswith("cuda"):
             return None
+        need = model_need(self.process.model).gpu_gb
         return (f"The interactive backend already holds the model on {running_on}. The batch would load a second "
-                f"copy of the model (about {17:.0f} GB) beside it on the same GPU, which may not fit and slows both "
+                f"copy of the model (about {need:.0f} GB) beside it on the same GPU, which may not fit and slows both "
                 f"down. Stop the interactive backend first, or run the batch on another device.")
 
     def start_batch(self, input_folder: str, output_folder: str, task: str, prompt: str, model: str, device: str,
@@ -192,7 +251,7 @@ class BackendManager:
 
     def poll(self) -> None:
         """Advance everything that runs outside Slicer (cheap; from the panel's timer)."""
-        for child in (self.process, self.batch, self.gpu_probe):
+        for child in (self.process, self.batch, self.gpu_probe, self.download):
             if child is not None:
                 child.poll()
         if self.installer is not None:
@@ -204,18 +263,20 @@ class BackendManager:
             self.start_local(old.model, old.device)
 
     def drain_logs(self) -> list[str]:
+        """New lines for the log pane, readable (time, level, message), not the raw JSON lines of the log files."""
         lines = []
         if self.installer is not None:
             lines.extend(self.installer.drain())
-        for source in (self.process, self.batch):
+        for source in (self.process, self.batch, self.download):
             if source is not None:
-                lines.extend(source.drain())
+                lines.extend(text for text in map(readable, source.drain()) if text)
         return lines
 
     def shutdown(self) -> None:
         """Stop everything (Slicer is exiting): ask all at once, wait a few seconds in total, kill what is left."""
         self._restart_pending = False
-        children = [c for c in (self.process, self.batch, self.installer, self.gpu_probe) if c is not None]
+        children = [c for c in (self.process, self.batch, self.installer, self.gpu_probe, self.download)
+                    if c is not None]
         for child in children:
             child.request_stop(SHUTDOWN_WAIT_S)
         deadline = time.monotonic() + SHUTDOWN_WAIT_S

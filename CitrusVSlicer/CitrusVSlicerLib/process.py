@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import environment
 from .environment import isolated, popen_options, startup_environment
+from .failures import FAILED_EVENT, FailureEvent
 
 READY_EVENT = "ready"
 KEEP_LOGS = 10
@@ -56,6 +57,7 @@ class StreamingProcess:
         self._partial = b""
         self._kill_at: float | None = None
         self._stop_requested = False
+        self.progress_line = ""   # the latest state of a "\r" progress bar on the unfinished last line
 
     @property
     def pid(self) -> int | None:
@@ -67,6 +69,10 @@ class StreamingProcess:
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
 
     @property
     def stopping(self) -> bool:
@@ -96,10 +102,13 @@ class StreamingProcess:
                 lines = (self._partial + data).split(b"\n")
                 self._partial = lines.pop()
                 for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    line = _last_state(raw.decode("utf-8", "replace"))
                     self.lines.append(line)
                     self._new.append(line)
                     self.on_line(line)
+                # A progress bar redraws its line with "\r" and ends it only when done: its latest state.
+                if b"\r" in self._partial:
+                    self.progress_line = _last_state(self._partial.decode("utf-8", "replace"))
         if self._kill_at is not None and self.is_running() and time.monotonic() >= self._kill_at:
             environment.kill_tree(self._process.pid)
             self._kill_at = None
@@ -170,9 +179,19 @@ class StreamingProcess:
                 pass
 
 
+def _last_state(text: str) -> str:
+    """A line a progress bar redrew with carriage returns ("\r 10%\r 20%\r 30%") as its last state."""
+    if "\r" not in text:
+        return text
+    parts = [part for part in text.split("\r") if part.strip()]
+    return parts[-1] if parts else ""
+
+
 def backend_command(python: str, model: str, device: str = "auto", host: str = "127.0.0.1", port: int = 0) -> list[str]:
+    # --no-download: Start never fetches 17 GB silently; a missing model is a `failed` event (model_missing) and the
+    # panel offers its own Download step.
     return isolated(python) + ["-m", "citrusv_backend.cli", "serve", "--model", model, "--host", host, "--port",
-                               str(port), "--device", device, "--exit-with-parent"]
+                               str(port), "--device", device, "--exit-with-parent", "--no-download"]
 
 
 class BackendProcess(StreamingProcess):
@@ -189,15 +208,20 @@ class BackendProcess(StreamingProcess):
         self.model = model
         self.device = device
         self.ready_info: dict | None = None
+        self.failure: FailureEvent | None = None   # the backend's own `failed` event, if it printed one
 
     def on_line(self, line: str) -> None:
-        if line.startswith("{") and '"ready"' in line:
+        if line.startswith("{") and '"event"' in line:
             try:
                 info = json.loads(line)
             except ValueError:
                 return
+            if not isinstance(info, dict):
+                return
             if info.get("event") == READY_EVENT:
                 self.ready_info = info
+            elif info.get("event") == FAILED_EVENT:
+                self.failure = FailureEvent.from_line(line)
 
     @property
     def url(self) -> str | None:
@@ -223,6 +247,7 @@ class BackendProcess(StreamingProcess):
 
     def start(self) -> None:
         self.ready_info = None
+        self.failure = None
         super().start()
 
     def wait_ready(self, timeout: float) -> bool:

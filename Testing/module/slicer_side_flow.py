@@ -17,8 +17,10 @@ sys.path.insert(0, arguments["module_dir"])
 
 import numpy as np  # noqa: E402  (Slicer's numpy, from the layout's site-packages)
 
+from CitrusVSlicerLib.first_use import FirstUse  # noqa: E402
 from CitrusVSlicerLib.manager import BackendManager  # noqa: E402
 from CitrusVSlicerLib.runner import ApplyRunner  # noqa: E402
+from CitrusVSlicerLib.settings import MemoryStore  # noqa: E402
 
 
 def poll_until(manager, done, timeout, what):
@@ -44,9 +46,13 @@ def mapped_files(pid: int) -> set:
 
 
 def main() -> None:
-    report = {"python": sys.version.split()[0], "prefix": sys.prefix}
+    report = {"python": sys.version.split()[0], "prefix": sys.prefix, "messages": [], "timeline": {}}
     manager = BackendManager(arguments["module_dir"], env_dir=arguments["env_dir"], log_dir=arguments["log_dir"],
                              work_dir=arguments["work_dir"])
+    first_use = FirstUse(manager, MemoryStore())
+    say = report["messages"].append          # what the panel's status line says, step by step
+    check = first_use.preflight(None, None, arguments["model"])   # the tiny model's own need, from its folder
+    say(check.device_summary())
     plan = manager.install_plan(None, arguments.get("base_python"))
     if arguments.get("python_version"):
         plan.python_version = arguments["python_version"]
@@ -55,12 +61,49 @@ def main() -> None:
     poll_until(manager, lambda: not run.is_running(), 1500, "install")
     report.update(install_state=run.state, install_s=round(time.monotonic() - started, 1), base_python=run.base_python,
                   install_log_tail=run.lines[-15:])
+    report["timeline"]["install_s"] = report["install_s"]
     if run.state != "done":
         print("CITRUSV-RESULT " + json.dumps(report), flush=True)
         return
-    process = manager.start_local(arguments["model"], "cpu")
+    say("Backend installed. Press Start.")
+    sample = first_use.sample_volume()        # Load sample CT: shipped by the environment just installed
+    report["sample_volume"] = str(sample) if sample else None
+    model = arguments["model"]
+    if arguments.get("hub_model"):
+        # The weights as their own step, from a hub on 127.0.0.1 (HF_ENDPOINT) into the weights folder.
+        model = arguments["hub_model"]
+        manager.extra_env.update(HF_ENDPOINT=arguments["hub_url"], HF_HUB_OFFLINE="0")
+        first_use.settings.weights_folder = arguments["weights_folder"]
+        step = first_use.next_step(model)
+        say(step.message)
+        report["start_step_before_download"] = step.action
+        started = time.monotonic()
+        download = first_use.start_download(model)
+        progress = []
+
+        def downloaded() -> bool:
+            if download.progress is not None:
+                text = download.status_text()
+                if not progress or progress[-1] != text:
+                    progress.append(text)
+            return not download.is_running()
+
+        poll_until(manager, downloaded, 600, "download")
+        report["timeline"]["download_s"] = round(time.monotonic() - started, 2)
+        report.update(download_state=download.state, download_progress=progress[:2] + progress[-3:],
+                      download_path=download.path, download_log_tail=list(download.lines)[-10:])
+        moving = [line for line in progress if line.startswith("Downloading") and "(100%)" not in line]
+        say(moving[len(moving) // 2] if moving else progress[0] if progress else "(no progress line)")
+        say(download.status_text())
+        model = first_use.download_finished() or model
+        report["start_step_after_download"] = first_use.next_step(model).action
+    started = time.monotonic()
+    process = manager.start_local(model, "cpu")
+    say(f"Starting the backend with {model} (loading the model can take a minute)...")
     poll_until(manager, lambda: manager.state in ("running", "crashed", "exited"), 600, "start")
+    report["timeline"]["start_s"] = round(time.monotonic() - started, 2)
     report["backend_state"] = manager.state
+    say("Backend ready." if manager.state == "running" else str(manager.failure))
     if manager.state != "running":
         report["backend_log_tail"] = list(process.lines)[-30:]
         print("CITRUSV-RESULT " + json.dumps(report), flush=True)
@@ -98,6 +141,12 @@ def main() -> None:
         time.sleep(min(delay, 0.05))
     events.extend(runner.events())
     final = events[-1] if events else None
+    report["timeline"]["first_apply_s"] = round(time.monotonic() - started, 2)
+    if final is not None and final.kind == "done":
+        say(f"Done: {len(final.result.segments)} segment(s), {len(final.result.findings)} finding(s)."
+            + (" RANDOM TEST WEIGHTS: results are noise." if final.result.random_weights else ""))
+    else:
+        say(final.message if final else "(no result)")
     report.update(apply_state=runner.state, apply_s=round(time.monotonic() - started, 2),
                   apply_message=final.message if final else "", used_handover=bool(manager.local_target().handover_dir),
                   stages=sorted({e.stage for e in events if e.kind == "progress"}))

@@ -141,11 +141,33 @@ def check_flow(report: dict, layout) -> None:
 
 
 @pytest.mark.skipif(BASE_PYTHON is None, reason="needs pyenv's CPython 3.11 (the torch wheel here is for 3.11)")
-def test_install_start_apply_under_slicer_5_10_with_a_chosen_python(slicer_layouts, session_dir, tiny_checkpoint):
+def test_install_download_start_apply_under_slicer_5_10_with_a_chosen_python(slicer_layouts, session_dir,
+                                                                              tiny_checkpoint):
+    """The first hour as a user walks it (issue 22): Install, Download from a hub (on 127.0.0.1, the real
+    huggingface_hub client in the installed backend), Start, first Apply; the timeline and the status lines."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/local_hub.py
+    from local_hub import LocalHub
+
     layout = layout_for(slicer_layouts, "5.10.0")
-    report = flow(layout, session_dir, "5.10", tiny_checkpoint, base_environment(),
-                  base_python=str(BASE_PYTHON / "bin" / "python3.11"))
+    hub = LocalHub.from_folder("citrusv-test/Citrus-V-tiny", tiny_checkpoint).start()
+    try:
+        report = flow(layout, session_dir, "5.10", tiny_checkpoint, base_environment(),
+                      base_python=str(BASE_PYTHON / "bin" / "python3.11"), hub_model="citrusv-test/Citrus-V-tiny",
+                      hub_url=hub.url, weights_folder=str(session_dir / "weights"))
+    finally:
+        hub.stop()
     check_flow(report, layout)
+    assert report["start_step_before_download"] == "download" and report["download_state"] == "done"
+    assert report["download_path"] == str(session_dir / "weights" / "Citrus-V-tiny")
+    assert report["start_step_after_download"] == "start"
+    assert report["download_progress"][0].startswith("Downloading Citrus-V-tiny: ")
+    assert set(report["timeline"]) == {"install_s", "download_s", "start_s", "first_apply_s"}
+    assert report["sample_volume"].startswith(str(session_dir / "slicer-backend-env")) and \
+        report["sample_volume"].endswith("slicerio/data/CTChest4.nrrd")
+    # The record of what a first-time user sees, step by step (docs/first-use-slicer.md quotes it).
+    (session_dir / "first-use-timeline.json").write_text(json.dumps(
+        {"timeline": report["timeline"], "messages": report["messages"]}, indent=2))
+    print("FIRST-USE", json.dumps({"timeline": report["timeline"], "messages": report["messages"]}, indent=2))
 
 
 @pytest.mark.skipif(BASE_PYTHON is None, reason="needs pyenv's CPython 3.11 (the torch wheel here is for 3.11)")
