@@ -110,7 +110,8 @@ def run(args, engine=None) -> dict:
                           note="goal on a GPU: <= 50 ms"))
 
     for slices in args.propagation:
-        options = RefineOptions(propagate=True, max_propagation_slices=slices, stop_after_empty=10**6)
+        # more empty slices than it may visit: the figure is for exactly `slices` slices each way
+        options = RefineOptions(propagate=True, max_propagation_slices=slices, stop_after_empty=slices + 1)
         index = middle
         session.anchors.clear()
         cold_store = SliceFeatureStore(engine, source, budget)

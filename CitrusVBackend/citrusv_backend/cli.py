@@ -96,8 +96,8 @@ def cmd_volume_task(args) -> int:
         say(f"warning: {warning}")
     if wants_dicom(options.dicom_out, volume):
         check_dicom_possible(volume)
-    elif dicom_skipped(args.dicom_out, volume):  # not asked for: never blocks the segmentation
-        say(f"warning: {dicom_skipped(args.dicom_out, volume)}")
+    elif skipped := dicom_skipped(options.dicom_out, volume):  # not asked for: never blocks the segmentation
+        say(f"warning: {skipped}")
     engine = load_engine(args)
     pipeline = VolumePipeline(engine, progress=ProgressPrinter())
     result = pipeline.run(volume, args.prompt or "", task=args.command, options=options)
