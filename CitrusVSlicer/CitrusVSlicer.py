@@ -426,8 +426,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 continue
             combo.addItem(f"{segment.GetName()} (slice {evidence['key_slice']})",
                           segmentation.GetSegmentation().GetNthSegmentID(index))
-            tip = _("key slice {k} ({plane}), score {score}").format(
-                k=evidence["key_slice"], plane=evidence["plane"],
+            tip = _("key slice {k} ({axis}), score {score}").format(
+                k=evidence["key_slice"], axis=evidence["axis"],
                 score="-" if evidence["score"] is None else f"{evidence['score']:.3g}")
             combo.setItemData(combo.count - 1, tip + ("\n" + evidence["answer"] if evidence["answer"] else ""),
                               qt.Qt.ToolTipRole)
@@ -631,8 +631,8 @@ class CitrusVSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setConversationStatus(str(error), error=True)
             return
         self.ui.conversationProgressBar.value = 0
-        self.setConversationStatus(_("Asking about {plane} slice {index}...").format(plane=question.plane,
-                                                                                    index=question.slice))
+        self.setConversationStatus(_("Asking about {axis} slice {index}...").format(axis=question.axis,
+                                                                                  index=question.slice))
         self.timer.start(0)
         self.updateGui()
 
