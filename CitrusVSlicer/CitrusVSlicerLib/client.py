@@ -105,7 +105,7 @@ class ResultDecoder:
                            answer=answer or "", problems=payload.get("problems", []),
                            random_weights=bool(payload.get("random_weights")), dicom=payload.get("dicom"),
                            experimental=payload.get("experimental") or "",
-                           plane=_slice_axis(payload.get("settings") or {}))
+                           axis=_slice_axis(payload.get("settings") or {}))
 
 
 def segment_score(segment: dict) -> float | None:

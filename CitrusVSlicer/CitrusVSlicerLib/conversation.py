@@ -29,7 +29,7 @@ class Question:
     """What *Ask about this slice* sends: the contract's turn body plus where it was asked (for the history)."""
 
     prompt: str
-    plane: str                        # "axial" | "coronal" | "sagittal"
+    axis: str                         # "axial" | "coronal" | "sagittal"
     slice: int
     window: str | None = None
     roi: dict | None = None           # {"ijk_min": [i, j, k], "ijk_max": [i, j, k]}, voxels inclusive
@@ -39,7 +39,7 @@ class Question:
     answer: str | None = None         # scripts and tests: an answer the model is made to give (it does not write it)
 
     def body(self) -> dict:
-        body = {"prompt": self.prompt, "slice": int(self.slice), "axis": self.plane, "window": self.window,
+        body = {"prompt": self.prompt, "slice": int(self.slice), "axis": self.axis, "window": self.window,
                 "roi": self.roi, "propagate": bool(self.propagate)}
         if self.answer is not None:
             body["answer"] = self.answer
@@ -143,7 +143,7 @@ def turn_record(question: Question, payload: dict, conversation_id: str, job_id:
         "question": asdict(question), "prompt": question.prompt,
         "answer": answer.get("text", ""),
         # What the server says it read, which is what the model saw (it may differ from the request: a default window).
-        "plane": answer.get("axis") or question.plane, "slice": answer.get("slice", question.slice),
+        "axis": answer.get("axis") or question.axis, "slice": answer.get("slice", question.slice),
         "window": question.window, "window_shown": answer.get("window"), "roi": question.roi, "view": question.view,
         "propagate": question.propagate, "propagated_from": question.propagated_from,
         "model": payload.get("model", ""), "random_weights": bool(payload.get("random_weights")),
@@ -156,7 +156,7 @@ def turn_record(question: Question, payload: dict, conversation_id: str, job_id:
 
 def turn_title(turn: dict) -> str:
     """One line for the history list."""
-    where = f"{turn['plane']} {turn['slice']}" + (" (ROI)" if turn.get("roi") else "")
+    where = f"{turn['axis']} {turn['slice']}" + (" (ROI)" if turn.get("roi") else "")
     made = []
     found = [s for s in turn.get("segments", []) if s.get("found")]
     if found:
@@ -180,7 +180,7 @@ def turn_details(turn: dict) -> str:
                      "see the turns before it).")
     lines.append(f"Q: {turn['prompt']}")
     lines.append(f"A: {turn['answer']}")
-    where = f"{turn['plane']} slice {turn['slice']}, window {window_text(turn.get('window_shown') or turn.get('window'))}"
+    where = f"{turn['axis']} slice {turn['slice']}, window {window_text(turn.get('window_shown') or turn.get('window'))}"
     if turn.get("view"):
         where += f", asked in the {turn['view']} view"
     if turn.get("roi"):

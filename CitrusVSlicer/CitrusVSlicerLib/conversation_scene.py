@@ -21,7 +21,7 @@ from .apply import UploadCache
 from .conversation import HISTORY_FORMAT, ConversationTurnRunner, Question, turn_record
 from .refine import JOB_TAG, roi_box, tag_segments
 from .runner import Event
-from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_plane, nearest_plane, roi_voxels, slice_centre_ras,
+from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_slice_axis, nearest_slice_axis, roi_voxels, slice_centre_ras,
                          slice_for_roi, slice_in_view)
 from .writers import (create_segmentation_node, ijk_to_ras_matrix, place_in_study, volume_array_and_geometry,
                       write_boxes, write_segments)
@@ -89,28 +89,28 @@ def roi_question(volume_node, roi_node) -> dict:
 
 def question_for(scene, volume_node, view: str, prompt: str, window: str | None = None, roi_node=None) -> Question:
     """*Ask about this slice*: the slice the view shows, or, with an ROI, the ROI on the view's slice when the ROI
-    holds it (else on the ROI's middle slice of the view's plane). ViewNotAligned / ValueError say what is wrong."""
+    holds it (else on the ROI's middle slice along the view's slice axis). ViewNotAligned / ValueError say what is wrong."""
     prompt = prompt.strip()
     if not prompt:
         raise ValueError("Type a question, e.g. 'what is on this slice?'")
     if roi_node is None:
         shown = view_slice_of(scene, view, volume_node)
-        return Question(prompt, shown.plane, shown.index, window, view=view)
+        return Question(prompt, shown.axis, shown.index, window, view=view)
     roi = roi_question(volume_node, roi_node)
     try:
         shown = view_slice_of(scene, view, volume_node)
-        plane, index = shown.plane, shown.index
-    except ViewNotAligned:          # the ROI says where; the view only which plane
+        axis, index = shown.axis, shown.index
+    except ViewNotAligned:          # the ROI says where; the view only which slice axis
         node = slice_node_of(scene, view)
-        plane, index = (nearest_plane(_array(node.GetSliceToRAS())) if node is not None else "axial"), None
-    return Question(prompt, plane, slice_for_roi(roi, ijk_to_ras_matrix(volume_node), plane, index), window, roi,
+        axis, index = (nearest_slice_axis(_array(node.GetSliceToRAS())) if node is not None else "axial"), None
+    return Question(prompt, axis, slice_for_roi(roi, ijk_to_ras_matrix(volume_node), axis, index), window, roi,
                     view=view)
 
 
 def jump_to_turn(scene, volume_node, turn: dict) -> np.ndarray:
     """Move every slice view through the middle of the turn's slice (of its ROI's part of it, if any); returns the
     world point. A view turned to the volume's plane then shows that very slice."""
-    point = slice_centre_ras(world_ijk_to_ras(volume_node), volume_shape(volume_node), turn["plane"], turn["slice"],
+    point = slice_centre_ras(world_ijk_to_ras(volume_node), volume_shape(volume_node), turn["axis"], turn["slice"],
                              turn.get("roi"), naming=ijk_to_ras_matrix(volume_node))
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
         scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").JumpSliceByOffsetting(*point)
@@ -138,6 +138,11 @@ def read_history(node) -> dict:
         raise ValueError(f"{node.GetName()!r} does not hold a CitrusV conversation (its text is not JSON)") from None
     if history.get("format") != HISTORY_FORMAT:
         raise ValueError(f"{node.GetName()!r} does not hold a CitrusV conversation ({HISTORY_FORMAT})")
+    # Histories saved by the version before the slice axis had one name everywhere (issue 20) call it "plane".
+    for turn in history.get("turns", []):
+        for entry in (turn, turn.get("question") or {}):
+            if "plane" in entry and "axis" not in entry:
+                entry["axis"] = entry.pop("plane")
     return history
 
 
@@ -171,18 +176,18 @@ def turn_rois(node, turn: int) -> list:
 
 def propagation_question(turn: dict) -> Question:
     """*Propagate to 3D* of a turn: the same question on the same slice, carried through the volume."""
-    return Question(prompt=turn["prompt"], plane=turn["plane"], slice=int(turn["slice"]), window=turn.get("window"),
+    return Question(prompt=turn["prompt"], axis=turn["axis"], slice=int(turn["slice"]), window=turn.get("window"),
                     roi=turn.get("roi"), propagate=True, view=turn.get("view", ""), propagated_from=int(turn["turn"]))
 
 
-def writer_box(box: dict, ijk_to_ras: np.ndarray, plane: str) -> dict:
-    """A conversation box (inclusive voxel index ranges (i, j, k), one slice thick along the turn's plane) as
+def writer_box(box: dict, ijk_to_ras: np.ndarray, axis: str) -> dict:
+    """A conversation box (inclusive voxel index ranges (i, j, k), one slice thick along the turn's slice axis) as
     writers.write_boxes draws it: edges on the voxels' borders, oriented like the volume's grid."""
-    axis = index_axis_of_plane(ijk_to_ras, plane)
+    index_axis = index_axis_of_slice_axis(ijk_to_ras, axis)
     first, last = np.asarray(box["ijk_min"], float), np.asarray(box["ijk_max"], float)
     low, high = first - 0.5, last + 0.5
     return {"label": box.get("label") or "", "index_min_kji": low[::-1].tolist(), "index_max_kji": high[::-1].tolist(),
-            "slices": [int(first[axis]), int(last[axis])]}
+            "slices": [int(first[index_axis]), int(last[index_axis])]}
 
 
 def write_turn(scene, volume_node, history_node, result, record: dict) -> dict:
@@ -210,7 +215,7 @@ def write_turn(scene, volume_node, history_node, result, record: dict) -> dict:
                 segment.SetTag(CONVERSATION_ID_TAG, record["conversation_id"] or "")
                 segment.SetTag(ANSWER_TAG, record["answer"])
                 entry["segment_id"], entry["segment_name"] = segment_id, segment.GetName()
-        boxes = [writer_box(box, ijk_to_ras, record["plane"]) for box in record["boxes"]]
+        boxes = [writer_box(box, ijk_to_ras, record["axis"]) for box in record["boxes"]]
         for box in boxes:
             box["label"] = f"Turn {record['turn']}: {box['label'] or 'box'}"
         rois = write_boxes(scene, boxes, volume_node)

@@ -24,7 +24,7 @@ class SegmentMask:
     crop: np.ndarray                       # bool, (k, j, i)
     measurements: dict = field(default_factory=dict)
     laterality: str | None = None
-    key_slice: int | None = None           # slice index along the run's plane where the model saw it best
+    key_slice: int | None = None           # slice index along the run's slice axis where the model saw it best
     answer: str = ""                       # the model's text answer for this target
     score: float | None = None             # the key slice's score (the backend's key_score)
 
@@ -78,7 +78,7 @@ class SceneResult:
     random_weights: bool = False
     experimental: str = ""                                    # why the backend calls the result experimental
     dicom: dict | None = None                                 # the backend's DICOM SEG / SR (URLs, UIDs)
-    plane: str = "axial"                                      # the plane the key slices are counted along
+    axis: str = "axial"                                       # the slice axis the key slices are counted along
 
     @property
     def found_findings(self) -> list[dict]:

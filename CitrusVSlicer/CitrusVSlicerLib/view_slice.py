@@ -2,9 +2,9 @@
 
 numpy only (no MRML, no Qt): the callers pass a slice node's SliceToRAS and the volume's IJK->RAS in world
 coordinates (conversation_scene.py reads them from the scene), and, for a volume under a transform, the IJK->RAS
-the backend was sent (`naming`: the volume's own), which is what the backend's plane names refer to.
+the backend was sent (`naming`: the volume's own), which is what the backend's slice axis names refer to.
 
-The backend names a slice by (plane, index): `axial` slices step along the volume's index axis whose direction is
+The backend names a slice by (axis, index): `axial` slices step along the volume's index axis whose direction is
 closest to superior, `coronal` the one closest to anterior, `sagittal` the one closest to right (the same greedy
 assignment as the backend's `volume/orientation.dominant_axes`, so oblique and flipped volumes are named alike on
 both sides), and the index is the raw array index along that axis. A view shows one such slice only when its
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PLANE_OF_WORLD_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}   # RAS axes: R, A, S
-WORLD_AXIS_OF_PLANE = {plane: axis for axis, plane in PLANE_OF_WORLD_AXIS.items()}
+SLICE_AXIS_OF_WORLD_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}   # RAS axes: R, A, S
+WORLD_AXIS_OF_SLICE_AXIS = {name: world for world, name in SLICE_AXIS_OF_WORLD_AXIS.items()}
 # How far (in voxels along the sliced axis) the view's plane may drift across the volume and still show one slice.
 ALIGNED_SPREAD_VOXELS = 0.5
 
@@ -30,8 +30,8 @@ class ViewNotAligned(ValueError):
 
 @dataclass(frozen=True)
 class ViewSlice:
-    plane: str        # "axial" | "coronal" | "sagittal", as the backend names it
-    index: int        # the array index along the volume's index axis of that plane
+    axis: str         # "axial" | "coronal" | "sagittal", as the backend names it
+    index: int        # the array index along the volume's index axis of that slice axis
     index_axis: int   # 0 = i, 1 = j, 2 = k
 
 
@@ -48,20 +48,20 @@ def dominant_world_axes(ijk_to_ras) -> list[int]:
     return [int(axis) for axis in assigned]
 
 
-def index_axis_of_plane(ijk_to_ras, plane: str) -> int:
-    if plane not in WORLD_AXIS_OF_PLANE:
-        raise ValueError(f"unknown plane {plane!r}; use axial, coronal or sagittal")
-    return dominant_world_axes(ijk_to_ras).index(WORLD_AXIS_OF_PLANE[plane])
+def index_axis_of_slice_axis(ijk_to_ras, axis: str) -> int:
+    if axis not in WORLD_AXIS_OF_SLICE_AXIS:
+        raise ValueError(f"unknown slice axis {axis!r}; use axial, coronal or sagittal")
+    return dominant_world_axes(ijk_to_ras).index(WORLD_AXIS_OF_SLICE_AXIS[axis])
 
 
-def plane_of_index_axis(ijk_to_ras, index_axis: int) -> str:
-    return PLANE_OF_WORLD_AXIS[dominant_world_axes(ijk_to_ras)[index_axis]]
+def slice_axis_of_index_axis(ijk_to_ras, index_axis: int) -> str:
+    return SLICE_AXIS_OF_WORLD_AXIS[dominant_world_axes(ijk_to_ras)[index_axis]]
 
 
-def nearest_plane(slice_to_ras) -> str:
-    """The plane a view is closest to in patient axes (its normal's largest component)."""
+def nearest_slice_axis(slice_to_ras) -> str:
+    """The slice axis a view is closest to in patient axes (its normal's largest component)."""
     normal = np.asarray(slice_to_ras, float)[:3, 2]
-    return PLANE_OF_WORLD_AXIS[int(np.argmax(np.abs(normal)))]
+    return SLICE_AXIS_OF_WORLD_AXIS[int(np.argmax(np.abs(normal)))]
 
 
 def slice_in_view(slice_to_ras, ijk_to_ras, shape_kji, view: str = "The view", volume: str = "the volume",
@@ -91,19 +91,19 @@ def slice_in_view(slice_to_ras, ijk_to_ras, shape_kji, view: str = "The view", v
     if not 0 <= index < sizes[axis]:
         raise ViewNotAligned(f"{view} shows no slice of {volume} (it is at index {centre:.1f}; the volume has "
                              f"{sizes[axis]} slices along that axis): move it into the volume first.")
-    return ViewSlice(plane_of_index_axis(ijk_to_ras if naming is None else naming, axis), index, axis)
+    return ViewSlice(slice_axis_of_index_axis(ijk_to_ras if naming is None else naming, axis), index, axis)
 
 
-def slice_centre_ras(ijk_to_ras, shape_kji, plane: str, index: int, roi: dict | None = None,
+def slice_centre_ras(ijk_to_ras, shape_kji, axis: str, index: int, roi: dict | None = None,
                      naming=None) -> np.ndarray:
-    """The world point at the middle of slice `index` of `plane` (or of the ROI's part of it): where the views jump."""
+    """The world point at the middle of slice `index` along `axis` (or of the ROI's part of it): where the views jump."""
     ijk_to_ras = np.asarray(ijk_to_ras, float)
     sizes = np.asarray(shape_kji, int)[::-1]
     if roi is not None:
         centre = (np.asarray(roi["ijk_min"], float) + np.asarray(roi["ijk_max"], float)) / 2.0
     else:
         centre = (sizes - 1) / 2.0
-    centre[index_axis_of_plane(ijk_to_ras if naming is None else naming, plane)] = index
+    centre[index_axis_of_slice_axis(ijk_to_ras if naming is None else naming, axis)] = index
     return (ijk_to_ras @ np.r_[centre, 1.0])[:3]
 
 
@@ -124,10 +124,10 @@ def roi_voxels(ijk_bounds: dict, shape_kji) -> dict:
     return {"ijk_min": [int(v) for v in first], "ijk_max": [int(v) for v in last]}
 
 
-def slice_for_roi(roi: dict, ijk_to_ras, plane: str, view_index: int | None = None) -> int:
+def slice_for_roi(roi: dict, ijk_to_ras, axis: str, view_index: int | None = None) -> int:
     """The slice an ROI question is asked on: the view's own slice when it lies in the ROI, else the ROI's middle."""
-    axis = index_axis_of_plane(ijk_to_ras, plane)
-    low, high = roi["ijk_min"][axis], roi["ijk_max"][axis]
+    index_axis = index_axis_of_slice_axis(ijk_to_ras, axis)
+    low, high = roi["ijk_min"][index_axis], roi["ijk_max"][index_axis]
     if view_index is not None and low <= view_index <= high:
         return int(view_index)
     return int((low + high) // 2)

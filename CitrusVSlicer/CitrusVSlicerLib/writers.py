@@ -31,7 +31,7 @@ FINDING_COLUMNS = [
     ("long_axis_mm", vtk.vtkDoubleArray, "mm", "Longest in-plane diameter (RECIST long axis)"),
     ("short_axis_mm", vtk.vtkDoubleArray, "mm", "Largest diameter perpendicular to the long axis"),
     ("mean_intensity", vtk.vtkDoubleArray, "", "Mean voxel value inside the segment (HU for CT)"),
-    ("slice", vtk.vtkIntArray, "", "Key slice: index along the run's plane where the model saw it best"),
+    ("slice", vtk.vtkIntArray, "", "Key slice: index along the run's slice axis where the model saw it best"),
     ("found", vtk.vtkStringArray, "", "Whether the model found this target (yes / no)"),
     ("reason", vtk.vtkStringArray, "", "Why the target was not found (the backend's words)"),
     ("score", vtk.vtkDoubleArray, "", "The key slice's score (how strongly the model saw the target there)"),
@@ -101,7 +101,7 @@ def create_segmentation_node(scene, volume_node, name: str):
 
 
 def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation_node=None,
-                   replace_existing: bool = False, plane: str = "axial") -> tuple[object, list[str]]:
+                   replace_existing: bool = False, axis: str = "axial") -> tuple[object, list[str]]:
     """Add one segment per mask, each from its own crop (segments may overlap: Slicer keeps overlapping segments in
     separate labelmap layers); returns the segmentation node and the new segment ids."""
     if segmentation_node is None:
@@ -129,7 +129,7 @@ def write_segments(scene, volume_node, segments: list[SegmentMask], segmentation
         if entry:
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
         segment.SetTag("CitrusV.Laterality", mask.laterality or "")
-        tag_evidence(segment, mask, plane)
+        tag_evidence(segment, mask, axis)
         segment_ids.append(segment_id)
     return segmentation_node, segment_ids
 
@@ -248,7 +248,7 @@ def write_result(scene, volume_node, result: SceneResult, segmentation_node=None
     try:
         if result.segments:
             written["segmentation"], written["segment_ids"] = write_segments(
-                scene, volume_node, result.segments, segmentation_node, replace_existing, result.plane)
+                scene, volume_node, result.segments, segmentation_node, replace_existing, result.axis)
         if result.table_rows() or result.report_text:
             written["table"], written["report"] = write_findings_table(scene, result, table_node)
         written["rois"] = write_boxes(scene, result.boxes, volume_node)

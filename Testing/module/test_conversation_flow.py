@@ -30,7 +30,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
         TURN_TAG, create_history, history_segmentation, history_volume, jump_to_turn, propagation_question,
         question_for, read_history, slice_node_of, turn_rois, view_slice_of)
     from CitrusVSlicerLib.refine import segment_tag
-    from CitrusVSlicerLib.view_slice import index_axis_of_plane, slice_centre_ras
+    from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis, slice_centre_ras
 
     voxels = read_volume(chest_ct_path).voxels[12:22].copy()           # real CT values, 10 axial slices
     matrix = oblique_ijk_to_ras(spacing=(3.0, 3.0, 10.0), degrees=21.0, flips=(-1, 1, -1))
@@ -44,7 +44,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     def ask(slice_index: int, prompt: str, answer: str) -> dict:
         red.JumpSliceByCentering(*slice_centre_ras(matrix, voxels.shape, "axial", slice_index))
         question = question_for(mrml_scene, volume, "Red", prompt, "lung")
-        assert (question.plane, question.slice) == ("axial", slice_index)
+        assert (question.axis, question.slice) == ("axial", slice_index)
         question.answer = answer
         asked.append(question)
         return logic.ask(volume, history, question, timeout=300)
@@ -56,7 +56,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     turns = read_history(history)["turns"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
     assert len({t["conversation_id"] for t in turns}) == 1 and not any(t["context_reset"] for t in turns)
-    assert [(t["plane"], t["slice"], t["window"]) for t in turns] == [("axial", 3, "lung"), ("axial", 6, "lung"),
+    assert [(t["axis"], t["slice"], t["window"]) for t in turns] == [("axial", 3, "lung"), ("axial", 6, "lung"),
                                                                       ("axial", 6, "lung")]
     assert all(t["random_weights"] and t["model"] for t in turns)
     assert turns[1]["answer"] == BOX_ANSWER and turns[2]["answer"] == "About two centimetres."
@@ -64,7 +64,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     assert logic.watch.ticks > 0 and logic.watch.new == set(), "Python threads on Slicer's side"
 
     # Turn 2's segment: tagged with its turn, on slice 6 of the axial axis only.
-    axis_kji = 2 - index_axis_of_plane(matrix, "axial")
+    axis_kji = 2 - index_axis_of_slice_axis(matrix, "axial")
     segmentation = history_segmentation(history)
     assert written["segmentation"] is segmentation and len(written["segment_ids"]) == 1
     segment = segmentation.GetSegmentation().GetSegment(written["segment_ids"][0])

@@ -29,14 +29,14 @@ def crop_of(mask: np.ndarray) -> dict:
             "data": base64.b64encode(zlib.compress(crop.tobytes())).decode()}
 
 
-def answer_payload(turn: int, text: str, plane: str, index: int, mask: np.ndarray | None = None,
+def answer_payload(turn: int, text: str, axis: str, index: int, mask: np.ndarray | None = None,
                    box: dict | None = None) -> dict:
     segments = []
     if mask is not None:
         segments.append({"label": 1, "name": "nodule", "color": [230, 80, 60], "mask": crop_of(mask), "found": True,
                          "answer": text, "key_slice": index, "score": 0.61, "turn": turn})
     return {"task": "ask", "conversation_id": "conv-1", "turn": turn,
-            "answer": {"text": text, "slice": index, "axis": plane,
+            "answer": {"text": text, "slice": index, "axis": axis,
                        "window": {"center": -600.0, "width": 1500.0, "name": "lung"}},
             "segments": segments, "boxes": [dict(box, turn=turn)] if box else [],
             "labelmap": {"shape": list(SHAPE)}, "random_weights": True, "experimental": False,
@@ -60,14 +60,14 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
         ANSWER_TAG, TURN_TAG, create_history, history_segmentation, history_volume, histories_of, read_history,
         turn_rois)
     from CitrusVSlicerLib.refine import JOB_TAG, segment_tag
-    from CitrusVSlicerLib.view_slice import index_axis_of_plane
+    from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis
     from CitrusVSlicerLib.writers import ijk_to_ras_matrix
 
     volume = add_volume(mrml_scene, np.zeros(SHAPE, np.int16), MATRIX)
     history = create_history(mrml_scene, volume)
     parameters = mrml_scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CitrusVSlicer")
     parameters.SetNodeReferenceID("conversation", history.GetID())   # as the panel's parameter node keeps it
-    axis = index_axis_of_plane(MATRIX, "coronal")                   # j here: index 1 of (i, j, k)
+    axis = index_axis_of_slice_axis(MATRIX, "coronal")                   # j here: index 1 of (i, j, k)
     mask = np.zeros(SHAPE, bool)
     mask[3:6, 7, 4:9] = True                                        # on coronal slice j = 7
     box = {"label": "nodule", "ijk_min": [4, 7, 3], "ijk_max": [8, 7, 5]}      # inclusive voxels, one slice thick
@@ -95,7 +95,7 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
         pytest.approx(1.0)
     turns = read_history(history)["turns"]
     assert [t["turn"] for t in turns] == [1, 2, 3] and turns[1]["segments"][0]["segment_name"] == "nodule"
-    assert all(t["random_weights"] and (t["plane"], t["slice"], t["window"]) == ("coronal", 7, "lung") for t in turns)
+    assert all(t["random_weights"] and (t["axis"], t["slice"], t["window"]) == ("coronal", 7, "lung") for t in turns)
 
     path = tmp_path / "scene.mrb"
     assert mrml_scene.WriteToMRB(str(path))
@@ -166,3 +166,22 @@ def roi_corners_world(roi) -> np.ndarray:
 def roi_corners_ijk(roi, ijk_to_ras: np.ndarray) -> np.ndarray:
     world = roi_corners_world(roi)
     return (np.c_[world, np.ones(len(world))] @ np.linalg.inv(ijk_to_ras).T)[:, :3]
+
+
+def test_a_history_saved_before_the_axis_rename_reads_its_turns_axis(mrml_scene):
+    """Scenes saved by the version that called the slice axis "plane" keep working: turns read with "axis"."""
+    import json
+
+    from CitrusVSlicerLib.conversation_scene import create_history, propagation_question, read_history, save_history
+
+    volume = add_volume(mrml_scene, np.zeros(SHAPE, np.int16), MATRIX)
+    node = create_history(mrml_scene, volume)
+    history = read_history(node)
+    history["turns"].append({"turn": 1, "prompt": "where?", "plane": "coronal", "slice": 7, "window": "lung",
+                             "question": {"prompt": "where?", "plane": "coronal", "slice": 7}})
+    node.SetText(json.dumps(history))
+    turn = read_history(node)["turns"][0]
+    assert (turn["axis"], turn["question"]["axis"]) == ("coronal", "coronal") and "plane" not in turn
+    assert (propagation_question(turn).axis, propagation_question(turn).slice) == ("coronal", 7)
+    save_history(node, read_history(node))
+    assert '"plane"' not in node.GetText()

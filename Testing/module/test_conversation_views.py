@@ -1,4 +1,4 @@
-"""*Ask about this slice* through real MRML (slicer-core): a slice view's plane -> the volume's (plane, index).
+"""*Ask about this slice* through real MRML (slicer-core): a slice view's plane -> the volume's (axis, index).
 
 The truth is what the view really shows: Slicer's own slice logic reslices a volume whose every voxel holds its
 own (k, j, i), and the values it puts on screen name the slice. Axial, coronal and sagittal views of oblique and
@@ -62,24 +62,24 @@ MATRICES = {"oblique": oblique_ijk_to_ras(spacing=(1.6, 1.3, 3.0), degrees=17.0,
 @pytest.mark.parametrize("view", VIEWS)
 def test_a_view_turned_to_the_volume_names_the_slice_it_shows(mrml_scene, matrix_name, view):
     from CitrusVSlicerLib.conversation_scene import view_slice_of
-    from CitrusVSlicerLib.view_slice import index_axis_of_plane, slice_centre_ras
+    from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis, slice_centre_ras
 
     matrix = MATRICES[matrix_name]
     volume = coded_volume(mrml_scene, matrix)
     node, logic = slice_view(mrml_scene, volume, view)
     getattr(node, f"SetOrientationTo{VIEWS[view].capitalize()}")()
     node.RotateToVolumePlane(volume)           # what the view's "Rotate to volume plane" does
-    plane = VIEWS[view]
-    index_axis = index_axis_of_plane(matrix, plane)
+    axis = VIEWS[view]
+    index_axis = index_axis_of_slice_axis(matrix, axis)
     size = SHAPE[::-1][index_axis]
     for wanted in (0, size // 2 + 1, size - 1):
-        node.JumpSliceByCentering(*slice_centre_ras(matrix, SHAPE, plane, wanted))  # in-plane too: the volume fills the view
+        node.JumpSliceByCentering(*slice_centre_ras(matrix, SHAPE, axis, wanted))  # in-axis too: the volume fills the view
         assert shown_indices(logic, index_axis) == {wanted}      # Slicer itself shows exactly that slice
         found = view_slice_of(mrml_scene, view, volume)
-        assert (found.plane, found.index, found.index_axis) == (plane, wanted, index_axis)
+        assert (found.axis, found.index, found.index_axis) == (axis, wanted, index_axis)
     # Between two slices' centres, the nearer one.
-    centre = slice_centre_ras(matrix, SHAPE, plane, 3)
-    step = slice_centre_ras(matrix, SHAPE, plane, 4) - centre
+    centre = slice_centre_ras(matrix, SHAPE, axis, 3)
+    step = slice_centre_ras(matrix, SHAPE, axis, 4) - centre
     node.JumpSliceByOffsetting(*(centre + 0.3 * step))
     assert view_slice_of(mrml_scene, view, volume).index == 3
 
@@ -87,7 +87,7 @@ def test_a_view_turned_to_the_volume_names_the_slice_it_shows(mrml_scene, matrix
 @pytest.mark.parametrize("view", VIEWS)
 def test_a_view_in_patient_axes_over_an_oblique_volume_is_refused(mrml_scene, view):
     from CitrusVSlicerLib.conversation_scene import view_slice_of
-    from CitrusVSlicerLib.view_slice import ViewNotAligned, index_axis_of_plane
+    from CitrusVSlicerLib.view_slice import ViewNotAligned, index_axis_of_slice_axis
 
     matrix = MATRICES["oblique"]
     volume = coded_volume(mrml_scene, matrix)
@@ -95,7 +95,7 @@ def test_a_view_in_patient_axes_over_an_oblique_volume_is_refused(mrml_scene, vi
     getattr(node, f"SetOrientationTo{VIEWS[view].capitalize()}")()
     centre = matrix @ np.r_[(np.array(SHAPE[::-1]) - 1) / 2.0, 1.0]
     node.JumpSliceByCentering(*centre[:3])
-    assert len(shown_indices(logic, index_axis_of_plane(matrix, VIEWS[view]))) > 1   # it cuts across slices
+    assert len(shown_indices(logic, index_axis_of_slice_axis(matrix, VIEWS[view]))) > 1   # it cuts across slices
     with pytest.raises(ViewNotAligned, match=f"{view} view is not aligned with CT's slices.*Rotate to volume plane"):
         view_slice_of(mrml_scene, view, volume)
 
@@ -134,7 +134,7 @@ def test_a_volume_under_a_transform_is_mapped_in_world_coordinates(mrml_scene):
     world = np.array([[moved.GetElement(r, c) for c in range(4)] for r in range(4)]) @ matrix
     node.JumpSliceByCentering(*slice_centre_ras(world, SHAPE, "coronal", 5))
     found = view_slice_of(mrml_scene, "Green", volume)
-    assert (found.plane, found.index) == ("coronal", 5) and shown_indices(logic, found.index_axis) == {5}
+    assert (found.axis, found.index) == ("coronal", 5) and shown_indices(logic, found.index_axis) == {5}
     node.SetSliceOffset(node.GetSliceOffset() + 2 * 1.3)     # two slices on (j spacing 1.3 mm)
     assert shown_indices(logic, found.index_axis) == {view_slice_of(mrml_scene, "Green", volume).index}
 
@@ -159,14 +159,14 @@ def test_selecting_a_turn_jumps_the_views_to_its_slice(mrml_scene):
     matrix = MATRICES["oblique-flipped"]
     volume = coded_volume(mrml_scene, matrix)
     nodes = {}
-    for view, plane in VIEWS.items():
+    for view, axis in VIEWS.items():
         nodes[view], _ = slice_view(mrml_scene, volume, view)
-        getattr(nodes[view], f"SetOrientationTo{plane.capitalize()}")()
+        getattr(nodes[view], f"SetOrientationTo{axis.capitalize()}")()
         nodes[view].RotateToVolumePlane(volume)
-    for turn in ({"plane": "axial", "slice": 6}, {"plane": "coronal", "slice": 2},
-                 {"plane": "sagittal", "slice": 11, "roi": {"ijk_min": [9, 1, 2], "ijk_max": [12, 4, 3]}}):
+    for turn in ({"axis": "axial", "slice": 6}, {"axis": "coronal", "slice": 2},
+                 {"axis": "sagittal", "slice": 11, "roi": {"ijk_min": [9, 1, 2], "ijk_max": [12, 4, 3]}}):
         jump_to_turn(mrml_scene, volume, turn)
-        view = next(v for v, p in VIEWS.items() if p == turn["plane"])
+        view = next(v for v, p in VIEWS.items() if p == turn["axis"])
         assert view_slice_of(mrml_scene, view, volume).index == turn["slice"]
     # The ROI turn put the other views through the ROI's middle: j = 2.5 -> the coronal view shows j 2 or 3.
     assert view_slice_of(mrml_scene, "Green", volume).index in (2, 3)
@@ -191,10 +191,10 @@ def test_the_question_takes_the_views_slice_or_a_placed_roi(mrml_scene):
                                       "index_max_kji": [5.5, 8.5, 6.5]}], volume)
     question = question_for(mrml_scene, volume, "Red", "what is this?", "lung", roi)
     assert question.roi == {"ijk_min": [3, 2, 1], "ijk_max": [6, 8, 5]}
-    assert (question.plane, question.slice, question.window, question.view) == ("axial", 3, "lung", "Red")
+    assert (question.axis, question.slice, question.window, question.view) == ("axial", 3, "lung", "Red")
     red.RotateToVolumePlane(volume)                                       # now the view shows slice 4 of the ROI
     red.JumpSliceByCentering(*slice_centre_ras(matrix, SHAPE, "axial", 4))
     question = question_for(mrml_scene, volume, "Red", "what is this?", None, roi)
-    assert (question.plane, question.slice) == ("axial", 4)
+    assert (question.axis, question.slice) == ("axial", 4)
     assert question_for(mrml_scene, volume, "Red", " what is this? ").body() == {
         "prompt": "what is this?", "slice": 4, "axis": "axial", "window": None, "roi": None, "propagate": False}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from module_helpers import WIDGET_CLASS, widget_classes, widget_source
+
 pytestmark = pytest.mark.unit
 
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -243,9 +245,27 @@ def test_ui_file_has_qmrmlwidget_root_and_scene_connections():
 
 def test_widget_names_used_in_code_exist_in_ui():
     ui_widget_names = {widget.get("name") for widget in ui_root().iter("widget")}
-    used_names = set(re.findall(r"\bself\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_SCRIPT.read_text(encoding="utf-8")))
+    used_names = set(re.findall(r"\bself\.ui\.([A-Za-z_][A-Za-z0-9_]*)", widget_source()))
     missing = sorted(used_names - ui_widget_names)
-    assert not missing, f"{MODULE_SCRIPT.name} uses self.ui.<name> for widgets absent from {MODULE_UI.name}: {missing}"
+    assert not missing, f"the panel's code uses self.ui.<name> for widgets absent from {MODULE_UI.name}: {missing}"
+
+
+def test_the_widget_inherits_every_panel_mixin_and_no_method_is_defined_twice():
+    """The panel's sections live in CitrusVSlicerPanels/ (a package: Slicer takes only the module folder's own .py
+    files for modules). A mixin the widget does not inherit would be dead code that the .ui checks still read, and a
+    method defined in two of them would silently shadow the other."""
+    classes = widget_classes()
+    panels = {name for name in classes if name != WIDGET_CLASS}
+    assert len(panels) >= 5, f"expected the panel's sections as mixins, found {sorted(panels)}"
+    widget_bases = {ast.unparse(base) for base in classes[WIDGET_CLASS].bases}
+    assert panels <= widget_bases, f"{WIDGET_CLASS} does not inherit {sorted(panels - widget_bases)}"
+    defined: dict[str, list[str]] = {}
+    for name, cls in classes.items():
+        for node in cls.body:
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name, []).append(name)
+    twice = {method: owners for method, owners in defined.items() if len(owners) > 1}
+    assert not twice, f"methods defined in more than one of the widget's classes: {twice}"
 
 
 def parameter_node_fields() -> set[str]:

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 import slicer_runtime
-from module_helpers import run_until
+from module_helpers import run_until, widget_method, widget_source
 from test_writers import add_volume, oblique_ijk_to_ras, segment_array
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "CitrusVSlicer"
 MODULE_SOURCE = (MODULE_DIR / "CitrusVSlicer.py").read_text()
+WIDGET_SOURCE = widget_source()  # the module file and its panel mixins (CitrusVSlicerPanels/)
 
 
 def load_bootstrap():
@@ -444,7 +445,7 @@ def test_one_manager_per_session_survives_a_module_reload(monkeypatch, tmp_path)
     first = manager_module.session_manager(MODULE_DIR, work_dir=tmp_path / "io")
     # Reload builds a new widget and logic; CitrusVSlicerLib is not re-imported, so the logic finds the same one.
     assert manager_module.session_manager(MODULE_DIR) is first
-    assert "session_manager(" in MODULE_SOURCE and "BackendManager(" not in MODULE_SOURCE
+    assert "session_manager(" in MODULE_SOURCE and "BackendManager(" not in WIDGET_SOURCE
     first.transport.close()
 
 
@@ -579,24 +580,18 @@ def test_a_batch_beside_the_interactive_model_on_the_same_gpu_is_named(module_ba
     warning = module_backend.batch_conflict("auto")
     assert warning and "second copy" in warning and "cuda:0" in warning
     assert module_backend.batch_conflict("cpu") is None
-    assert "batch_conflict(" in MODULE_SOURCE  # the panel asks before starting such a batch
+    assert "batch_conflict(" in WIDGET_SOURCE  # the panel asks before starting such a batch
 
 
 # ---------------------------------------------------------------------------------------------- 13: smaller
-
-def _method(name: str) -> ast.FunctionDef:
-    tree = ast.parse(MODULE_SOURCE)
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CitrusVSlicerWidget")
-    return next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name)
-
 
 @pytest.mark.unit
 def test_batch_updates_and_the_remote_status_line_need_no_parameter_node_and_are_not_overwritten():
     """Read from the module source (the widget needs Slicer's Qt): the batch's display reads the run itself, never
     the parameter node that a closed scene leaves None; the remote status line is only written by Test connection."""
     for name in ("updateBatch", "onOpenBatchResults"):
-        assert "_parameterNode" not in ast.unparse(_method(name)), name
-    status = _method("updateBackendStatus")
+        assert "_parameterNode" not in ast.unparse(widget_method(name)), name
+    status = widget_method("updateBackendStatus")
     first = status.body[0] if not isinstance(status.body[0], ast.Expr) else status.body[1]
     assert ast.unparse(first).startswith("if self.isRemote():") and isinstance(first.body[0], ast.Return)
 

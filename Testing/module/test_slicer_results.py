@@ -89,7 +89,13 @@ def test_a_lesion_inside_its_organ_keeps_all_its_voxels_and_every_target_has_a_r
     assert np.isnan(column(table, "volume_ml")[2])                           # not found: never a volume
 
     evidence = segment_evidence(segmentation.GetSegmentation().GetSegment(written["segment_ids"][1]))
-    assert evidence == {"answer": "Lesion [SEG].", "key_slice": 4, "score": pytest.approx(0.42), "plane": "axial"}
+    assert evidence == {"answer": "Lesion [SEG].", "key_slice": 4, "score": pytest.approx(0.42), "axis": "axial"}
+    # A segment written by the version that called the axis "plane" (tag CitrusV.Plane) still names its axis.
+    from CitrusVSlicerLib.key_slice import AXIS_TAG, LEGACY_AXIS_TAG
+    older = segmentation.GetSegmentation().GetSegment(written["segment_ids"][0])
+    older.RemoveTag(AXIS_TAG)
+    older.SetTag(LEGACY_AXIS_TAG, "coronal")
+    assert segment_evidence(older)["axis"] == "coronal"
 
     report = written["report"].GetText()
     assert "- liver lesion: found (key slice 4, score 0.42, 0.02 mL). Answer: Lesion [SEG]." in report
@@ -138,21 +144,21 @@ def test_an_older_backends_empty_mask_is_reported_not_dropped():
 @pytest.mark.parametrize("matrix", [oblique_ijk_to_ras(), oblique_ijk_to_ras(flips=(-1, -1, 1), degrees=-60),
                                     np.array([[0, 0, 2.0, 5], [1.5, 0, 0, -3], [0, -0.7, 0, 40], [0, 0, 0, 1]])],
                          ids=["oblique", "oblique-flipped", "permuted"])
-@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
-def test_key_slice_axis_is_the_backends_slicing_axis(matrix, plane):
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_key_slice_axis_is_the_backends_slicing_axis(matrix, axis):
     """The module's slice axis equals the one the backend's pipeline counts key slices along (orientation.py)."""
     from citrusv_backend.volume.io import Volume
     from citrusv_backend.volume.orientation import model_orientation
     from CitrusVSlicerLib.key_slice import key_slice_position, slice_axis_ijk
 
     volume = Volume.from_ijk_to_ras(np.zeros(SHAPE, np.int16), matrix)
-    backend_axis = 2 - model_orientation(volume.geometry.direction, plane).slice_axis    # numpy (k, j, i) -> ijk
-    assert slice_axis_ijk(matrix, plane) == backend_axis
-    position = key_slice_position(matrix, SHAPE, plane, 3)
+    backend_axis = 2 - model_orientation(volume.geometry.direction, axis).slice_axis    # numpy (k, j, i) -> ijk
+    assert slice_axis_ijk(matrix, axis) == backend_axis
+    position = key_slice_position(matrix, SHAPE, axis, 3)
     ijk = np.linalg.solve(matrix, np.r_[position, 1.0])[:3]
     assert ijk[backend_axis] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="outside the volume"):
-        key_slice_position(matrix, SHAPE, plane, SHAPE[2 - backend_axis])
+        key_slice_position(matrix, SHAPE, axis, SHAPE[2 - backend_axis])
 
 
 def test_jump_to_key_slice_moves_the_slice_views(mrml_scene):

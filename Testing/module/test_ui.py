@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from module_helpers import widget_source
+
 pytestmark = pytest.mark.unit
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "CitrusVSlicer"
 UI = ET.parse(MODULE_DIR / "Resources" / "UI" / "CitrusVSlicer.ui")
-SOURCE = (MODULE_DIR / "CitrusVSlicer.py").read_text()
-TREE = ast.parse(SOURCE)
+SOURCE = widget_source()  # the module file and its panel mixins (CitrusVSlicerPanels/)
+TREE = ast.parse((MODULE_DIR / "CitrusVSlicer.py").read_text())
 
 # Naming convention of the panel: the suffix says the class (and the code relies on that class's API).
 CLASS_BY_SUFFIX = {"Button": "QPushButton", "ComboBox": "QComboBox", "LineEdit": "QLineEdit", "Selector": "qMRMLNodeComboBox",

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from module_helpers import widget_sources
+
 pytestmark = pytest.mark.unit
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "CitrusVSlicer"
 UI_PATH = MODULE_DIR / "Resources" / "UI" / "CitrusVSlicer.ui"
-SOURCE = (MODULE_DIR / "CitrusVSlicer.py").read_text()
+SOURCES = widget_sources()  # the module file and its panel mixins (CitrusVSlicerPanels/)
+SOURCE = "\n".join(SOURCES.values())
 # Slicer's classes -> the Qt class each one derives from (ctkCollapsibleButton is a QAbstractButton in CTK).
 STAND_INS = {"qMRMLNodeComboBox": "QWidget", "qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QPushButton",
              "qSlicerMarkupsPlaceWidget": "QWidget"}
@@ -94,7 +97,8 @@ class Uses(ast.NodeVisitor):
 
 def code_uses() -> Uses:
     uses = Uses()
-    uses.visit(ast.parse(SOURCE))
+    for path, text in SOURCES.items():
+        uses.visit(ast.parse(text, filename=str(path)))
     uses.reads = {u for u in uses.reads if u not in uses.calls and u not in uses.signals and u[1] != "connect"}
     return uses
 
