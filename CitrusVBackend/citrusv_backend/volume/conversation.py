@@ -35,8 +35,10 @@ import torch
 from ..errors import InputError, JobCancelled, TooLargeError
 from ..inference.engine import CitrusVEngine, InferenceResult
 from ..inference.parsing import Box, parse_boxes, scale_boxes
+from ..option_fields import same_as
 from ..model.processor import IMAGE_TOKENS, TASK_PIXEL_BUDGETS, PixelBudget, check_prompt_and_answer, smart_resize
 from .io import Volume
+from .options import VolumeOptions
 from .orientation import PLANES, DisplayOrientation, model_orientation
 from .pipeline import REPORT_EXPERIMENTAL, Segment, VolumeResult, box_to_patient
 from .presence import Evidence, PresenceRule
@@ -65,14 +67,14 @@ class TurnRequest:
 
     prompt: str
     slice: int | None = None
-    axis: str = "axial"
-    window: str | None = None
+    axis: str = same_as(VolumeOptions, "axis")
+    window: str | None = same_as(VolumeOptions, "window", default=None)  # None: the training normalisation
     roi: dict | None = None
     propagate: bool = False
     answer: str | None = None
-    max_new_tokens: int = 1024
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    max_new_tokens: int = same_as(VolumeOptions, "max_new_tokens")
+    min_pixels: int | None = same_as(VolumeOptions, "min_pixels")
+    max_pixels: int | None = same_as(VolumeOptions, "max_pixels")
 
     def budget(self) -> PixelBudget:
         default = TASK_PIXEL_BUDGETS["ask"]

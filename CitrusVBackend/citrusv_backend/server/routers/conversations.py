@@ -10,13 +10,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import Field
 
+from ...option_fields import request_model
 from ...volume.conversation import (DEFAULT_BUDGET_TOKENS, MAX_PROMPT_CHARS, Conversation, TurnRequest,
                                     budget_problem, check_turn, conversation_markdown, estimated_turn_tokens,
                                     turn_slice_png)
 from ..codec import b64encode
 from ..errors import ApiError
 from ..jobs import Job
-from ..schemas import JobInfo, Pixels, Strict
+from ..schemas import JobInfo, Strict
 from ..payloads import to_json_bytes
 from . import Service
 
@@ -36,27 +37,21 @@ class RegionOfInterest(Strict):
     ijk_max: Annotated[list[VoxelIndex], Field(min_length=3, max_length=3)]
 
 
-class TurnCreate(Strict):
+class TurnCreate(request_model(TurnRequest, "TurnOptionFields", base=Strict)):
+    """A turn: its axis, window, token and pixel options are the volume options' own declarations (TurnRequest)."""
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     slice: Annotated[int, Field(ge=0)] | None = Field(None, description="null: a text-only follow-up (no new image)")
-    axis: Literal["axial", "coronal", "sagittal"] = "axial"
-    window: Annotated[str, Field(max_length=64)] | None = None
     roi: RegionOfInterest | None = None
     propagate: bool = False
     answer: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
         None, description="force this answer instead of letting the model write one (as the segment task's answer)")
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
-    min_pixels: Pixels | None = None
-    max_pixels: Pixels | None = None
 
-    def to_request(self, default_max_new_tokens: int) -> TurnRequest:
+    def to_request(self) -> TurnRequest:
         return TurnRequest(prompt=self.prompt, slice=self.slice, axis=self.axis, window=self.window,
                            roi=None if self.roi is None else self.roi.model_dump(), propagate=self.propagate,
-                           answer=self.answer, max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+                           answer=self.answer, max_new_tokens=self.max_new_tokens,
                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
-
-DEFAULT_TURN_TOKENS = 1024
 
 
 @router.post("/v1/volumes/{volume_id}/conversations", status_code=201)
@@ -85,7 +80,9 @@ def submit_turn(conversation_id: str, body: TurnCreate, request: Request, state:
                        f"the volume of conversation {conversation_id} is no longer on the server ({error.message}); "
                        f"its history can still be read and exported; upload the volume again and start a new "
                        f"conversation to go on", type="volume_gone") from None
-    turn = body.to_request(min(DEFAULT_TURN_TOKENS, state.config.max_new_tokens))
+    turn = body.to_request()
+    if "max_new_tokens" not in body.model_fields_set:  # the default never asks for more than this server allows
+        turn.max_new_tokens = min(turn.max_new_tokens, state.config.max_new_tokens)
     check_turn(conversation, stored.volume, turn, state.config.max_new_tokens)
     problem = budget_problem(conversation, estimated_turn_tokens(stored.volume, turn), turn.max_new_tokens)
     if problem:
