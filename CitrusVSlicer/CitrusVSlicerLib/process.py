@@ -10,7 +10,8 @@ on disk for troubleshooting. Every child:
     closes it, so nothing is left holding a GPU;
   * is stopped without waiting: `request_stop()` closes the pipe and returns; `poll()` kills the whole tree if it
     is still alive after the grace period. `stop()` is the waiting variant for Slicer's exit and for scripts.
-Standard library only.
+The one child-process primitive of the module: the backend, the installer's steps, the GPU probe, downloads,
+batch runs and the HTTP courier (transport.py) are all a StreamingProcess. Standard library only.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class StreamingProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._prune_logs()
         self.log_path = self.log_dir / f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.log"
+        self.close_log()
         with open(self.log_path, "wb") as sink:
             self._process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=sink,
                                              stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, **popen_options())
@@ -112,6 +114,20 @@ class StreamingProcess:
         if self._kill_at is not None and self.is_running() and time.monotonic() >= self._kill_at:
             environment.kill_tree(self._process.pid)
             self._kill_at = None
+
+    def send(self, data: bytes) -> None:
+        """Write to the child's stdin (a child that reads requests there, like the HTTP courier); OSError when it
+        is gone."""
+        if self._process is None or self._process.stdin is None or self._process.stdin.closed:
+            raise OSError(f"{self.name} is not running")
+        self._process.stdin.write(data)
+        self._process.stdin.flush()
+
+    def close_log(self) -> None:
+        """Let go of the output file (before its folder is removed); output written after this is not read."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def on_line(self, line: str) -> None:
         """Hook for subclasses (called on the main thread, from poll)."""

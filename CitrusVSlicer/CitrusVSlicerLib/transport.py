@@ -10,6 +10,25 @@ Design (the one way this module does I/O; see courier.py for why it is a process
   * No Python threads on Slicer's side, so nothing depends on PythonQt releasing the GIL.
 A new request type (a refinement click, an export) is one `request(...)` call plus an `on_done` callback: see
 runner.py for a multi-step one (upload, submit, follow, fetch).
+
+Why a courier process and not Qt's own `QNetworkAccessManager`/`QProcess` behind an injected protocol (the seam
+KitwareMedical/SlicerNNUnet uses). Both Qt classes are asynchronous C++ and would not need the GIL while they wait,
+so PythonQt's GIL (it is never released while Qt's loop runs) rules out Python threads, not them. What decides is
+where the bytes and the Python callbacks run:
+  * every byte a `QNetworkReply` delivers reaches Python as a QByteArray converted by PythonQt on the main thread,
+    and an upload's bytes would have to be handed to Qt from Python too; the courier sends a volume from its file
+    with `socket.sendfile` in another process and returns a large answer as a file that is mapped, not copied.
+    Measured (docs/performance.md, bench/results/slicer-loop-vm-20261202*.json, under Testing/module/gil_loop.py's
+    loop that holds the GIL as PythonQt does): longest main-thread stall 45 ms / 43.5 ms over upload, job and
+    download, Apply as fast as in plain CPython; the previous design that decoded in a Python thread stalled 1.2-2 s.
+  * `QProcess.kill()` ends only the direct child (pip's build steps and the server's workers live on) and the process
+    group or Windows creation flags are set only from C++ (`setChildProcessModifier`, Qt 6, not wrapped by
+    PythonQt); process.StreamingProcess starts each child in its own group and kills the tree, and its output
+    stays in a log file the user can open after a crash or a module Reload.
+  * the library stays Qt-free, so the real courier, real sockets and the real backend run in the tests under
+    plain CPython with slicer-core, where a Qt seam would be tested through mock process objects.
+Not measured: a QNetworkAccessManager inside Slicer (the test environment has no PythonQt); the figures above are
+the courier's, and the argument against Qt is the PythonQt conversion and the tree kill, not a timing.
 """
 from __future__ import annotations
 
@@ -19,14 +38,13 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .endpoints import BackendError, Target
-from .environment import kill_tree, popen_options
+from .process import StreamingProcess
 
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from CitrusVSlicerLib.courier import main; main()"
 LIB_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -130,9 +148,7 @@ class Transport:
         self.env = env
         self._numbers = itertools.count(1)
         self._calls: dict[int, Call] = {}
-        self._process: subprocess.Popen | None = None
-        self._events = None
-        self._partial = b""
+        self.courier: StreamingProcess | None = None   # the courier child (started by the first request)
         self.courier_lines: list[str] = []     # what the courier printed besides events (its errors)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -182,12 +198,13 @@ class Transport:
                     self._finish(call, "cancelled")
                 else:
                     self._fail(call, failure_message(call.target, event.get("kind"), event.get("message", "")))
-        if self._process is not None and self._process.poll() is not None and self._calls:
+        if self.courier is not None and not self.courier.is_running() and self._calls:
             # The courier died (it never should): whatever was in flight has no answer; the next request restarts it.
             self._read_events()
             for call in list(self._calls.values()):
                 self._fail(call, "the HTTP helper process stopped unexpectedly: " + " | ".join(self.courier_lines[-3:]))
-            self._process = None
+            self.courier.close_log()
+            self.courier = None
 
     @property
     def busy(self) -> bool:
@@ -195,56 +212,39 @@ class Transport:
 
     def close(self, wait_s: float = 2.0) -> None:
         """End the courier (closing its stdin is its signal); cancel what is in flight."""
-        process, self._process = self._process, None
-        if process is not None:
-            try:
-                process.stdin.close()
-            except OSError:
-                pass
-            try:
-                process.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                kill_tree(process.pid)
-                process.wait(5)
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        courier, self.courier = self.courier, None
+        if courier is not None:
+            courier.stop(wait_s)
+            courier.close_log()
         for call in list(self._calls.values()):
             self._finish(call, "cancelled")
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ courier
 
-    def _ensure_courier(self) -> subprocess.Popen:
-        if self._process is not None and self._process.poll() is None:
-            return self._process
-        events_path = self.work_dir / f"courier-{time.time_ns()}.events"
-        with open(events_path, "wb") as sink:  # the child keeps its own handle; we read ours from the start
-            self._process = subprocess.Popen([self.python, "-u", "-c", _BOOT, LIB_PARENT], stdin=subprocess.PIPE,
-                                             stdout=sink, stderr=subprocess.STDOUT, env=self.env, **popen_options())
-        if self._events is not None:
-            self._events.close()
-        self._events = open(events_path, "rb")
-        self._partial = b""
-        return self._process
+    def _ensure_courier(self) -> StreamingProcess:
+        if self.courier is not None and self.courier.is_running():
+            return self.courier
+        if self.courier is not None:
+            self.courier.close_log()
+        # Its output (one JSON event per line) goes to a file in the work folder like every child's (process.py);
+        # `env=None` keeps Slicer's own environment, which the courier (Slicer's Python) needs.
+        self.courier = StreamingProcess([self.python, "-u", "-c", _BOOT, LIB_PARENT],
+                                        env=self.env if self.env is not None else dict(os.environ),
+                                        name="courier", log_dir=self.work_dir, graceful="stdin")
+        self.courier.start()
+        return self.courier
 
     def _send(self, message: dict) -> None:
-        process = self._ensure_courier()
         # A few hundred bytes into a pipe whose reader is always reading: never blocks in practice.
-        process.stdin.write((json.dumps(message) + "\n").encode("utf-8"))
-        process.stdin.flush()
+        self._ensure_courier().send((json.dumps(message) + "\n").encode("utf-8"))
 
     def _read_events(self) -> list[dict]:
-        if self._events is None:
+        if self.courier is None:
             return []
-        data = self._events.read()
-        if not data:
-            return []
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
         events = []
-        for raw in lines:
-            text = raw.decode("utf-8", "replace").strip()
+        for line in self.courier.drain():
+            text = line.strip()
             if not text:
                 continue
             try:

@@ -154,7 +154,7 @@ def main() -> None:
         result = final.result
         report.update(segments=[(s.name, list(s.offset_kji), list(s.crop.shape), int(s.crop.sum())) for s in result.segments],
                       findings=len(result.findings), random_weights=result.random_weights)
-    courier = manager.transport._process
+    courier = manager.transport.courier
     report["courier_python"] = os.path.realpath(f"/proc/{courier.pid}/exe") if courier else None
     pid = process.pid
     manager.shutdown()

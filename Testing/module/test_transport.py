@@ -117,7 +117,7 @@ def test_a_dead_courier_fails_its_calls_and_the_next_request_starts_a_new_one(ht
     target = Target(http_server, "unused")
     stuck = transport.request(target, "GET", "/slow", timeout=60)
     time.sleep(0.3)
-    os.kill(transport._process.pid, signal.SIGKILL)
+    os.kill(transport.courier.pid, signal.SIGKILL)
     run_until(transport.poll, lambda: stuck.done, 20)
     assert stuck.state == "failed" and "stopped unexpectedly" in str(stuck.error)
     fresh = transport.request(target, "GET", "/bytes/10")
