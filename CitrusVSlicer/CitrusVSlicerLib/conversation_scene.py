@@ -17,10 +17,11 @@ import vtk
 
 import slicer
 
-from .apply import UploadCache
 from .conversation import HISTORY_FORMAT, ConversationTurnRunner, Question, turn_record
 from .refine import JOB_TAG, roi_box, tag_segments
 from .runner import Event
+from .scene_job import SceneJob
+from .upload import UploadCache
 from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_slice_axis, nearest_slice_axis, roi_voxels, slice_centre_ras,
                          slice_for_roi, slice_in_view)
 from .writers import (create_segmentation_node, ijk_to_ras_matrix, place_in_study, volume_array_and_geometry,
@@ -235,13 +236,12 @@ def write_turn(scene, volume_node, history_node, result, record: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- one question
 
-class SceneConversation:
+class SceneConversation(SceneJob):
     """One question about `volume_node`, answered into `history_node`: nodes captured when it is asked, nothing
     written into a closed scene or for a removed volume (as Apply, apply.py)."""
 
     def __init__(self, scene, transport, target, uploads: UploadCache, volume_node, history_node, question: Question,
                  dicom_reference: dict | None = None):
-        self.scene = scene
         self.volume_node = volume_node
         self.history_node = history_node
         self.question = question
@@ -254,40 +254,14 @@ class SceneConversation:
         # The server's conversation goes on only on the same server, about the same upload of the same voxels.
         same = history.get("server") == target.url and volume_id is not None and history.get("volume_id") == volume_id
         self.continues = same and history.get("conversation_id") is not None
-        self.runner = ConversationTurnRunner(
+        runner = ConversationTurnRunner(
             transport, target, voxels, ijk_to_ras, volume_node.GetName(), question,
             conversation_id=history.get("conversation_id") if self.continues else None,
             title=history_node.GetName(), volume_id=volume_id, source_changed=lambda: image.GetMTime() != mtime,
             dicom_reference=dicom_reference)
-        self.runner.on_uploaded = lambda new_id: uploads.remember(key, new_id)
+        runner.on_uploaded = lambda new_id: uploads.remember(key, new_id)
         self._had_turns = bool(history.get("turns"))
-        self._events: list[Event] = []
-        self._observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)
-        self.closed_scene = False
-
-    @property
-    def active(self) -> bool:
-        return self.runner.active
-
-    def start(self) -> None:
-        self.runner.start()
-
-    def cancel(self) -> None:
-        self.runner.cancel()
-
-    def poll(self) -> float:
-        delay = self.runner.poll()
-        for event in self.runner.events():
-            if event.kind == "done":
-                event = self._write(event)
-            self._events.append(event)
-        if not self.runner.active:
-            self._stop_observing()
-        return delay
-
-    def events(self) -> list[Event]:
-        events, self._events = self._events, []
-        return events
+        super().__init__(scene, runner)
 
     def _write(self, event: Event) -> Event:
         if self.closed_scene or not self.scene.IsNodePresent(self.volume_node) or \
@@ -305,15 +279,3 @@ class SceneConversation:
         history.update(conversation_id=runner.conversation_id, server=runner.target.url, volume_id=runner.volume_id)
         save_history(self.history_node, history)
         return Event("done", result=event.result, written=written)
-
-    def _on_scene_closing(self, caller=None, event=None) -> None:
-        self.closed_scene = True
-        if self.runner.active:
-            self.runner.cancel()
-            self.runner.poll()
-        self._stop_observing()
-
-    def _stop_observing(self) -> None:
-        if self._observer is not None:
-            self.scene.RemoveObserver(self._observer)
-            self._observer = None

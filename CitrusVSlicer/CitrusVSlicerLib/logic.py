@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from .apply import SceneApply, UploadCache
+from .apply import SceneApply
 from .conversation_scene import SceneConversation
 from .dicom_export import dicom_reference
 from .endpoints import BackendError
@@ -19,6 +19,7 @@ from .installer import explain_failure
 from .refine import slice_settings
 from .refine_scene import SceneRefinement
 from .scene_export import SceneDicomExport, source_volume
+from .upload import UploadCache
 from .writers import ijk_to_ras_matrix
 
 IDLE_POLL_SECONDS = 0.2

@@ -10,10 +10,9 @@ MRML only (no Qt): tested with the slicer-core wheel against the real backend.
 """
 from __future__ import annotations
 
-from .apply import UploadCache
 from .refine import SegmentRefinement, prompt_nodes
 from .refine_controller import RefineController, TransportSender
-from .upload import ANSWER_WAIT_SECONDS, VolumeUpload
+from .upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload
 from .writers import volume_array_and_geometry
 
 

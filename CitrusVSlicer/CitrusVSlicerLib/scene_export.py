@@ -28,13 +28,12 @@ from vtk.util import numpy_support
 
 import slicer
 
-from .apply import UploadCache
 from .dicom_export import DicomExportError, save_objects
 from .key_slice import DELIVERED_TAG
 from .refine import JOB_TAG, segment_tag
 from .results import mask_digest
 from .transport import Fetched, fetch_all
-from .upload import ANSWER_WAIT_SECONDS, VolumeUpload
+from .upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload
 from .writers import SOURCE_VOLUME_ROLE, ijk_to_ras_matrix, volume_array_and_geometry
 
 GRID_TOLERANCE = 1e-3   # of a voxel: a segment's grid must be the volume's, not merely close to it

@@ -6,6 +6,7 @@ a remote server), POSTed as `application/octet-stream` with the geometry in the 
 from Slicer's DICOM database, its series reference attached with PUT /v1/volumes/{id}/dicom. `poll()` (from the
 panel's timer) writes the next block; the answers arrive through `Transport.poll()`. No threads, no waiting, no
 MRML: `on_progress(fraction, message)` while it runs, then `on_done(volume_id, error)` once (one of them None).
+UploadCache remembers what was sent, so Apply, refinement, conversations and export send each volume once.
 """
 from __future__ import annotations
 
@@ -117,3 +118,33 @@ class VolumeUpload:
         elif state == "failed":
             self.on_done(None, error)
         return 1.0
+
+
+class UploadCache:
+    """Volume ids per (backend, volume node, its voxels' modification time, its geometry): one upload per content."""
+
+    def __init__(self):
+        self._ids: dict[tuple, str] = {}
+
+    @staticmethod
+    def key(target, volume_node, ijk_to_ras, with_dicom: bool = False) -> tuple:
+        return (target.url, volume_node.GetID(), volume_node.GetImageData().GetMTime(), ijk_to_ras.tobytes(), with_dicom)
+
+    def get(self, key: tuple) -> str | None:
+        return self._ids.get(key)
+
+    def remember(self, key: tuple, volume_id: str) -> None:
+        self._ids[key] = volume_id
+
+    def find(self, target, volume_node, ijk_to_ras) -> str | None:
+        """An upload of this content with or without its DICOM reference (either serves refinement)."""
+        for with_dicom in (True, False):
+            known = self.get(self.key(target, volume_node, ijk_to_ras, with_dicom))
+            if known is not None:
+                return known
+        return None
+
+    def forget(self, volume_node) -> None:
+        """The backend lost this node's uploads (evicted, restarted): the next use sends the volume again."""
+        for key in [k for k in self._ids if k[1] == volume_node.GetID()]:
+            del self._ids[key]

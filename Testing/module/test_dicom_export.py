@@ -173,7 +173,7 @@ def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded
 
 def test_an_export_that_cannot_describe_the_scene_refuses_and_says_why(dicom_logic, loaded_series, mrml_scene, tmp_path):
     import slicer
-    from CitrusVSlicerLib.apply import UploadCache
+    from CitrusVSlicerLib.upload import UploadCache
     from CitrusVSlicerLib.dicom_export import DicomExportError
     from CitrusVSlicerLib.endpoints import Target
     from CitrusVSlicerLib.results import SegmentMask

@@ -31,7 +31,7 @@ class ThreadWatch:
 
 @pytest.fixture
 def logic(module_backend, mrml_scene, monkeypatch):
-    from CitrusVSlicerLib.apply import UploadCache
+    from CitrusVSlicerLib.upload import UploadCache
     from CitrusVSlicerLib.logic import ModuleLogic
 
     monkeypatch.setattr(module_backend, "uploads", UploadCache(), raising=False)  # this test's uploads only
