@@ -11,7 +11,7 @@ from __future__ import annotations
 from .refine import tag_segments
 from .runner import ApplyRunner, Event
 from .scene_job import SceneJob
-from .upload import UploadCache
+from .upload import UploadCache, VolumeUpload
 from .writers import volume_array_and_geometry, write_result
 
 
@@ -30,9 +30,9 @@ class SceneApply(SceneJob):
         mtime = image.GetMTime()
         uploads = uploads or UploadCache()
         key = UploadCache.key(target, volume_node, ijk_to_ras, dicom_reference is not None)
-        runner = ApplyRunner(transport, target, voxels, ijk_to_ras, volume_node.GetName(), task, prompt, options,
-                             volume_id=uploads.get(key), source_changed=lambda: image.GetMTime() != mtime,
-                             dicom_reference=dicom_reference)
+        upload = VolumeUpload(transport, target, voxels, ijk_to_ras, volume_node.GetName(), dicom_reference,
+                              source_changed=lambda: image.GetMTime() != mtime)
+        runner = ApplyRunner(upload, task, prompt, options, volume_id=uploads.get(key))
         runner.on_uploaded = lambda volume_id: uploads.remember(key, volume_id)
         super().__init__(scene, runner)
 

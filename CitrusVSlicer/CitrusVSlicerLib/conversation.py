@@ -49,11 +49,9 @@ class Question:
 class ConversationTurnRunner(ApplyRunner):
     """One question of a conversation; `conversation_id` is the server's (None: created on the first question)."""
 
-    def __init__(self, transport, target, voxels, ijk_to_ras, volume_name: str, question: Question,
-                 conversation_id: str | None = None, title: str | None = None, volume_id: str | None = None,
-                 source_changed=None, dicom_reference: dict | None = None):
-        super().__init__(transport, target, voxels, ijk_to_ras, volume_name, "ask", question.prompt, {},
-                         volume_id=volume_id, source_changed=source_changed, dicom_reference=dicom_reference)
+    def __init__(self, upload, question: Question, conversation_id: str | None = None, title: str | None = None,
+                 volume_id: str | None = None):
+        super().__init__(upload, "ask", question.prompt, {}, volume_id=volume_id)
         self.question = question
         self.conversation_id = conversation_id
         self.title = title
@@ -105,7 +103,7 @@ class ConversationTurnRunner(ApplyRunner):
         except ValueError:
             return self._fail(f"the result of job {self.job_id} is not JSON")
         # A turn without masks may carry no labelmap: the decoder then checks nothing against the volume's shape.
-        self._decoder = ResultDecoder(dict(self.payload, labelmap=self.payload.get("labelmap") or {}), self.voxels.shape)
+        self._decoder = ResultDecoder(dict(self.payload, labelmap=self.payload.get("labelmap") or {}), self.upload.voxels.shape)
         self.stage = "decode"
 
 

@@ -21,7 +21,7 @@ from .conversation import HISTORY_FORMAT, ConversationTurnRunner, Question, turn
 from .refine import JOB_TAG, roi_box, tag_segments
 from .runner import Event
 from .scene_job import SceneJob
-from .upload import UploadCache
+from .upload import UploadCache, VolumeUpload
 from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_slice_axis, nearest_slice_axis, roi_voxels, slice_centre_ras,
                          slice_for_roi, slice_in_view)
 from .writers import (create_segmentation_node, ijk_to_ras_matrix, place_in_study, volume_array_and_geometry,
@@ -254,11 +254,11 @@ class SceneConversation(SceneJob):
         # The server's conversation goes on only on the same server, about the same upload of the same voxels.
         same = history.get("server") == target.url and volume_id is not None and history.get("volume_id") == volume_id
         self.continues = same and history.get("conversation_id") is not None
+        upload = VolumeUpload(transport, target, voxels, ijk_to_ras, volume_node.GetName(), dicom_reference,
+                              source_changed=lambda: image.GetMTime() != mtime)
         runner = ConversationTurnRunner(
-            transport, target, voxels, ijk_to_ras, volume_node.GetName(), question,
-            conversation_id=history.get("conversation_id") if self.continues else None,
-            title=history_node.GetName(), volume_id=volume_id, source_changed=lambda: image.GetMTime() != mtime,
-            dicom_reference=dicom_reference)
+            upload, question, conversation_id=history.get("conversation_id") if self.continues else None,
+            title=history_node.GetName(), volume_id=volume_id)
         runner.on_uploaded = lambda new_id: uploads.remember(key, new_id)
         self._had_turns = bool(history.get("turns"))
         super().__init__(scene, runner)

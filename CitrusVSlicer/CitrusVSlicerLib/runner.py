@@ -13,10 +13,10 @@ import json
 import time
 from dataclasses import dataclass
 
-from .client import ResultDecoder, uploadable
-from .endpoints import BackendError, Target
+from .client import ResultDecoder
+from .endpoints import BackendError
 from .results import SceneResult
-from .transport import Call, Transport
+from .transport import Call
 from .upload import ANSWER_WAIT_SECONDS, VolumeUpload
 
 POLL_SECONDS = 0.3
@@ -36,26 +36,22 @@ class Event:
 class ApplyRunner:
     """Runs one task on one volume; `state` is idle / running / cancelling / done / failed / cancelled."""
 
-    def __init__(self, transport: Transport, target: Target, voxels, ijk_to_ras, volume_name: str, task: str,
-                 prompt: str, options: dict | None = None, volume_id: str | None = None, source_changed=None,
-                 dicom_reference: dict | None = None):
-        self.transport = transport
-        self.target = target
-        self.voxels = uploadable(voxels)
-        self.ijk_to_ras = ijk_to_ras
-        self.volume_name = volume_name
+    def __init__(self, upload: VolumeUpload, task: str, prompt: str, options: dict | None = None,
+                 volume_id: str | None = None):
+        # The upload says what is sent where (backend, voxels, geometry, DICOM reference); it runs only when there
+        # is no `volume_id` to reuse, or when the backend has lost that volume.
+        self.upload = upload
+        self.transport = upload.transport
+        self.target = upload.target
         self.task = task
         self.prompt = prompt
         self.options = options or {}
         self.volume_id = volume_id               # reuse an upload of the same volume
-        self.dicom_reference = dicom_reference   # the source DICOM series, attached to the upload
         self.on_uploaded = lambda volume_id: None  # lets the caller remember the upload
-        self.source_changed = source_changed     # () -> bool: the volume was modified while it was being written
         self.job_id: str | None = None
         self.state = "idle"
         self.stage = "idle"
         self._events: list[Event] = []
-        self._upload: VolumeUpload | None = None
         self._call: Call | None = None
         self._decoder: ResultDecoder | None = None
         self._reused = volume_id is not None
@@ -107,7 +103,7 @@ class ApplyRunner:
 
     def _advance(self) -> float:
         if self.stage == "upload":
-            return self._upload.poll()
+            return self.upload.poll()
         if self.stage == "decode":
             result = self._decoder.step()
             if result is not None:
@@ -123,12 +119,10 @@ class ApplyRunner:
         return max(0.0, self._next_poll - time.monotonic())
 
     def _begin_upload(self) -> None:
-        self._upload = VolumeUpload(self.transport, self.target, self.voxels, self.ijk_to_ras, self.volume_name,
-                                    self.dicom_reference, self.source_changed)
-        self._upload.on_progress = lambda fraction, message: self._progress("upload", fraction, message)
-        self._upload.on_done = self._uploaded
+        self.upload.on_progress = lambda fraction, message: self._progress("upload", fraction, message)
+        self.upload.on_done = self._uploaded
         self.stage = "upload"
-        self._upload.start()
+        self.upload.start()
 
     def _uploaded(self, volume_id: str | None, error: str | None) -> None:
         if not self.active:
@@ -207,7 +201,7 @@ class ApplyRunner:
             payload = json.loads(call.body())
         except ValueError:
             return self._fail(f"the result of job {self.job_id} is not JSON")
-        self._decoder = ResultDecoder(payload, self.voxels.shape)
+        self._decoder = ResultDecoder(payload, self.upload.voxels.shape)
         self.stage = "decode"
 
     # ------------------------------------------------------------------------------------------ endings
@@ -228,8 +222,7 @@ class ApplyRunner:
         self._events.append(Event("cancelled", message=message))
 
     def _cleanup(self) -> None:
-        if self._upload is not None:
-            self._upload.cancel()
+        self.upload.cancel()   # nothing to do unless it is running
         if self._call is not None:
             self._call.cancel()
             self._call = None

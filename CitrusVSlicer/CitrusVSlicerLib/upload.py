@@ -49,6 +49,7 @@ class VolumeUpload:
         folder = self.target.handover_dir or self.transport.work_dir
         self._writer = VolumeFileWriter(self.voxels, Path(folder))
         self.state = "writing"
+        self.volume_id = self.error = None   # started again when the backend lost the volume
         self.on_progress(0.0, f"sending {self.name} to the backend")
 
     def poll(self) -> float:

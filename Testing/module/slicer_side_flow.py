@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402  (Slicer's numpy, from the layout's site-packag
 from CitrusVSlicerLib.first_use import FirstUse  # noqa: E402
 from CitrusVSlicerLib.manager import BackendManager  # noqa: E402
 from CitrusVSlicerLib.runner import ApplyRunner  # noqa: E402
+from CitrusVSlicerLib.upload import VolumeUpload  # noqa: E402
 from CitrusVSlicerLib.settings import MemoryStore  # noqa: E402
 
 
@@ -129,8 +130,8 @@ def main() -> None:
     ijk_to_ras[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) \
         @ np.diag([-1.2, -1.2, 3.0])
     ijk_to_ras[:3, 3] = [30, 20, -40]
-    runner = ApplyRunner(manager.transport, manager.local_target(), voxels, ijk_to_ras, "phantom", "segment",
-                         "segment the liver", {"mode": "per-slice", "slice_range": [5, 8]})
+    runner = ApplyRunner(VolumeUpload(manager.transport, manager.local_target(), voxels, ijk_to_ras, "phantom"),
+                         "segment", "segment the liver", {"mode": "per-slice", "slice_range": [5, 8]})
     runner.start()
     started = time.monotonic()
     events = []

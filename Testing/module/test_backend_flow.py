@@ -41,6 +41,7 @@ def test_oblique_volume_node_to_segmentation_node(module_backend, mrml_scene, ch
     from citrusv_backend.volume.io import Volume, read_volume
     from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.upload import VolumeUpload
     from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
 
     voxels = read_volume(chest_ct_path).voxels[12:22].copy()        # real CT values, 10 slices
@@ -48,8 +49,8 @@ def test_oblique_volume_node_to_segmentation_node(module_backend, mrml_scene, ch
     volume_node = add_volume(mrml_scene, voxels, matrix)
     array, ijk_to_ras = volume_array_and_geometry(volume_node)
     options = {"mode": "per-slice", "slice_range": [3, 6], "window": "lung"}
-    runner = ApplyRunner(module_backend.transport, module_backend.local_target(), array, ijk_to_ras, "CT", "segment",
-                         "segment the left lung", options)
+    runner = ApplyRunner(VolumeUpload(module_backend.transport, module_backend.local_target(), array, ijk_to_ras, "CT"),
+                         "segment", "segment the left lung", options)
     runner.start()
     events = run_to_end(module_backend, runner)
     assert events[-1].kind == "done", events[-1].message
@@ -90,23 +91,26 @@ def backend_engine(manager):
 def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(module_backend, mrml_scene, chest_ct_path):
     from citrusv_backend.volume.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.upload import VolumeUpload
     from CitrusVSlicerLib.writers import volume_array_and_geometry
 
     voxels = read_volume(chest_ct_path).voxels[14:18].copy()
     volume_node = add_volume(mrml_scene, voxels, np.diag([-3.0, -3.0, 10.0, 1.0]))
     array, ijk_to_ras = volume_array_and_geometry(volume_node)
     transport, target = module_backend.transport, module_backend.local_target()
-    first = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "What is shown?", {"max_new_tokens": 4})
+    first = ApplyRunner(VolumeUpload(transport, target, array, ijk_to_ras, "CT"), "ask", "What is shown?",
+                        {"max_new_tokens": 4})
     first.start()
     assert run_to_end(module_backend, first)[-1].kind == "done"
-    second = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "Anything else?", {"max_new_tokens": 4},
+    second = ApplyRunner(VolumeUpload(transport, target, array, ijk_to_ras, "CT"), "ask", "Anything else?",
+                         {"max_new_tokens": 4},
                          volume_id=first.volume_id)
     second.start()
     events = run_to_end(module_backend, second)
     assert events[-1].kind == "done" and not any(e.stage == "upload" for e in events)
     assert events[-1].result.answer  # the free-text answer of the tiny model
     # An id the backend does not know (evicted, restarted): the runner uploads again instead of failing.
-    third = ApplyRunner(transport, target, array, ijk_to_ras, "CT", "ask", "Again?", {"max_new_tokens": 2},
+    third = ApplyRunner(VolumeUpload(transport, target, array, ijk_to_ras, "CT"), "ask", "Again?", {"max_new_tokens": 2},
                         volume_id="v-gone")
     third.start()
     events = run_to_end(module_backend, third)
@@ -118,10 +122,12 @@ def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(module_back
 def test_cancel_mid_job_returns_to_idle(module_backend, chest_ct_path):
     from citrusv_backend.volume.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.upload import VolumeUpload
 
     volume = read_volume(chest_ct_path)
-    runner = ApplyRunner(module_backend.transport, module_backend.local_target(), volume.voxels,
-                         volume.geometry.ijk_to_ras(), "CT", "segment", "segment the left lung", {"mode": "per-slice"})
+    runner = ApplyRunner(VolumeUpload(module_backend.transport, module_backend.local_target(), volume.voxels,
+                                      volume.geometry.ijk_to_ras(), "CT"), "segment", "segment the left lung",
+                         {"mode": "per-slice"})
     runner.start()
     seen = []
 

@@ -44,11 +44,12 @@ def ct_like(shape=(300, 512, 512)) -> np.ndarray:
 def test_upload_job_and_download_complete_under_the_gil_holding_loop(module_backend, session_dir):
     from CitrusVSlicerLib.client import VOLUME_HEADER
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.upload import VolumeUpload
 
     voxels = ct_like()
     ijk_to_ras = np.array([[-0.7, 0, 0, 180], [0, -0.7, 0, 180], [0, 0, 1.25, -200], [0, 0, 0, 1]], float)
-    runner = ApplyRunner(module_backend.transport, module_backend.local_target(), voxels, ijk_to_ras, "CT",
-                         "segment", "segment the body", {"mode": "per-slice", "slice_range": [148, 151]})
+    runner = ApplyRunner(VolumeUpload(module_backend.transport, module_backend.local_target(), voxels, ijk_to_ras,
+                                      "CT"), "segment", "segment the body", {"mode": "per-slice", "slice_range": [148, 151]})
     events = []
     requests = []
     transport = module_backend.transport

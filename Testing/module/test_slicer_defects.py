@@ -137,8 +137,10 @@ def test_what_was_installed_is_recorded_and_shown(tmp_path):
 
 def _ask(manager, target, voxels):
     from CitrusVSlicerLib.runner import ApplyRunner
+    from CitrusVSlicerLib.upload import VolumeUpload
 
-    runner = ApplyRunner(manager.transport, target, voxels, np.diag([-1.0, -1.0, 2.0, 1.0]), "CT", "ask", "What?",
+    runner = ApplyRunner(VolumeUpload(manager.transport, target, voxels, np.diag([-1.0, -1.0, 2.0, 1.0]), "CT"), "ask",
+                         "What?",
                          {"max_new_tokens": 2})
     runner.start()
     events = []
