@@ -8,7 +8,7 @@ MRML only (no Qt): tested with the slicer-core wheel.
 """
 from __future__ import annotations
 
-from .refine import tag_segments
+from .refinement.segment import tag_segments
 from .runner import ApplyRunner, Event
 from .scene_job import SceneJob
 from .upload import UploadCache, VolumeUpload

@@ -18,7 +18,7 @@ import vtk
 import slicer
 
 from .conversation import HISTORY_FORMAT, ConversationTurnRunner, Question, turn_record
-from .refine import JOB_TAG, roi_box, tag_segments
+from .refinement.segment import JOB_TAG, roi_box, tag_segments
 from .runner import Event
 from .scene_job import SceneJob
 from .upload import UploadCache, VolumeUpload

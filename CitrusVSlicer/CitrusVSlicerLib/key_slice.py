@@ -55,7 +55,7 @@ def tag_evidence(segment, mask, axis: str) -> None:
 
 def segment_evidence(segment) -> dict:
     """What tag_evidence kept: {"answer", "key_slice" (int or None), "score" (float or None), "axis"}."""
-    from .refine import segment_tag
+    from .refinement.segment import segment_tag
 
     key, score = segment_tag(segment, KEY_SLICE_TAG), segment_tag(segment, SCORE_TAG)
     return {"answer": segment_tag(segment, ANSWER_TAG), "key_slice": int(key) if key else None,
@@ -67,7 +67,7 @@ def jump_to_key_slice(scene, volume_node, segmentation_node, segment_id: str) ->
     (in words) when the segment has no key slice."""
     import slicer
 
-    from .refine import node_to_world, read_segment
+    from .refinement.segment import node_to_world, read_segment
     from .writers import ijk_to_ras_matrix
 
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)

@@ -1,6 +1,6 @@
 """What the module's panel does, without Qt and without Slicer's application, callable from scripts too.
 
-At most one Apply (apply.py) and one refinement (refine_scene.py) at a time, both advanced by `poll()` from the
+At most one Apply (apply.py) and one refinement (refinement/scene.py) at a time, both advanced by `poll()` from the
 panel's single timer on the main thread, with all HTTP through the session's courier (transport.py). Blocking
 variants (`process`, `installBackend`, `waitForBackend`, `pollUntil`) are for scripts and the self-test: they keep
 Slicer's events flowing through the `process_events` they are given. The module's CitrusVSlicerLogic adds what
@@ -16,8 +16,8 @@ from .conversation_scene import SceneConversation
 from .dicom_export import dicom_reference
 from .endpoints import BackendError
 from .installer import explain_failure
-from .refine import slice_settings
-from .refine_scene import SceneRefinement
+from .refinement.segment import slice_settings
+from .refinement.scene import SceneRefinement
 from .scene_export import SceneDicomExport, source_volume
 from .upload import UploadCache
 from .writers import ijk_to_ras_matrix

@@ -30,7 +30,7 @@ import slicer
 
 from .dicom_export import DicomExportError, save_objects
 from .key_slice import DELIVERED_TAG
-from .refine import JOB_TAG, segment_tag
+from .refinement.segment import JOB_TAG, segment_tag
 from .results import mask_digest
 from .transport import Fetched, fetch_all
 from .upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload

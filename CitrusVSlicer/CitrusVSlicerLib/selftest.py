@@ -9,7 +9,7 @@ import time
 import numpy as np
 import vtk
 
-from .refine import read_segment
+from .refinement.segment import read_segment
 
 PHANTOM_IJK_TO_RAS = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 4, -50], [0, 0, 0, 1]])
 

@@ -29,7 +29,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
     from CitrusVSlicerLib.conversation_scene import (
         TURN_TAG, create_history, history_segmentation, history_volume, jump_to_turn, propagation_question,
         question_for, read_history, slice_node_of, turn_rois, view_slice_of)
-    from CitrusVSlicerLib.refine import segment_tag
+    from CitrusVSlicerLib.refinement.segment import segment_tag
     from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis, slice_centre_ras
 
     voxels = read_volume(chest_ct_path).voxels[12:22].copy()           # real CT values, 10 axial slices

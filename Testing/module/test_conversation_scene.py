@@ -59,7 +59,7 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
     from CitrusVSlicerLib.conversation_scene import (
         ANSWER_TAG, TURN_TAG, create_history, history_segmentation, history_volume, histories_of, read_history,
         turn_rois)
-    from CitrusVSlicerLib.refine import JOB_TAG, segment_tag
+    from CitrusVSlicerLib.refinement.segment import JOB_TAG, segment_tag
     from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis
     from CitrusVSlicerLib.writers import ijk_to_ras_matrix
 
@@ -154,7 +154,7 @@ def sorted_positions(mask: np.ndarray, ijk_to_ras: np.ndarray) -> list:
 
 
 def roi_corners_world(roi) -> np.ndarray:
-    from CitrusVSlicerLib.refine import node_to_world
+    from CitrusVSlicerLib.refinement.segment import node_to_world
 
     size = np.array(roi.GetSize(), float)
     matrix = roi.GetObjectToNodeMatrix()

@@ -120,7 +120,7 @@ def export(logic, volume_node, segmentation_node, directory, target=None):
 def test_an_edited_segment_is_exported_as_it_is_in_the_scene(dicom_logic, loaded_series, tmp_path):
     """Two overlapping targets from the real backend, the heart then cut down by hand: the SEG holds each segment's
     voxels as the scene shows them and the SR's volumes are those voxels' (with or without QuantitativeReporting)."""
-    from CitrusVSlicerLib.refine import read_segment, write_segment
+    from CitrusVSlicerLib.refinement.segment import read_segment, write_segment
     from CitrusVSlicerLib.scene_export import export_summary
 
     logic, node = dicom_logic

@@ -47,7 +47,7 @@ GEOMETRIES = {"oblique": oblique_ijk_to_ras(), "oblique-flipped": oblique_ijk_to
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 @pytest.mark.parametrize("transforms", ["none", "volume", "volume-and-markups"])
 def test_points_land_on_the_voxel_they_mark(mrml_scene, name, transforms):
-    from CitrusVSlicerLib.refine import markup_points
+    from CitrusVSlicerLib.refinement.segment import markup_points
 
     volume = add_volume(mrml_scene, np.zeros((7, 9, 11), np.int16), GEOMETRIES[name])
     points = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
@@ -72,7 +72,7 @@ def test_points_land_on_the_voxel_they_mark(mrml_scene, name, transforms):
 
 
 def test_an_roi_becomes_the_ijk_box_of_its_corners(mrml_scene):
-    from CitrusVSlicerLib.refine import roi_box
+    from CitrusVSlicerLib.refinement.segment import roi_box
 
     volume = add_volume(mrml_scene, np.zeros((7, 9, 11), np.int16), np.diag([-0.7, 1.2, 2.5, 1.0]))
     volume.SetAndObserveTransformNodeID(transform_node(mrml_scene, 0.0, (4.0, 5.0, 6.0)).GetID())
@@ -85,7 +85,7 @@ def test_an_roi_becomes_the_ijk_box_of_its_corners(mrml_scene):
 
 
 def test_a_segment_is_written_exactly_and_its_neighbours_stay(mrml_scene):
-    from CitrusVSlicerLib.refine import read_segment, write_segment
+    from CitrusVSlicerLib.refinement.segment import read_segment, write_segment
 
     volume = add_volume(mrml_scene, np.zeros((6, 8, 10), np.int16), oblique_ijk_to_ras())
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -141,7 +141,7 @@ def lung_scene(mrml_scene, chest_ct_path, chest_ct_segmentation_path, module_bac
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
     segment_id = segmentation.GetSegmentation().AddEmptySegment("Segment_1", "left lung")
-    from CitrusVSlicerLib.refine import write_segment
+    from CitrusVSlicerLib.refinement.segment import write_segment
 
     write_segment(segmentation, segment_id, volume, lung)
     volume_id = upload(module_backend, module_backend.local_target(), volume)
@@ -160,8 +160,8 @@ class Stepper:
 
 
 def controller_for(module_backend, lung_scene, statuses):
-    from CitrusVSlicerLib.refine import SegmentRefinement
-    from CitrusVSlicerLib.refine_controller import RefineController, TransportSender
+    from CitrusVSlicerLib.refinement.segment import SegmentRefinement
+    from CitrusVSlicerLib.refinement.controller import RefineController, TransportSender
 
     volume, segmentation, segment_id, volume_id, _ = lung_scene
     include = segmentation.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
@@ -181,7 +181,7 @@ def place(node, volume, ijk) -> None:
 
 
 def test_placements_refine_the_segment_and_undo_restores_it(module_backend, lung_scene):
-    from CitrusVSlicerLib.refine import read_segment, roi_box
+    from CitrusVSlicerLib.refinement.segment import read_segment, roi_box
 
     volume, segmentation, segment_id, volume_id, lung = lung_scene
     statuses: list = []
@@ -232,7 +232,7 @@ def test_placements_refine_the_segment_and_undo_restores_it(module_backend, lung
 
 
 def test_a_hand_edit_restarts_the_session_and_stale_answers_are_refused(module_backend, lung_scene):
-    from CitrusVSlicerLib.refine import StaleAnswer, read_segment, write_segment
+    from CitrusVSlicerLib.refinement.segment import StaleAnswer, read_segment, write_segment
 
     volume, segmentation, segment_id, volume_id, lung = lung_scene
     statuses: list = []

@@ -1,4 +1,4 @@
-"""Refinement the way the panel drives it (CitrusVSlicerLib/logic.py, refine_scene.py), with real MRML and the real
+"""Refinement the way the panel drives it (CitrusVSlicerLib/logic.py, refinement/scene.py), with real MRML and the real
 backend: a real segmentation job, its segment tagged with the job, the Apply's upload reused, each placement one
 request through the HTTP courier answered from `Transport.poll()`, no Python thread on the main side; a raw-body
 upload when the backend has no handover folder (a remote); closing the scene stops it; the self-test's steps."""
@@ -59,7 +59,7 @@ def chest_volume(scene, chest_ct_path, transform: bool = False):
 
 def test_a_segment_from_a_job_is_refined_through_the_courier_on_the_apply_upload(logic, mrml_scene, chest_ct_path):
     from CitrusVSlicerLib import selftest
-    from CitrusVSlicerLib.refine import JOB_TAG, LABEL_TAG, read_segment, segment_tag
+    from CitrusVSlicerLib.refinement.segment import JOB_TAG, LABEL_TAG, read_segment, segment_tag
 
     volume = chest_volume(mrml_scene, chest_ct_path)
     target = logic.backend.local_target()
@@ -90,7 +90,7 @@ def test_a_remote_style_backend_gets_the_volume_as_a_raw_body_and_a_step_lands(l
     """No handover folder (what a remote server is): the refinement uploads the voxels itself, once, as the raw
     octet-stream body, under a parent transform; a click on slice 4 changes slice 4 only (no propagation)."""
     from CitrusVSlicerLib.endpoints import Target
-    from CitrusVSlicerLib.refine import read_segment, write_segment
+    from CitrusVSlicerLib.refinement.segment import read_segment, write_segment
 
     volume = chest_volume(mrml_scene, chest_ct_path, transform=True)
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -125,7 +125,7 @@ def test_a_remote_style_backend_gets_the_volume_as_a_raw_body_and_a_step_lands(l
 
 
 def test_closing_the_scene_stops_refinement_and_drops_its_upload(logic, mrml_scene, chest_ct_path):
-    from CitrusVSlicerLib.refine import write_segment
+    from CitrusVSlicerLib.refinement.segment import write_segment
 
     volume = chest_volume(mrml_scene, chest_ct_path)
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

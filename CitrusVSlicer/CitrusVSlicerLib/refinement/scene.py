@@ -3,17 +3,17 @@
 `SceneRefinement.start()` finds the volume's upload (the one Apply made for this backend and this content, with or
 without its DICOM reference) or sends it now through the module's one upload path (upload.py: raw bytes, handed
 over by file to the local backend); then the segment's include / exclude point lists and box (kept with the
-segmentation, refine.prompt_nodes) are wired to a `RefineController` whose requests go through the HTTP courier
+segmentation, segment.prompt_nodes) are wired to a `RefineController` whose requests go through the HTTP courier
 (`TransportSender`). `poll()` from the panel's timer writes the upload's next block; answers arrive from
 `Transport.poll()`, on the main thread. Closing the scene stops it (nothing is written into the next scene).
 MRML only (no Qt): tested with the slicer-core wheel against the real backend.
 """
 from __future__ import annotations
 
-from .refine import SegmentRefinement, prompt_nodes
-from .refine_controller import RefineController, TransportSender
-from .upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload
-from .writers import volume_array_and_geometry
+from ..upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload
+from ..writers import volume_array_and_geometry
+from .controller import RefineController, TransportSender
+from .segment import SegmentRefinement, prompt_nodes
 
 
 class SceneRefinement:

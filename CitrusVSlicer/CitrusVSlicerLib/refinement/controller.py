@@ -16,8 +16,8 @@ import vtk
 
 import slicer
 
-from .endpoints import BackendError
-from .refine import Request, SegmentRefinement, StaleAnswer, markup_points, roi_box, world_to_ijk
+from ..endpoints import BackendError
+from .segment import Request, SegmentRefinement, StaleAnswer, markup_points, roi_box, world_to_ijk
 
 POINT_EVENTS = ("PointPositionDefinedEvent", "PointEndInteractionEvent")
 # A step with re-propagation runs SAM2 over many slices; on a CPU backend that takes a while.
