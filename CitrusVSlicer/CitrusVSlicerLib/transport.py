@@ -228,10 +228,11 @@ class Transport:
         if self.courier is not None:
             self.courier.close_log()
         # Its output (one JSON event per line) goes to a file in the work folder like every child's (process.py);
-        # `env=None` keeps Slicer's own environment, which the courier (Slicer's Python) needs.
+        # without an `env` it keeps Slicer's own environment, which the courier (Slicer's Python) needs.
         self.courier = StreamingProcess([self.python, "-u", "-c", _BOOT, LIB_PARENT],
                                         env=self.env if self.env is not None else dict(os.environ),
-                                        name="courier", log_dir=self.work_dir, graceful="stdin")
+                                        name="courier", log_dir=self.work_dir, graceful="stdin",
+                                        keep_lines=0)   # answers can be megabytes: only `drain()` hands them on
         self.courier.start()
         return self.courier
 
