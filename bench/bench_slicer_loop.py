@@ -37,11 +37,13 @@ from CitrusVSlicerLib.client import scene_result_from_payload  # noqa: E402
 from CitrusVSlicerLib.endpoints import Target  # noqa: E402
 from CitrusVSlicerLib.runner import ApplyRunner  # noqa: E402
 from CitrusVSlicerLib.transport import Transport  # noqa: E402
+from CitrusVSlicerLib.upload import VolumeUpload  # noqa: E402
 from gil_loop import GilHoldingLoop  # noqa: E402
 
 
 def module_apply(transport, target, voxels, ijk_to_ras, options, plain: bool) -> dict:
-    runner = ApplyRunner(transport, target, voxels, ijk_to_ras, "phantom", "segment", "segment the body", options)
+    runner = ApplyRunner(VolumeUpload(transport, target, voxels, ijk_to_ras, "phantom"), "segment", "segment the body",
+                         options)
     loop = GilHoldingLoop(plain=plain)
     runner.start()
     wall = loop.run(runner.poll, lambda: not runner.active, timeout=900)
