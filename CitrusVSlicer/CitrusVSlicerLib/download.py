@@ -1,76 +1,23 @@
 """The model's weights as their own step: `citrusv download MODEL [--to DIR]` as a child process the panel follows.
 
 The backend prints one JSON object per line (CONTRACTS.md, issue 22): `download` (bytes done and total, rate, ETA),
-`downloaded` (where the weights are now), `failed` (reason, message). This renders them ("Downloading Citrus-V-8B:
-3.2 GB / 17.1 GB (19%), 85 MB/s, 2 min 43 s left"), and Cancel stops the process tree; the hub's partial files stay,
-so the next Download resumes where this one stopped.
+`downloaded` (where the weights are now), `failed` (reason, message). This renders them (logview.DownloadProgress:
+"Downloading Citrus-V-8B: 3.2 GB / 17.1 GB (19%), 85 MB/s, 2 min 43 s left"), and Cancel stops the process tree;
+the hub's partial files stay, so the next Download resumes where this one stopped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from .environment import isolated
 from .failures import FailureEvent
-from .logview import parse_json_line
+from .logview import DownloadProgress, format_bytes, parse_json_line
 from .process import StreamingProcess
-
-
-def format_bytes(count: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count:.0f} B"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds} s"
 
 
 def display_name(model: str) -> str:
     """"jdh-algo/Citrus-V-8B-v1.0" -> "Citrus-V-8B-v1.0"; a folder -> its name."""
     return Path(model.rstrip("/\\")).name or model
-
-
-@dataclass
-class DownloadProgress:
-    file: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-    rate_bps: float = 0.0
-    eta_s: float | None = None
-    name: str = ""
-
-    @classmethod
-    def from_event(cls, event: dict, name: str = "") -> "DownloadProgress":
-        def number(key, default=0):
-            value = event.get(key)
-            return value if isinstance(value, (int, float)) else default
-
-        return cls(str(event.get("file", "")), int(number("bytes_done")), int(number("bytes_total")),
-                   float(number("rate_bps", 0.0)), event.get("eta_s") if isinstance(event.get("eta_s"), (int, float))
-                   else None, name)
-
-    @property
-    def fraction(self) -> float | None:
-        return min(1.0, self.bytes_done / self.bytes_total) if self.bytes_total > 0 else None
-
-    def describe(self) -> str:
-        what = f"Downloading {self.name}" if self.name else "Downloading"
-        amount = format_bytes(self.bytes_done)
-        if self.bytes_total > 0:
-            amount += f" / {format_bytes(self.bytes_total)} ({100 * self.fraction:.0f}%)"
-        parts = [f"{what}: {amount}"]
-        if self.rate_bps > 0:
-            parts.append(f"{format_bytes(self.rate_bps)}/s")
-        if self.eta_s is not None:
-            parts.append(f"{format_duration(self.eta_s)} left")
-        return ", ".join(parts)
 
 
 def download_command(python: str, model: str, destination: str | None = None) -> list[str]:

@@ -1,7 +1,8 @@
 """The backend's log as a person reads it: "12:03:41 WARNING message" instead of raw JSON lines.
 
 The backend writes one JSON object per line (server/logs.py: ts, level, logger, message, extra fields, traceback);
-its event lines on stdout (ready, failed, download, downloaded) are said in words. Anything else is shown as it is.
+its event lines on stdout (ready, failed, download, downloaded) are said in words (a download's progress by
+`DownloadProgress`, the one formatting of it for the log and the panel's status line). Anything else is shown as it is.
 The file on disk keeps the raw lines for troubleshooting.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import calendar
 import json
 import time
+from dataclasses import dataclass
 
 # Fields of a log line that are shown as "name=value" after the message (the rest are internal).
 SHOWN_FIELDS = ("path", "status", "job_id", "device", "model", "seconds", "error")
@@ -23,6 +25,58 @@ def parse_json_line(line: str) -> dict | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def format_bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds} s"
+
+
+@dataclass
+class DownloadProgress:
+    file: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+    eta_s: float | None = None
+    name: str = ""
+
+    @classmethod
+    def from_event(cls, event: dict, name: str = "") -> "DownloadProgress":
+        def number(key, default=0):
+            value = event.get(key)
+            return value if isinstance(value, (int, float)) else default
+
+        return cls(str(event.get("file", "")), int(number("bytes_done")), int(number("bytes_total")),
+                   float(number("rate_bps", 0.0)), event.get("eta_s") if isinstance(event.get("eta_s"), (int, float))
+                   else None, name)
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.bytes_done / self.bytes_total) if self.bytes_total > 0 else None
+
+    def describe(self) -> str:
+        what = f"Downloading {self.name}" if self.name else "Downloading"
+        amount = format_bytes(self.bytes_done)
+        if self.bytes_total > 0:
+            amount += f" / {format_bytes(self.bytes_total)} ({100 * self.fraction:.0f}%)"
+        parts = [f"{what}: {amount}"]
+        if self.rate_bps > 0:
+            parts.append(f"{format_bytes(self.rate_bps)}/s")
+        if self.eta_s is not None:
+            parts.append(f"{format_duration(self.eta_s)} left")
+        return ", ".join(parts)
 
 
 def local_clock(timestamp: str) -> str:
@@ -53,8 +107,6 @@ def readable(line: str) -> str | None:
     if event == "failed":
         return f"FAILED ({record.get('reason', 'other')}): {record.get('message', '')}"
     if event == "download":
-        from .download import DownloadProgress  # one formatting of progress for the log and the status line
-
         return DownloadProgress.from_event(record).describe()
     if event == "downloaded":
         return f"downloaded into {record.get('path')}"

@@ -344,7 +344,7 @@ def test_a_progress_bar_that_has_not_ended_its_line_shows_its_latest_state(tmp_p
 
 
 def test_download_progress_reads_with_bytes_total_rate_and_time_left():
-    from CitrusVSlicerLib.download import DownloadProgress
+    from CitrusVSlicerLib.logview import DownloadProgress
 
     progress = DownloadProgress.from_event({"event": "download", "file": "model-00002-of-00004.safetensors",
                                             "bytes_done": 3_200_000_000, "bytes_total": 17_100_000_000,
