@@ -24,7 +24,8 @@ from .scene_job import SceneJob
 from .upload import UploadCache, VolumeUpload
 from .view_slice import (ViewNotAligned, ViewSlice, index_axis_of_slice_axis, nearest_slice_axis, roi_voxels, slice_centre_ras,
                          slice_for_roi, slice_in_view)
-from .writers import (create_segmentation_node, ijk_to_ras_matrix, place_in_study, volume_array_and_geometry,
+from .geometry import ijk_to_ras_matrix
+from .writers import (create_segmentation_node, place_in_study, volume_array_and_geometry,
                       write_boxes, write_segments)
 
 CONVERSATION_ATTRIBUTE = "CitrusV.Conversation"

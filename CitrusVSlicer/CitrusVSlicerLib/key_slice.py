@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .geometry import ijk_to_ras_matrix
+
 PATIENT_AXIS_OF = {"sagittal": 0, "coronal": 1, "axial": 2}    # R/L, A/P, S/I
 ANSWER_TAG, KEY_SLICE_TAG, SCORE_TAG, AXIS_TAG = "CitrusV.Answer", "CitrusV.KeySlice", "CitrusV.Score", "CitrusV.Axis"
 # Segments made before the slice axis had one name everywhere (issue 20) carry it under this tag; still read.
@@ -68,7 +70,6 @@ def jump_to_key_slice(scene, volume_node, segmentation_node, segment_id: str) ->
     import slicer
 
     from .refinement.segment import node_to_world, read_segment
-    from .writers import ijk_to_ras_matrix
 
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     evidence = segment_evidence(segment)

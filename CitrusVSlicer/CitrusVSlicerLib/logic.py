@@ -20,7 +20,7 @@ from .refinement.segment import slice_settings
 from .refinement.scene import SceneRefinement
 from .scene_export import SceneDicomExport, source_volume
 from .upload import UploadCache
-from .writers import ijk_to_ras_matrix
+from .geometry import ijk_to_ras_matrix
 
 IDLE_POLL_SECONDS = 0.2
 

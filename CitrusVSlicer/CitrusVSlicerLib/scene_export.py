@@ -34,7 +34,8 @@ from .refinement.segment import JOB_TAG, segment_tag
 from .results import mask_digest
 from .transport import Fetched, fetch_all
 from .upload import ANSWER_WAIT_SECONDS, UploadCache, VolumeUpload
-from .writers import SOURCE_VOLUME_ROLE, ijk_to_ras_matrix, volume_array_and_geometry
+from .geometry import ijk_to_ras_matrix
+from .writers import SOURCE_VOLUME_ROLE, volume_array_and_geometry
 
 GRID_TOLERANCE = 1e-3   # of a voxel: a segment's grid must be the volume's, not merely close to it
 MAX_SEGMENTS = 254      # the service's limit per export (labels 1..255 in its uint8 crops)

@@ -15,6 +15,7 @@ from vtk.util import numpy_support
 
 import slicer
 
+from .geometry import ijk_to_ras_matrix
 from .key_slice import tag_evidence
 from .results import SceneResult, SegmentMask
 from .terminology import terminology_entry
@@ -40,12 +41,6 @@ FINDING_COLUMNS = [
     ("run", vtk.vtkIntArray, "", "Which Apply produced the row (1, 2, ...): its report is the run's text node"),
     ("report", vtk.vtkStringArray, "", "Name of the report text node of that run"),
 ]
-
-def ijk_to_ras_matrix(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
 
 def volume_array_and_geometry(volume_node) -> tuple[np.ndarray, np.ndarray]:
     """The voxels (k, j, i) and the 4x4 IJK->RAS of a scalar volume node: what the backend needs."""

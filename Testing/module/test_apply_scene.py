@@ -123,7 +123,8 @@ def test_a_reused_findings_table_keeps_its_rows_and_each_run_has_its_report(mrml
 def test_boxes_of_oblique_volumes_are_oriented_rois_under_the_volumes_transform(mrml_scene):
     import vtk
 
-    from CitrusVSlicerLib.writers import ijk_to_ras_matrix, write_boxes
+    from CitrusVSlicerLib.geometry import ijk_to_ras_matrix
+    from CitrusVSlicerLib.writers import write_boxes
 
     matrix = oblique_ijk_to_ras(spacing=(0.8, 1.3, 3.0), degrees=23.0, flips=(1, -1, 1))
     volume = add_volume(mrml_scene, np.zeros((10, 20, 16), np.int16), matrix)

@@ -61,7 +61,7 @@ def test_a_turns_segment_and_roi_on_its_slice_survive_an_mrb(mrml_scene, tmp_pat
         turn_rois)
     from CitrusVSlicerLib.refinement.segment import JOB_TAG, segment_tag
     from CitrusVSlicerLib.view_slice import index_axis_of_slice_axis
-    from CitrusVSlicerLib.writers import ijk_to_ras_matrix
+    from CitrusVSlicerLib.geometry import ijk_to_ras_matrix
 
     volume = add_volume(mrml_scene, np.zeros(SHAPE, np.int16), MATRIX)
     history = create_history(mrml_scene, volume)

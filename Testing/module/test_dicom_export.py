@@ -178,7 +178,8 @@ def test_an_export_that_cannot_describe_the_scene_refuses_and_says_why(dicom_log
     from CitrusVSlicerLib.endpoints import Target
     from CitrusVSlicerLib.results import SegmentMask
     from CitrusVSlicerLib.scene_export import scene_segments
-    from CitrusVSlicerLib.writers import ijk_to_ras_matrix, write_segments
+    from CitrusVSlicerLib.geometry import ijk_to_ras_matrix
+    from CitrusVSlicerLib.writers import write_segments
 
     logic, node = dicom_logic
     series, volume = loaded_series

@@ -145,7 +145,7 @@ def test_closing_the_scene_stops_refinement_and_drops_its_upload(logic, mrml_sce
 
 
 def _ijk_to_ras(volume):
-    from CitrusVSlicerLib.writers import ijk_to_ras_matrix
+    from CitrusVSlicerLib.geometry import ijk_to_ras_matrix
 
     return ijk_to_ras_matrix(volume)
 

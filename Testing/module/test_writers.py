@@ -191,7 +191,7 @@ def test_write_result_is_one_step_and_survives_mrb(mrml_scene, tmp_path):
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("spleen")
     restored_mask = segment_array(segmentation, segment_id, volume_back).astype(bool)
     # A left-handed IJK->RAS comes back from NRRD with k reversed (same voxels, other indexing): compare positions.
-    from CitrusVSlicerLib.writers import ijk_to_ras_matrix
+    from CitrusVSlicerLib.geometry import ijk_to_ras_matrix
 
     assert restored_mask.sum() == expected.sum() == 4
     assert np.allclose(sorted_ras(restored_mask, ijk_to_ras_matrix(volume_back)), sorted_ras(expected, matrix), atol=1e-3)
