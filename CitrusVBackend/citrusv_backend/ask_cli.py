@@ -50,10 +50,12 @@ def cmd_ask(args) -> int:
     from .errors import CitrusVError
     from .model_source import load_engine
     from .paths import check_not_inside_input, writable_folder
-    from .volume.conversation import Conversation, ConversationRunner, TurnRequest, check_turn, conversation_markdown
-    from .volume.dicom_out import model_name
-    from .volume.io import read_volume
-    from .volume.outputs import write_outputs, write_text
+    from .volume.tasks.conversation import (Conversation, ConversationRunner, TurnRequest, check_turn,
+                                            conversation_markdown)
+    from .paths import write_text
+    from .volume.input.io import read_volume
+    from .volume.outputs.dicom_out import model_name
+    from .volume.outputs.files import write_outputs
 
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)

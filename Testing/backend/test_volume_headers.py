@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.headers import read_header, require_voxel_bytes, write_self_contained
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.headers import read_header, require_voxel_bytes, write_self_contained
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = pytest.mark.unit
 

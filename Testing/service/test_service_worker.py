@@ -10,7 +10,7 @@ import torch
 
 from citrusv_backend.errors import InputError
 from citrusv_backend.server.jobs import GpuWorker, Job, JobQueue
-from citrusv_backend.volume.pipeline import JobCancelled
+from citrusv_backend.errors import JobCancelled
 
 pytestmark = pytest.mark.service
 

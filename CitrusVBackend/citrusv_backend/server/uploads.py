@@ -19,9 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ..errors import TooLargeError
-from ..volume.dicom_series import series_from_reference
-from ..volume.headers import DETACHED_SUFFIXES, read_header, refuse_external, require_voxel_bytes, write_self_contained
-from ..volume.io import NIFTI_SUFFIXES, Volume, case_name, check_volume_size, read_volume
+from ..volume.input.dicom_series import series_from_reference
+from ..volume.input.headers import (DETACHED_SUFFIXES, read_header, refuse_external, require_voxel_bytes,
+                                    write_self_contained)
+from ..volume.input.io import NIFTI_SUFFIXES, Volume, case_name, check_volume_size, read_volume
 from .codec import b64decode, voxels_from_bytes
 from .errors import ApiError
 from .schemas import VolumeUpload

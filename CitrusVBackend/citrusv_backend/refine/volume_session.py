@@ -32,11 +32,11 @@ from ..errors import InputError
 from ..inference.engine import FORCED_SEGMENT_ANSWER, upsample_mask
 from ..model.modeling import SAM2Prompts
 from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
-from .options import RefineOptions  # noqa: F401  (its home was here)
-from .propagation import PROPAGATION_OBJECT_ID, SliceFrames, frames_as_video, quiet_progress_bars
-from .refine_history import History, MaskChange, changed_box
-from .refine_prompts import EXCLUDE, INCLUDE, RefinePrompts, SlicePrompt, box_mask, prompts_by_slice
-from .slice_features import SliceFeatureStore
+from ..volume.options import RefineOptions  # noqa: F401  (its home was here)
+from ..volume.tasks.propagation import PROPAGATION_OBJECT_ID, SliceFrames, frames_as_video, quiet_progress_bars
+from .volume_features import SliceFeatureStore
+from .volume_history import History, MaskChange, changed_box
+from .volume_prompts import EXCLUDE, INCLUDE, RefinePrompts, SlicePrompt, box_mask, prompts_by_slice
 
 # SAM2 turns a binary mask input into logits this way (`SAM2Base._use_mask_as_output`).
 MASK_LOGIT_SCALE, MASK_LOGIT_BIAS = 20.0, -10.0

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import InputError
-from .dicom_series import DicomInstance, DicomSeries
-from .io import Volume
+from ... import __version__
+from ...errors import InputError
+from ..input.dicom_series import DicomInstance, DicomSeries
+from ..input.io import Volume
 from .terminology import segment_codes
 
 MANUFACTURER = "CitrusV for 3D Slicer"
@@ -380,7 +380,7 @@ def dataset_bytes(dataset) -> bytes:
 
 def write_dicom_outputs(result, volume: Volume, out_dir: Path, case: str, model: str) -> dict[str, Path]:
     """`{case}_seg.dcm`, `{case}_sr.dcm` (and `{case}_image_NNNN.dcm` for a non-DICOM input), each written whole."""
-    from ..paths import atomic_path
+    from ...paths import atomic_path
 
     objects = dicom_objects(result, volume, model)
     named = [("dicom_sr", f"{case}_sr.dcm", objects.sr)]

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputError, TooLargeError
-from .quantify import VoxelGeometry
+from ...errors import InputError, TooLargeError
+from ..outputs.quantify import VoxelGeometry
 
 if TYPE_CHECKING:
     from .dicom_series import DicomSeries

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..paths import atomic_path, write_text  # noqa: F401  (write_text: imported from here by others)
-from ..serialization import json_default
-from .colors import SEGMENT_COLORS, segment_color  # noqa: F401  (SEGMENT_COLORS: its home was here)
-from .io import Volume, write_labelmap
+from ...paths import atomic_path, write_text
+from ...serialization import json_default
+from ..input.io import Volume, write_labelmap
+from ..slices.slice_source import SliceSource
+from ..tasks.results import VolumeResult
+from .colors import segment_color
 from .overlaps import layers, overlapping, visible_voxels
-from .pipeline import SliceSource, VolumeResult
 
 FINDING_COLUMNS = ["finding", "location", "laterality", "volume_ml", "long_axis_mm", "short_axis_mm",
                    "mean_intensity", "slice", "segment"]
