@@ -1,7 +1,8 @@
-"""`citrusv ask VOLUME --prompt ... --slice N`: one turn of a conversation about a volume (volume/conversation.py).
+"""`citrusv ask VOLUME --prompt ... --slice N`: one turn of a conversation about a volume
+(volume/tasks/conversation.py).
 
 Prints the answer on stdout; writes the turn's segments ([SEG] masks, optionally propagated) and ROIs (boxes) like
-`citrusv segment` does (volume/outputs.py), and the conversation: `--conversation FILE` continues the saved
+`citrusv segment` does (volume/outputs/files.py), and the conversation: `--conversation FILE` continues the saved
 conversation in FILE (or starts it there) and saves it with the new turn; its Markdown beside the outputs.
 Without --slice the question is a text-only follow-up about the conversation's latest image.
 """

@@ -1,4 +1,4 @@
-"""Conversations in the pipeline layer (volume/conversation.py) with the real tiny model and forced (scripted)
+"""Conversations in the pipeline layer (volume/tasks/conversation.py) with the real tiny model and forced (scripted)
 answers: turn 2 of 3 answers with a [SEG] and a box; its segment and ROI lie on that turn's slice, in the same
 voxels for the chest CT stored as usual and for the same anatomy stored permuted, flipped and oblique."""
 from __future__ import annotations

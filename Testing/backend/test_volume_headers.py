@@ -1,4 +1,4 @@
-"""Volume headers parsed from a file's own bytes (volume/headers.py): formats told apart by content, every
+"""Volume headers parsed from a file's own bytes (volume/input/headers.py): formats told apart by content, every
 external data reference found however the header is written, claimed sizes, and self-contained copies that
 SimpleITK reads to exactly the voxels and geometry of the original."""
 from __future__ import annotations

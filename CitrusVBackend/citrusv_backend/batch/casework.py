@@ -34,7 +34,7 @@ class CaseTask:
     skip_digest: str | None = None  # checksum of the done entry that may be kept: equal -> skip the case
     attempts: int = 0
     dicom_out: bool | None = None   # DICOM SEG + SR: None = for DICOM series inputs only
-    on_bad_dicom: str = "refuse"    # or "skip" (volume.dicom_series)
+    on_bad_dicom: str = "refuse"    # or "skip" (volume.input.dicom_series)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class LoadedCase:
     task: CaseTask
     digest: str | None = None
     nbytes: int = 0
-    volume: object | None = None    # volume.io.Volume
+    volume: object | None = None    # volume.input.io.Volume
     error: str | None = None
     error_type: str | None = None
     read_s: float = 0.0

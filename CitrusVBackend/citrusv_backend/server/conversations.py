@@ -1,4 +1,4 @@
-"""The service's conversations (volume/conversation.py) by id, and their turns as jobs on the GPU worker.
+"""The service's conversations (volume/tasks/conversation.py) by id, and their turns as jobs on the GPU worker.
 
 A conversation belongs to the uploaded volume it was started on; it outlives the volume (it can still be read,
 exported and deleted; a new turn needs the volume again). At most one turn per conversation is queued or

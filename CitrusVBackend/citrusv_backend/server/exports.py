@@ -2,7 +2,7 @@
 manual editing the SEG and SR describe the segments as they are in the client's scene.
 
 The posted masks become segments measured by the pipeline's own code (`measure_into`) and written by the same
-SEG/SR code as `citrusv segment` (`volume/dicom_out`); the job they came from (if still kept) names the prompt,
+SEG/SR code as `citrusv segment` (`volume/outputs/dicom_out`); the job they came from (if still kept) names the prompt,
 the answers, the key slices and whether the weights were random. The objects are kept for a while in an
 `ExportStore` and fetched by `GET /v1/exports/{export_id}/{seg|sr}`.
 """

@@ -4,7 +4,7 @@
 counted in bytes of the stored type, then the memory budget, which is reserved for the volume until it is
 stored. A volume file is read only from the bytes received: its whole header is parsed, any reference to
 another file is refused, the voxel bytes it claims must be there, and the image reader is given a copy with a
-header written here (see `volume.headers`), read with the reader of the format the content has.
+header written here (see `volume.input.headers`), read with the reader of the format the content has.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class VolumeResult:
     task: str
     prompt: str
     case: str
-    labels: np.ndarray                 # (k, j, i) multi-label view (volume/overlaps.multilabel); each segment's
+    labels: np.ndarray                 # (k, j, i) multi-label view (outputs/overlaps.multilabel); each segment's
                                        # own voxels are its `mask`: every output and number uses those
     segments: list[Segment] = field(default_factory=list)
     findings: list[dict] = field(default_factory=list)
