@@ -1,7 +1,7 @@
 """Whole-volume tasks on top of the 2D model: segment (key slice + propagation), detect, report.
 
 What the model is shown follows its training data (docs/model-inputs.md): slices normalised per
-volume as SA-Med2D did (windowing.py), oriented in SA-Med2D's array order (orientation.py), asked with the
+volume as SA-Med2D did (slices/windowing.py), oriented in its array order (slices/orientation.py), asked with the
 reference's own prompts (targets.py; reports: the reference's chest-radiograph prompt).
 
 Segmentation (key slice + propagation): segment.py; detection: detect.py (box geometry in boxes.py);

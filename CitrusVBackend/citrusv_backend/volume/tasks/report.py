@@ -21,7 +21,7 @@ class ReportTask:
         result.settings["report_prompt"] = query
         result.settings["report_image"] = options.report_image
         if options.report_image == "projection":
-            from .projection import radiograph_projection
+            from ..slices.projection import radiograph_projection
 
             result.experimental = REPORT_EXPERIMENTAL.format(what="projections of CT volumes")
             result.report_image = radiograph_projection(source.volume)
