@@ -393,8 +393,8 @@ def part_propagation(run: Run) -> dict:
     """SAM2 propagation through the slices of a CT-like volume, frames at SAM2's 1024² input, from one key mask."""
     from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
     from citrusv_backend.volume.slices.slice_source import SliceSource
-    from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
     from citrusv_backend.volume.slices.windowing import CT_PRESETS
+    from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
 
     engine = run.figures_engine()
     count = run.scale.propagation_slices

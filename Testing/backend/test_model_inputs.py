@@ -14,14 +14,14 @@ from citrusv_backend.errors import InputError
 from citrusv_backend.inference.engine import CitrusVEngine, record_final_hidden_states, upsample_mask
 from citrusv_backend.model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS
 from citrusv_backend.volume.input.io import Volume, read_volume
-from citrusv_backend.volume.outputs.files import report_markdown, write_outputs
 from citrusv_backend.volume.options import VolumeOptions
-from citrusv_backend.volume.slices.slice_source import SliceSource
-from citrusv_backend.volume.tasks.pipeline import VolumePipeline
-from citrusv_backend.volume.tasks.report import REPORT_PROMPT
+from citrusv_backend.volume.outputs.files import report_markdown, write_outputs
 from citrusv_backend.volume.slices.projection import radiograph_projection
-from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
+from citrusv_backend.volume.slices.slice_source import SliceSource
 from citrusv_backend.volume.slices.windowing import CT_PRESETS, training_window
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
+from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
+from citrusv_backend.volume.tasks.report import REPORT_PROMPT
 
 pytestmark = pytest.mark.model
 

@@ -22,8 +22,8 @@ from citrusv_backend.volume.input.io import read_volume
 from citrusv_backend.volume.outputs.files import write_outputs
 from citrusv_backend.volume.outputs.overlaps import multilabel
 from citrusv_backend.volume.slices.slice_source import SliceSource
-from citrusv_backend.volume.tasks.results import Segment, VolumeResult, measure_into, segment_finding
 from citrusv_backend.volume.slices.windowing import parse_window
+from citrusv_backend.volume.tasks.results import Segment, VolumeResult, measure_into, segment_finding
 
 pytestmark = pytest.mark.unit
 MODEL = {"checkpoint": "/models/tiny"}

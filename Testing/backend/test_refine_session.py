@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from citrusv_backend.inference.engine import upsample_mask
+from citrusv_backend.model.feature_cache import SAM2FeatureCache
 from citrusv_backend.model.modeling import SAM2Prompts
 from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
-from citrusv_backend.volume.input.io import read_volume
-from citrusv_backend.volume.slices.slice_source import SliceSource
-from citrusv_backend.refine.volume_session import RefinementSession
-from citrusv_backend.volume.options import RefineOptions
-from citrusv_backend.refine.volume_prompts import BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt
-from citrusv_backend.model.feature_cache import SAM2FeatureCache
 from citrusv_backend.refine.volume_features import SliceFeatureStore
+from citrusv_backend.refine.volume_prompts import BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt
+from citrusv_backend.refine.volume_session import RefinementSession
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.options import RefineOptions
+from citrusv_backend.volume.slices.slice_source import SliceSource
 from citrusv_backend.volume.slices.windowing import CT_PRESETS
 
 from sam2_reference import image_predictor_on
