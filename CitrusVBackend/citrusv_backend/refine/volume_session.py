@@ -4,7 +4,7 @@ A `RefinementSession` holds one segment of one volume: its mask, the slices the 
 SAM2's memory, as clicked frames do in SAM2's own video tool), the last low-resolution logits of the slices it
 touched, and the slices' SAM2 features (`SliceFeatureStore`). A step:
 
-1. the prompts are mapped from IJK onto the display slices they land on (`refine_prompts`);
+1. the prompts are mapped from IJK onto the display slices they land on (`volume_prompts`);
 2. each such slice is decoded by SAM2's own prompt encoder + mask decoder on that slice's features: the points
    (a box as two corner points first), the current mask as the dense prompt (the slice's last logits, else its
    binary mask turned into logits as SAM2 turns mask inputs into logits), and optionally the target's projected
