@@ -87,8 +87,8 @@ def ct_slice_rgb(chest_ct_path: Path):
     import numpy as np
     import SimpleITK as sitk
 
-    from citrusv_backend.volume.orientation import axial_display_orientation
-    from citrusv_backend.volume.windowing import CT_PRESETS
+    from citrusv_backend.volume.slices.orientation import axial_display_orientation
+    from citrusv_backend.volume.slices.windowing import CT_PRESETS
 
     image = sitk.ReadImage(str(chest_ct_path))
     orientation = axial_display_orientation(np.array(image.GetDirection()))

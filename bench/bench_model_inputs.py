@@ -38,11 +38,11 @@ def main() -> int:
     import slicerio
 
     from citrusv_backend.cli import open_engine, resolve_model_argument
-    from citrusv_backend.volume.io import read_volume
-    from citrusv_backend.volume.pipeline import SliceSource
-    from citrusv_backend.volume.presence import Evidence, PresenceRule
-    from citrusv_backend.volume.targets import QUERY_TEMPLATE
-    from citrusv_backend.volume.windowing import CT_PRESETS, training_window
+    from citrusv_backend.volume.input.io import read_volume
+    from citrusv_backend.volume.slices.slice_source import SliceSource
+    from citrusv_backend.volume.slices.windowing import CT_PRESETS, training_window
+    from citrusv_backend.volume.tasks.presence import Evidence, PresenceRule
+    from citrusv_backend.volume.tasks.targets import QUERY_TEMPLATE
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")

@@ -30,11 +30,12 @@ import torch
 from citrusv_backend.benchmark import Figure, _device_description, _versions, format_table, measure, synthetic_ct
 from citrusv_backend.model.modeling import SAM2Prompts
 from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
-from citrusv_backend.volume.pipeline import SliceSource
-from citrusv_backend.volume.refine import RefinementSession, RefineOptions
-from citrusv_backend.volume.refine_prompts import PointPrompt, RefinePrompts, SlicePrompt
-from citrusv_backend.volume.slice_features import SliceFeatureStore
-from citrusv_backend.volume.windowing import CT_PRESETS
+from citrusv_backend.refine.volume_features import SliceFeatureStore
+from citrusv_backend.refine.volume_prompts import PointPrompt, RefinePrompts, SlicePrompt
+from citrusv_backend.refine.volume_session import RefinementSession
+from citrusv_backend.volume.options import RefineOptions
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import CT_PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -162,8 +162,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def slice_rgb(side: int) -> np.ndarray:
     """The middle axial slice of a CT-like side x side volume, soft-tissue window, as the pipeline feeds it."""
-    from citrusv_backend.volume.pipeline import SliceSource
-    from citrusv_backend.volume.windowing import CT_PRESETS
+    from citrusv_backend.volume.slices.slice_source import SliceSource
+    from citrusv_backend.volume.slices.windowing import CT_PRESETS
 
     volume = synthetic_ct((8, side, side))
     return SliceSource(volume, "axial", CT_PRESETS["soft_tissue"]).rgb(volume.shape[0] // 2)
@@ -225,8 +225,8 @@ def next_token_logits(engine, image: np.ndarray) -> np.ndarray:
 
 def sam2_input_slices(side: int) -> list[np.ndarray]:
     """Gray slices of a CT-like volume (every plane, three windows) and two random ones, odd-sized too."""
-    from citrusv_backend.volume.pipeline import SliceSource
-    from citrusv_backend.volume.windowing import CT_PRESETS, percentile_window
+    from citrusv_backend.volume.slices.slice_source import SliceSource
+    from citrusv_backend.volume.slices.windowing import CT_PRESETS, percentile_window
 
     volume = synthetic_ct((max(side // 4, 8), side, side))
     slices = []
@@ -392,9 +392,9 @@ def _ms(seconds: float | None) -> float | None:
 def part_propagation(run: Run) -> dict:
     """SAM2 propagation through the slices of a CT-like volume, frames at SAM2's 1024² input, from one key mask."""
     from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
-    from citrusv_backend.volume.pipeline import SliceSource
-    from citrusv_backend.volume.propagation import SliceFrames, propagate
-    from citrusv_backend.volume.windowing import CT_PRESETS
+    from citrusv_backend.volume.slices.slice_source import SliceSource
+    from citrusv_backend.volume.slices.windowing import CT_PRESETS
+    from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
 
     engine = run.figures_engine()
     count = run.scale.propagation_slices
@@ -467,7 +467,8 @@ def click_flops(engine) -> tuple[int | None, int | None]:
 def part_volume(run: Run) -> dict:
     """A whole CT-like volume, one target, end to end (key-slice search + propagation, voxels in memory to the
     labelmap); batch volumes/hour; the host's CPU per slice while the device works; peak device memory."""
-    from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
+    from citrusv_backend.volume.options import VolumeOptions
+    from citrusv_backend.volume.tasks.pipeline import VolumePipeline
 
     engine = run.figures_engine()
     pipeline = VolumePipeline(engine)

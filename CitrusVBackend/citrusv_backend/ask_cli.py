@@ -1,7 +1,8 @@
-"""`citrusv ask VOLUME --prompt ... --slice N`: one turn of a conversation about a volume (volume/conversation.py).
+"""`citrusv ask VOLUME --prompt ... --slice N`: one turn of a conversation about a volume
+(volume/tasks/conversation.py).
 
 Prints the answer on stdout; writes the turn's segments ([SEG] masks, optionally propagated) and ROIs (boxes) like
-`citrusv segment` does (volume/outputs.py), and the conversation: `--conversation FILE` continues the saved
+`citrusv segment` does (volume/outputs/files.py), and the conversation: `--conversation FILE` continues the saved
 conversation in FILE (or starts it there) and saves it with the new turn; its Markdown beside the outputs.
 Without --slice the question is a text-only follow-up about the conversation's latest image.
 """
@@ -50,10 +51,12 @@ def cmd_ask(args) -> int:
     from .errors import CitrusVError
     from .model_source import load_engine
     from .paths import check_not_inside_input, writable_folder
-    from .volume.conversation import Conversation, ConversationRunner, TurnRequest, check_turn, conversation_markdown
-    from .volume.dicom_out import model_name
-    from .volume.io import read_volume
-    from .volume.outputs import write_outputs, write_text
+    from .volume.tasks.conversation import (Conversation, ConversationRunner, TurnRequest, check_turn,
+                                            conversation_markdown)
+    from .paths import write_text
+    from .volume.input.io import read_volume
+    from .volume.outputs.dicom_out import model_name
+    from .volume.outputs.files import write_outputs
 
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .volume.synthetic import synthetic_ct  # noqa: F401  (re-exported for the benches and tests)
+from .volume.input.synthetic import synthetic_ct  # noqa: F401  (re-exported for the benches and tests)
 
 # name fragment -> (memory bandwidth GB/s, dense bf16 TFLOP/s), from the vendors' data sheets.
 GPU_LIMITS = {"H200": (4800, 989), "H100 NVL": (3900, 835), "H100 PCIe": (2000, 756), "H100": (3350, 989),
@@ -136,9 +136,11 @@ def run_benchmarks(engine, settings: BenchSettings, say: Callable[[str], None] =
 def _model_figures(engine, settings: BenchSettings, figures: list[Figure], say) -> dict | None:
     """The model's stages and whole volumes; returns the device's hardware limits (None when unknown)."""
     from .model.processor import TASK_PIXEL_BUDGETS
-    from .volume.pipeline import SliceSource, VolumeOptions, VolumePipeline
-    from .volume.propagation import SliceFrames, propagate
-    from .volume.windowing import CT_PRESETS
+    from .volume.options import VolumeOptions
+    from .volume.slices.slice_source import SliceSource
+    from .volume.slices.windowing import CT_PRESETS
+    from .volume.tasks.pipeline import VolumePipeline
+    from .volume.tasks.propagation import SliceFrames, propagate
 
     loaded = engine.loaded
     device = loaded.device
@@ -200,7 +202,7 @@ def _model_figures(engine, settings: BenchSettings, figures: list[Figure], say) 
     figures.append(Figure("batch throughput (single target)", "volumes/hour", [3600.0 / t for t in whole]))
     if settings.chest_ct:
         from .demo import sample_ct_path
-        from .volume.io import read_volume
+        from .volume.input.io import read_volume
 
         chest = read_volume(sample_ct_path())
         figures.append(Figure("whole volume: real chest CT 128x128x34, one target", "s",

@@ -80,10 +80,10 @@ def cmd_infer(args) -> int:
 def cmd_volume_task(args) -> int:
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)  # before anything slow, even the imports; created when written
-    from .volume.dicom_out import check_dicom_possible, dicom_skipped, wants_dicom
-    from .volume.io import read_volume
-    from .volume.outputs import write_outputs
-    from .volume.pipeline import VolumePipeline
+    from .volume.input.io import read_volume
+    from .volume.outputs.dicom_out import check_dicom_possible, dicom_skipped, wants_dicom
+    from .volume.outputs.files import write_outputs
+    from .volume.tasks.pipeline import VolumePipeline
 
     # a bad file (or a DICOM series that is not a regular volume) fails before the model loads
     reading = read_options(args)
@@ -129,8 +129,8 @@ def cmd_volume_task(args) -> int:
 def cmd_eval(args) -> int:
     import numpy as np
 
-    from .volume.evaluate import evaluate_labelmaps
-    from .volume.io import read_volume
+    from .volume.input.io import read_volume
+    from .volume.outputs.evaluate import evaluate_labelmaps
 
     prediction, truth = read_volume(args.prediction), read_volume(args.truth)
     if prediction.shape != truth.shape or not np.allclose(prediction.geometry.ijk_to_lps(), truth.geometry.ijk_to_lps(),
@@ -255,7 +255,7 @@ def build_parser() -> CommandParser:
     # `help=` is not listed (the dev group, old spellings).
     add_infer_parser(sub)
     add_volume_task_parsers(sub)
-    from .refine_cli import add_refine_parser
+    from .refine.command_cli import add_refine_parser
 
     add_refine_parser(sub, add_model_options)
     from .ask_cli import add_parser as add_ask_parser

@@ -61,8 +61,8 @@ def slice_steps(engine, source, index: int, budget) -> dict[str, tuple[Callable,
     from .inference.engine import FORCED_SEGMENT_ANSWER, upsample_mask
     from .model.image_prep import resample
     from .model.processor import resize_for_qwen, sam2_pixel_values, smart_resize
-    from .volume.mask_cleanup import fill_holes
-    from .volume.window_lookup import WindowLookup
+    from .volume.slices.window_lookup import WindowLookup
+    from .volume.tasks.mask_cleanup import fill_holes
 
     processor, fast = engine.processor, engine.processor.fast
     voxels, orientation, window = source.volume.voxels, source.orientation, source.window
@@ -218,7 +218,8 @@ class Sampler:
 def pipeline_figures(engine, volume, budget, figure_type, say, contrast: bool = True) -> tuple[list, dict]:
     """Per-slice and propagate runs with prefetch; propagation plain and fast; host stats and profile."""
     from .inference.hostwork import default_workers
-    from .volume.pipeline import VolumeOptions, VolumePipeline
+    from .volume.options import VolumeOptions
+    from .volume.tasks.pipeline import VolumePipeline
 
     depth = volume.shape[0]
     phases: dict[str, dict] = {}
@@ -251,9 +252,9 @@ def _propagation_phase(engine, volume, budget, plain: bool) -> dict:
     from .inference.hostwork import HostStats, default_workers, worker_pool
     from .model.feature_cache import SAM2FeatureCache
     from .model.image_prep import FastImagePrep
-    from .volume.pipeline import SliceSource
-    from .volume.propagation import SliceFrames, propagate
-    from .volume.windowing import CT_PRESETS
+    from .volume.slices.slice_source import SliceSource
+    from .volume.slices.windowing import CT_PRESETS
+    from .volume.tasks.propagation import SliceFrames, propagate
 
     source = SliceSource(volume, "axial", CT_PRESETS["soft_tissue"])
     grounding = engine.model.grounding_encoder
@@ -277,10 +278,10 @@ def _propagation_phase(engine, volume, budget, plain: bool) -> dict:
 
 def host_section(engine, settings, figure_type, say) -> tuple[list, dict]:
     """Everything above for `settings.host_shape`; returns figures and the details for the report."""
-    from .volume.synthetic import synthetic_ct
     from .model.processor import TASK_PIXEL_BUDGETS
-    from .volume.pipeline import SliceSource
-    from .volume.windowing import CT_PRESETS
+    from .volume.input.synthetic import synthetic_ct
+    from .volume.slices.slice_source import SliceSource
+    from .volume.slices.windowing import CT_PRESETS
 
     volume = synthetic_ct(settings.host_shape)
     budget = TASK_PIXEL_BUDGETS["segment"]

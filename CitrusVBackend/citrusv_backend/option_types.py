@@ -73,7 +73,7 @@ def check_pixel_budget_order(min_pixels: int | None, max_pixels: int | None) -> 
 
 def window(text: str) -> str:
     """auto/training, clinical, a preset name, or CENTER,WIDTH with finite numbers and a positive width."""
-    from .volume.windowing import check_window_spec
+    from .volume.slices.windowing import check_window_spec
 
     check_window_spec(text)
     return text

@@ -1,4 +1,4 @@
-"""Conversations in the pipeline layer (volume/conversation.py) with the real tiny model and forced (scripted)
+"""Conversations in the pipeline layer (volume/tasks/conversation.py) with the real tiny model and forced (scripted)
 answers: turn 2 of 3 answers with a [SEG] and a box; its segment and ROI lie on that turn's slice, in the same
 voxels for the chest CT stored as usual and for the same anatomy stored permuted, flipped and oblique."""
 from __future__ import annotations
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.conversation import (Conversation, ConversationRunner, ConversationTooLong, TurnRequest,
-                                                 conversation_markdown)
-from citrusv_backend.volume.io import Volume
-from citrusv_backend.volume.quantify import VoxelGeometry
-from citrusv_backend.volume.slice_source import SliceSource
-from citrusv_backend.volume.windowing import parse_window
+from citrusv_backend.volume.tasks.conversation import (Conversation, ConversationRunner, ConversationTooLong,
+                                                       TurnRequest, conversation_markdown)
+from citrusv_backend.volume.input.io import Volume
+from citrusv_backend.volume.outputs.quantify import VoxelGeometry
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import parse_window
 
 pytestmark = pytest.mark.model
 
@@ -66,7 +66,7 @@ def chest():
 
     import slicerio
 
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
 
     return read_volume(Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd")
 
@@ -126,7 +126,7 @@ def test_turn_two_box_lands_where_the_model_drew_it(tiny_engine, standard):
     """The box's voxels, independently: the model's resized frame scaled to the slice, then the model orientation
     undone by hand for this file's storage (i to the patient's right: the model's columns run against i)."""
     from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS, smart_resize
-    from citrusv_backend.volume.orientation import model_orientation
+    from citrusv_backend.volume.slices.orientation import model_orientation
 
     _, (_, second, _) = three_turns(tiny_engine, standard, roi=None)
     orientation = model_orientation(standard.geometry.direction, "axial")

@@ -22,12 +22,14 @@ from dicom_checks import assert_seg_lies_on_labelmap, dciodvfy
 from dicom_series_maker import NOT_TO_COPY, PATIENT, chest_ct_series, rotation
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.dicom_out import write_dicom_outputs
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.outputs import write_outputs
-from citrusv_backend.volume.pipeline import REPORT_EXPERIMENTAL, Segment, SliceSource, VolumeResult, segment_finding
-from citrusv_backend.volume.quantify import laterality_of, measure_segment
-from citrusv_backend.volume.windowing import parse_window
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.outputs.dicom_out import write_dicom_outputs
+from citrusv_backend.volume.outputs.files import write_outputs
+from citrusv_backend.volume.outputs.quantify import laterality_of, measure_segment
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import parse_window
+from citrusv_backend.volume.tasks.report import REPORT_EXPERIMENTAL
+from citrusv_backend.volume.tasks.results import Segment, VolumeResult, segment_finding
 
 pytestmark = pytest.mark.unit
 TARGETS = {"ribs": 1, "right lung": 5, "left lung": 6}   # ground-truth label values in Segmentation.seg.nrrd

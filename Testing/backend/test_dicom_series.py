@@ -12,8 +12,8 @@ import pytest
 from dicom_series_maker import NOT_TO_COPY, PATIENT, chest_ct_series, rotation, write_ct_series
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.dicom_series import IDENTITY_KEYWORDS, series_from_reference
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.dicom_series import IDENTITY_KEYWORDS, series_from_reference
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = pytest.mark.unit
 TILT = rotation(20.0, -15.0, 30.0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.evaluate import compare_masks, evaluate_labelmaps
+from citrusv_backend.volume.outputs.evaluate import compare_masks, evaluate_labelmaps
 
 pytestmark = pytest.mark.unit
 

@@ -15,11 +15,11 @@ from scipy import ndimage
 from citrusv_backend.inference.images import load_image
 from citrusv_backend.model.image_prep import FastImagePrep
 from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS, PixelBudget, resize_for_qwen, sam2_pixel_values
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.mask_cleanup import fill_holes
-from citrusv_backend.volume.pipeline import SliceSource
-from citrusv_backend.volume.window_lookup import WindowLookup
-from citrusv_backend.volume.windowing import CT_PRESETS, Window, percentile_window, training_window
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.window_lookup import WindowLookup
+from citrusv_backend.volume.slices.windowing import CT_PRESETS, Window, percentile_window, training_window
+from citrusv_backend.volume.tasks.mask_cleanup import fill_holes
 
 pytestmark = pytest.mark.model
 

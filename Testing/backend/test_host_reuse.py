@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from citrusv_backend.errors import JobCancelled
 from citrusv_backend.model.feature_cache import SAM2FeatureCache
 from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.orientation import DisplayOrientation
-from citrusv_backend.volume.pipeline import JobCancelled, SliceSource, VolumeOptions, VolumePipeline
-from citrusv_backend.volume.windowing import CT_PRESETS
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.slices.orientation import DisplayOrientation
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import CT_PRESETS
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
 
 pytestmark = pytest.mark.model
 

@@ -13,12 +13,15 @@ from PIL import Image
 from citrusv_backend.errors import InputError
 from citrusv_backend.inference.engine import CitrusVEngine, record_final_hidden_states, upsample_mask
 from citrusv_backend.model.processor import SEG_TOKEN, TASK_PIXEL_BUDGETS
-from citrusv_backend.volume.io import Volume, read_volume
-from citrusv_backend.volume.outputs import report_markdown, write_outputs
-from citrusv_backend.volume.pipeline import REPORT_PROMPT, SliceSource, VolumeOptions, VolumePipeline
-from citrusv_backend.volume.projection import radiograph_projection
-from citrusv_backend.volume.propagation import SliceFrames, propagate
-from citrusv_backend.volume.windowing import CT_PRESETS, training_window
+from citrusv_backend.volume.input.io import Volume, read_volume
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.outputs.files import report_markdown, write_outputs
+from citrusv_backend.volume.slices.projection import radiograph_projection
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import CT_PRESETS, training_window
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
+from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
+from citrusv_backend.volume.tasks.report import REPORT_PROMPT
 
 pytestmark = pytest.mark.model
 
@@ -100,7 +103,7 @@ def test_projection_looks_like_a_frontal_radiograph(chest, chest_ct_segmentation
     spacing = chest.geometry.spacing  # (i, j, k): 3.05 x 3.05 x 10 mm; 34 slices -> 340 mm -> 112 rows
     assert image.shape == (round(34 * spacing[2] / spacing[0]), 128, 3) and image.dtype == np.uint8
     labels = slicerio.read_segmentation(str(chest_ct_segmentation_path))["voxels"].transpose(2, 1, 0)
-    from citrusv_backend.volume.orientation import display_orientation
+    from citrusv_backend.volume.slices.orientation import display_orientation
 
     orientation = display_orientation(chest.geometry.direction, "coronal")
 

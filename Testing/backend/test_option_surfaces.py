@@ -16,8 +16,8 @@ from citrusv_backend.cli import build_parser
 from citrusv_backend.inference.options import ImageOptions
 from citrusv_backend.model_source import ModelOptions
 from citrusv_backend.option_fields import declared, flag_of, request_model
+from citrusv_backend.refine.server_schemas import RefineRequest, SliceSettings
 from citrusv_backend.server.config import ServeSettings, ServiceConfig
-from citrusv_backend.server.refine_schemas import RefineRequest, SliceSettings
 from citrusv_backend.server.schemas import ImageRequest, JobOptions
 from citrusv_backend.volume.options import ReadOptions, RefineOptions, VolumeOptions
 

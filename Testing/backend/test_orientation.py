@@ -8,9 +8,10 @@ import pytest
 import SimpleITK as sitk
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.orientation import (axial_display_orientation, convert_pixels, display_orientation,
-                                                dominant_axes, model_orientation)
-from citrusv_backend.volume.windowing import CT_PRESETS, Window, parse_window, percentile_window, window_for_prompt
+from citrusv_backend.volume.slices.orientation import (axial_display_orientation, convert_pixels, display_orientation,
+                                                       dominant_axes, model_orientation)
+from citrusv_backend.volume.slices.windowing import (CT_PRESETS, Window, parse_window, percentile_window,
+                                                     window_for_prompt)
 
 pytestmark = pytest.mark.unit
 

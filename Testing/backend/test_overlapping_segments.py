@@ -18,11 +18,12 @@ from dicom_checks import dciodvfy, dcmjs_segments, dcmqi_segments, frames_by_seg
 from dicom_series_maker import chest_ct_series, rotation
 from scipy import ndimage
 
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.outputs import write_outputs
-from citrusv_backend.volume.overlaps import multilabel
-from citrusv_backend.volume.pipeline import Segment, SliceSource, VolumeResult, measure_into, segment_finding
-from citrusv_backend.volume.windowing import parse_window
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.outputs.files import write_outputs
+from citrusv_backend.volume.outputs.overlaps import multilabel
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import parse_window
+from citrusv_backend.volume.tasks.results import Segment, VolumeResult, measure_into, segment_finding
 
 pytestmark = pytest.mark.unit
 MODEL = {"checkpoint": "/models/tiny"}

@@ -12,10 +12,12 @@ import pytest
 from citrusv_backend.errors import InputError
 from citrusv_backend.inference.engine import CitrusVEngine
 from citrusv_backend.model.tiny import make_tiny_checkpoint
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.pipeline import SliceSource, VolumeOptions, VolumePipeline
-from citrusv_backend.volume.presence import Evidence, PresenceRule, consistent_slices
-from citrusv_backend.volume.windowing import training_window
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import training_window
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
+from citrusv_backend.volume.tasks.presence import Evidence, PresenceRule, consistent_slices
 
 RANGE = (16, 19)
 PROMPT = "segment the left lung"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.quantify import SegmentMeasurements, VoxelGeometry, laterality_of, measure_segment
+from citrusv_backend.volume.outputs.quantify import SegmentMeasurements, VoxelGeometry, laterality_of, measure_segment
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.orientation import display_orientation
-from citrusv_backend.volume.refine import enforce_prompts
-from citrusv_backend.volume.refine_history import History, MaskChange, changed_box
-from citrusv_backend.volume.refine_prompts import (BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt, box_mask,
+from citrusv_backend.volume.slices.orientation import display_orientation
+from citrusv_backend.refine.volume_session import enforce_prompts
+from citrusv_backend.refine.volume_history import History, MaskChange, changed_box
+from citrusv_backend.refine.volume_prompts import (BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt, box_mask,
                                                    ijk_to_display, prompts_by_slice, prompts_from_dict,
                                                    prompts_from_markups)
 

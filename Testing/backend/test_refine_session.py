@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from citrusv_backend.inference.engine import upsample_mask
+from citrusv_backend.model.feature_cache import SAM2FeatureCache
 from citrusv_backend.model.modeling import SAM2Prompts
 from citrusv_backend.model.processor import TASK_PIXEL_BUDGETS
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.pipeline import SliceSource
-from citrusv_backend.volume.refine import RefinementSession, RefineOptions
-from citrusv_backend.volume.refine_prompts import BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt
-from citrusv_backend.model.feature_cache import SAM2FeatureCache
-from citrusv_backend.volume.slice_features import SliceFeatureStore
-from citrusv_backend.volume.windowing import CT_PRESETS
+from citrusv_backend.refine.volume_features import SliceFeatureStore
+from citrusv_backend.refine.volume_prompts import BoxPrompt, PointPrompt, RefinePrompts, SlicePrompt
+from citrusv_backend.refine.volume_session import RefinementSession
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.options import RefineOptions
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import CT_PRESETS
 
 from sam2_reference import image_predictor_on
 
@@ -199,7 +200,7 @@ def test_repropagation_changes_neighbouring_slices_and_not_others(tiny_engine, s
 
 def test_repropagated_masks_are_sam2s_video_memory_on_the_same_features(tiny_engine, store, source, lung):
     """The store serves SAM2's video predictor exactly the features it would compute itself."""
-    from citrusv_backend.volume.propagation import SliceFrames, propagate
+    from citrusv_backend.volume.tasks.propagation import SliceFrames, propagate
 
     session = session_on(tiny_engine, source, store, lung)
     options = RefineOptions(propagate=True, max_propagation_slices=1, enforce_prompts=False)

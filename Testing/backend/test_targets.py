@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.targets import DETECT_TEMPLATE, QUERY_TEMPLATE, detection_targets, parse_targets
+from citrusv_backend.volume.tasks.targets import DETECT_TEMPLATE, QUERY_TEMPLATE, detection_targets, parse_targets
 
 pytestmark = pytest.mark.unit
 

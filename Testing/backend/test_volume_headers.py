@@ -1,4 +1,4 @@
-"""Volume headers parsed from a file's own bytes (volume/headers.py): formats told apart by content, every
+"""Volume headers parsed from a file's own bytes (volume/input/headers.py): formats told apart by content, every
 external data reference found however the header is written, claimed sizes, and self-contained copies that
 SimpleITK reads to exactly the voxels and geometry of the original."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.headers import read_header, require_voxel_bytes, write_self_contained
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.headers import read_header, require_voxel_bytes, write_self_contained
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = pytest.mark.unit
 

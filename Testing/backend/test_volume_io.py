@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.io import Volume, read_volume, write_labelmap
+from citrusv_backend.volume.input.io import Volume, read_volume, write_labelmap
 
 pytestmark = pytest.mark.unit
 

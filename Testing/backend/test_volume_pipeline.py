@@ -9,16 +9,20 @@ import SimpleITK as sitk
 import torch
 
 from citrusv_backend.errors import InputError
+from citrusv_backend.errors import JobCancelled
 from citrusv_backend.inference.parsing import Box
-from citrusv_backend.volume.io import Volume, read_volume
-from citrusv_backend.volume.outputs import write_outputs
-from citrusv_backend.volume.pipeline import (JobCancelled, SliceSource, VolumeOptions, VolumePipeline, box_to_patient,
-                                             link_boxes, spread)
-from citrusv_backend.volume.presence import Evidence, PresenceRule, consistent_slices
-from citrusv_backend.volume.propagation import PropagatedSlice, SliceFrames, propagate
-from citrusv_backend.volume.quantify import VoxelGeometry
-from citrusv_backend.volume.targets import parse_targets
-from citrusv_backend.volume.windowing import CT_PRESETS, training_window
+from citrusv_backend.volume.input.io import Volume, read_volume
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.outputs.files import write_outputs
+from citrusv_backend.volume.outputs.quantify import VoxelGeometry
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.slices.windowing import CT_PRESETS, training_window
+from citrusv_backend.volume.tasks.boxes import box_to_patient, link_boxes
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
+from citrusv_backend.volume.tasks.presence import Evidence, PresenceRule, consistent_slices
+from citrusv_backend.volume.tasks.propagation import PropagatedSlice, SliceFrames, propagate
+from citrusv_backend.volume.tasks.sampling import spread
+from citrusv_backend.volume.tasks.targets import parse_targets
 
 pytestmark = pytest.mark.model
 

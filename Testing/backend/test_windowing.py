@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.io import read_volume
-from citrusv_backend.volume.pipeline import SliceSource, VolumeOptions, VolumePipeline
-from citrusv_backend.volume.windowing import (CT_PRESETS, WindowChoice, parse_window, percentile_window,
-                                              training_window)
+from citrusv_backend.volume.input.io import read_volume
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.slices.slice_source import SliceSource
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
+from citrusv_backend.volume.slices.windowing import (CT_PRESETS, WindowChoice, parse_window, percentile_window,
+                                                     training_window)
 
 # Where the training data put each tissue (measured ranges above, with a margin of about 10 gray levels).
 TRAINING_GRAY = {"lung": (10, 50), "soft tissue": (60, 185), "bone": (160, 255)}

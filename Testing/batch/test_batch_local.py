@@ -71,8 +71,9 @@ def test_good_cases_get_outputs_bad_ones_errors_and_the_input_is_untouched(local
 
 def test_labelmaps_are_those_of_the_volume_pipeline(local_reference, batch_inputs: Path, tiny_engine):
     """The batch runs the very pipeline of `citrusv segment`: the same labels, voxel for voxel."""
-    from citrusv_backend.volume.io import read_volume
-    from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
+    from citrusv_backend.volume.input.io import read_volume
+    from citrusv_backend.volume.options import VolumeOptions
+    from citrusv_backend.volume.tasks.pipeline import VolumePipeline
 
     out = local_reference[0]
     volume = read_volume(batch_inputs / "chest.nrrd")

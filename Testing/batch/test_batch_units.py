@@ -11,7 +11,7 @@ from citrusv_backend.batch.manifest import Manifest, sha256_of_input
 from citrusv_backend.batch.prompts import combine_prompts, load_prompts_file, prompts_for, unused_keys
 from citrusv_backend.cli import main
 from citrusv_backend.errors import InputError
-from citrusv_backend.volume.targets import parse_targets
+from citrusv_backend.volume.tasks.targets import parse_targets
 
 pytestmark = pytest.mark.unit
 

@@ -20,7 +20,7 @@ MODULE_DIR = REPO / "CitrusVSlicer"
 @pytest.mark.slicer
 @pytest.mark.service
 def test_the_result_goes_to_the_nodes_captured_at_apply(module_backend, mrml_scene, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.apply import SceneApply
 
     voxels = read_volume(chest_ct_path).voxels[12:20].copy()
@@ -58,7 +58,7 @@ def test_the_result_goes_to_the_nodes_captured_at_apply(module_backend, mrml_sce
 @pytest.mark.slicer
 @pytest.mark.service
 def test_closing_the_scene_cancels_the_job_and_writes_nothing(module_backend, mrml_scene, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.apply import SceneApply
 
     volume = read_volume(chest_ct_path)
@@ -169,7 +169,7 @@ def test_terminology_uses_slicers_anatomy_list_with_laterality_modifiers():
     assert terminology_entry("the lesion") is None
     assert "44029006" not in (MODULE_DIR / "CitrusVSlicerLib" / "terminology.py").read_text()
     # The backend codes its DICOM SEG from DICOM's own context groups: the same SNOMED codes for the same names.
-    from citrusv_backend.volume.terminology import segment_codes
+    from citrusv_backend.volume.outputs.terminology import segment_codes
 
     for name, (code, _, sided) in TYPES.items():
         coded = segment_codes(("left " if sided else "") + name)

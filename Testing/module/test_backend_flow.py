@@ -38,8 +38,9 @@ def run_to_end(manager, runner, timeout: float = 300):
 @pytest.mark.service
 def test_oblique_volume_node_to_segmentation_node(module_backend, mrml_scene, chest_ct_path):
     """Segment voxels in the scene equal the backend's mask at the same patient coordinates."""
-    from citrusv_backend.volume.io import Volume, read_volume
-    from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
+    from citrusv_backend.volume.input.io import Volume, read_volume
+    from citrusv_backend.volume.options import VolumeOptions
+    from citrusv_backend.volume.tasks.pipeline import VolumePipeline
     from CitrusVSlicerLib.runner import ApplyRunner
     from CitrusVSlicerLib.upload import VolumeUpload
     from CitrusVSlicerLib.writers import volume_array_and_geometry, write_result
@@ -89,7 +90,7 @@ def backend_engine(manager):
 @pytest.mark.slicer
 @pytest.mark.service
 def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(module_backend, mrml_scene, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
     from CitrusVSlicerLib.upload import VolumeUpload
     from CitrusVSlicerLib.writers import volume_array_and_geometry
@@ -120,7 +121,7 @@ def test_volume_upload_is_reused_and_redone_when_the_backend_lost_it(module_back
 @pytest.mark.slicer
 @pytest.mark.service
 def test_cancel_mid_job_returns_to_idle(module_backend, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.runner import ApplyRunner
     from CitrusVSlicerLib.upload import VolumeUpload
 

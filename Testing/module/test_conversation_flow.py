@@ -24,7 +24,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
                                                                                      tmp_path):
     import slicer
 
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.conversation import history_markdown
     from CitrusVSlicerLib.conversation_scene import (
         TURN_TAG, create_history, history_segmentation, history_volume, jump_to_turn, propagation_question,
@@ -125,7 +125,7 @@ def test_three_turns_segment_and_roi_on_the_asked_slice_history_saved_and_reload
 
 
 def test_cancel_before_the_question_reaches_the_backend_writes_nothing(logic, mrml_scene, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.conversation import Question
     from CitrusVSlicerLib.conversation_scene import create_history, read_history
 
@@ -144,7 +144,7 @@ def test_cancel_before_the_question_reaches_the_backend_writes_nothing(logic, mr
 
 
 def test_closing_the_scene_while_a_question_is_asked_writes_nothing(logic, mrml_scene, chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
     from CitrusVSlicerLib.conversation import Question
     from CitrusVSlicerLib.conversation_scene import create_history
 

@@ -40,7 +40,7 @@ class DicomDatabase:
 
 @pytest.fixture(scope="module")
 def loaded_series(chest_ct_path, tmp_path_factory):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
 
     series = chest_ct_series(chest_ct_path, tmp_path_factory.mktemp("slicer-dicom") / "series",
                              direction=rotation(0.0, 12.0, 25.0))

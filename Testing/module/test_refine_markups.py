@@ -131,7 +131,7 @@ def upload(manager, target, volume_node) -> str:
 @pytest.fixture
 def lung_scene(mrml_scene, chest_ct_path, chest_ct_segmentation_path, module_backend):
     """The chest CT's slices 12..21 as an oblique, flipped volume under a transform, with its left lung segment."""
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
 
     voxels = read_volume(chest_ct_path).voxels[12:22].copy()
     lung = read_volume(chest_ct_segmentation_path).voxels[12:22] == LEFT_LUNG

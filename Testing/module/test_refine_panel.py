@@ -43,7 +43,7 @@ def logic(module_backend, mrml_scene, monkeypatch):
 
 
 def chest_volume(scene, chest_ct_path, transform: bool = False):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
 
     voxels = read_volume(chest_ct_path).voxels[12:20].copy()
     volume = add_volume(scene, voxels, oblique_ijk_to_ras(spacing=(2.5, 2.2, 7.5), degrees=17.0))

@@ -147,8 +147,8 @@ def test_an_older_backends_empty_mask_is_reported_not_dropped():
 @pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
 def test_key_slice_axis_is_the_backends_slicing_axis(matrix, axis):
     """The module's slice axis equals the one the backend's pipeline counts key slices along (orientation.py)."""
-    from citrusv_backend.volume.io import Volume
-    from citrusv_backend.volume.orientation import model_orientation
+    from citrusv_backend.volume.input.io import Volume
+    from citrusv_backend.volume.slices.orientation import model_orientation
     from CitrusVSlicerLib.key_slice import key_slice_position, slice_axis_ijk
 
     volume = Volume.from_ijk_to_ras(np.zeros(SHAPE, np.int16), matrix)

@@ -62,7 +62,7 @@ def limits_client(limits_server):
 
 @pytest.fixture(scope="session")
 def chest(chest_ct_path):
-    from citrusv_backend.volume.io import read_volume
+    from citrusv_backend.volume.input.io import read_volume
 
     return read_volume(chest_ct_path)
 

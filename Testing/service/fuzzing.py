@@ -61,7 +61,7 @@ class FuzzRecord:
 
 def make_bases(http: httpx.Client) -> dict:
     """One valid request per endpoint, to be mutated; the volume is re-uploaded when the 4 s TTL nears."""
-    from citrusv_backend.volume.io import Volume
+    from citrusv_backend.volume.input.io import Volume
 
     rng = np.random.default_rng(0)
     tiny = rng.integers(-1000, 1000, size=(3, 8, 8)).astype(np.int16)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from citrusv_backend.server.codec import decode_crop
-from citrusv_backend.volume.io import Volume
+from citrusv_backend.volume.input.io import Volume
 
 FINISHED = ("done", "failed", "cancelled")
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from citrusv_backend.volume.orientation import model_orientation
+from citrusv_backend.volume.slices.orientation import model_orientation
 from service_helpers import reassemble, upload, wait
 
 pytestmark = pytest.mark.service

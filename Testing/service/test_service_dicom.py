@@ -12,7 +12,7 @@ from dicom_checks import assert_seg_lies_on_labelmap, dciodvfy
 from dicom_series_maker import PATIENT, chest_ct_series
 from service_helpers import reassemble, submit, volume_payload, wait
 
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = pytest.mark.service
 

@@ -19,7 +19,7 @@ from service_helpers import submit, volume_payload, wait
 from test_service_dicom import reference_of
 
 from citrusv_backend.server.codec import decode_crop
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = pytest.mark.service
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from citrusv_backend.volume.pipeline import VolumeOptions, VolumePipeline
+from citrusv_backend.volume.options import VolumeOptions
+from citrusv_backend.volume.tasks.pipeline import VolumePipeline
 from service_helpers import reassemble, submit, upload, volume_payload, wait
 
 pytestmark = pytest.mark.service

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from citrusv_backend.volume.io import Volume
+from citrusv_backend.volume.input.io import Volume
 from service_helpers import submit, volume_payload, wait
 
 pytestmark = pytest.mark.service

@@ -10,7 +10,7 @@ import pytest
 
 from citrusv_backend.server.jobs import DONE, Job, JobQueue
 from citrusv_backend.server.volumes import VolumeStore
-from citrusv_backend.volume.io import Volume
+from citrusv_backend.volume.input.io import Volume
 from service_helpers import server_memory, submit, upload, volume_payload, wait
 
 MiB = 2**20

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from citrusv_backend.volume.io import Volume
+from citrusv_backend.volume.input.io import Volume
 from service_helpers import reassemble, submit, upload, wait
 
 pytestmark = pytest.mark.service

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from citrusv_backend.errors import InputError
+from citrusv_backend.errors import JobCancelled
 from citrusv_backend.server.jobs import GpuWorker, Job, JobQueue
-from citrusv_backend.volume.pipeline import JobCancelled
 
 pytestmark = pytest.mark.service
 

@@ -18,7 +18,7 @@ from service_helpers import submit, volume_payload, wait
 from test_service_dicom import reference_of
 from test_service_dicom_export import mask_of
 
-from citrusv_backend.volume.io import read_volume
+from citrusv_backend.volume.input.io import read_volume
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 PROMPT = "segment the left lung and the heart"

@@ -34,7 +34,7 @@ class CaseTask:
     skip_digest: str | None = None  # checksum of the done entry that may be kept: equal -> skip the case
     attempts: int = 0
     dicom_out: bool | None = None   # DICOM SEG + SR: None = for DICOM series inputs only
-    on_bad_dicom: str = "refuse"    # or "skip" (volume.dicom_series)
+    on_bad_dicom: str = "refuse"    # or "skip" (volume.input.dicom_series)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class LoadedCase:
     task: CaseTask
     digest: str | None = None
     nbytes: int = 0
-    volume: object | None = None    # volume.io.Volume
+    volume: object | None = None    # volume.input.io.Volume
     error: str | None = None
     error_type: str | None = None
     read_s: float = 0.0
@@ -87,8 +87,8 @@ def worker_name(device: str = "") -> str:
 
 def load_case(task: CaseTask, max_voxels: int) -> LoadedCase:
     """Checksum the input; unless it matches `skip_digest`, read it as a 3D volume named after the case."""
-    from ..volume.dicom_out import check_dicom_possible, wants_dicom
-    from ..volume.io import read_volume
+    from ..volume.input.io import read_volume
+    from ..volume.outputs.dicom_out import check_dicom_possible, wants_dicom
 
     started = time.perf_counter()
     loaded = LoadedCase(task)
@@ -133,7 +133,7 @@ class CaseProcessor:
     """One loaded model and its volume pipeline; `process` turns a loaded case into a case folder."""
 
     def __init__(self, engine, task: str, options, extra: dict | None = None):
-        from ..volume.pipeline import VolumePipeline
+        from ..volume.tasks.pipeline import VolumePipeline
 
         self.engine = engine
         self.task = task
@@ -145,7 +145,7 @@ class CaseProcessor:
     def process(self, loaded: LoadedCase, out_dir: Path, progress: Callable | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> CaseOutcome:
         """Run and write into `out_dir`; JobCancelled propagates (the caller discards `out_dir`)."""
-        from ..volume.pipeline import JobCancelled
+        from ..errors import JobCancelled
 
         outcome = outcome_without_model(loaded)
         if outcome is not None:
@@ -165,8 +165,8 @@ class CaseProcessor:
         return outcome
 
     def _run(self, loaded: LoadedCase, out_dir: Path, outcome: CaseOutcome) -> None:
-        from ..volume.dicom_out import dicom_skipped
-        from ..volume.outputs import write_outputs
+        from ..volume.outputs.dicom_out import dicom_skipped
+        from ..volume.outputs.files import write_outputs
 
         started = time.perf_counter()
         volume, prompt = loaded.volume, loaded.task.prompt

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..volume.dicom_series import has_dicom_marker
-from ..volume.io import VOLUME_SUFFIXES, case_name
+from ..volume.input.dicom_series import has_dicom_marker
+from ..volume.input.io import VOLUME_SUFFIXES, case_name
 
 RESERVED_NAMES = {"manifest.jsonl", "summary.csv", "index.html", ".staging", ".lock"}
 MAX_ID_LENGTH = 120

@@ -163,7 +163,7 @@ class LocalEngine:
     # ------------------------------------------------------------------------------------------ one device
 
     def _run_in_process(self, prefetcher: Prefetcher, sink) -> None:
-        from ..volume.pipeline import JobCancelled
+        from ..errors import JobCancelled
 
         processor = None  # loaded when the first case needs it: a rerun of a finished folder loads nothing
         for loaded in prefetcher:
@@ -288,7 +288,7 @@ def _put_until_collector_ends(inbox, item, collector) -> None:
 
 def device_worker(model: dict, device: str, task: str, options, inbox, outbox, cancel, parent: int) -> None:
     """A model process: load once, then run cases from `inbox` until a None arrives."""
-    from ..volume.pipeline import JobCancelled
+    from ..errors import JobCancelled
 
     _worker_setup(parent)
     name = multiprocessing.current_process().name

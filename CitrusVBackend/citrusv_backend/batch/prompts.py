@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
-from ..volume.targets import parse_targets
+from ..volume.tasks.targets import parse_targets
 from .discovery import CaseInput
 
 KEY_COLUMNS = ("case", "path", "folder")

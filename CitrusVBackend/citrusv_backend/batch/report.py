@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..volume.outputs import write_text
+from ..paths import write_text
 
 SUMMARY_NAME = "summary.csv"
 INDEX_NAME = "index.html"

@@ -1,4 +1,4 @@
-"""The service's conversations (volume/conversation.py) by id, and their turns as jobs on the GPU worker.
+"""The service's conversations (volume/tasks/conversation.py) by id, and their turns as jobs on the GPU worker.
 
 A conversation belongs to the uploaded volume it was started on; it outlives the volume (it can still be read,
 exported and deleted; a new turn needs the volume again). At most one turn per conversation is queued or
@@ -13,10 +13,10 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..inference.engine import CitrusVEngine
-from ..volume.conversation import Conversation, ConversationRunner, TurnRequest
-from ..volume.dicom_out import model_name
-from ..volume.io import Volume
-from ..volume.pipeline import VolumeOptions
+from ..volume.input.io import Volume
+from ..volume.options import VolumeOptions
+from ..volume.outputs.dicom_out import model_name
+from ..volume.tasks.conversation import Conversation, ConversationRunner, TurnRequest
 from .errors import ApiError
 from .jobs import Job
 from .payloads import to_json_bytes, volume_result_payload
@@ -119,7 +119,7 @@ def turn_payload(conversation: Conversation, outcome, volume: Volume) -> dict:
 def ask_payload(engine: CitrusVEngine, volume: Volume, request, options: VolumeOptions, job: Job) -> dict:
     """The volume job "ask" (POST /v1/jobs): a one-turn conversation that is not kept, on options.slice or the
     middle of the slice range; its answer's [SEG] and boxes become segments and ROIs as in a conversation."""
-    from ..volume.orientation import model_orientation
+    from ..volume.slices.orientation import model_orientation
 
     depth = volume.shape[model_orientation(volume.geometry.direction, options.axis).slice_axis]
     first, last = options.validate(depth)

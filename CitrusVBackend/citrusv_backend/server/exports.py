@@ -2,7 +2,7 @@
 manual editing the SEG and SR describe the segments as they are in the client's scene.
 
 The posted masks become segments measured by the pipeline's own code (`measure_into`) and written by the same
-SEG/SR code as `citrusv segment` (`volume/dicom_out`); the job they came from (if still kept) names the prompt,
+SEG/SR code as `citrusv segment` (`volume/outputs/dicom_out`); the job they came from (if still kept) names the prompt,
 the answers, the key slices and whether the weights were random. The objects are kept for a while in an
 `ExportStore` and fetched by `GET /v1/exports/{export_id}/{seg|sr}`.
 """
@@ -19,14 +19,14 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import InputError
-from ..volume.dicom_out import check_dicom_possible, dataset_bytes, describe_objects, dicom_objects
-from ..volume.io import Volume
-from ..volume.orientation import model_orientation
-from ..volume.pipeline import Segment, VolumeResult, measure_into, segment_finding
+from ..refine.server_schemas import MaskCrop
+from ..refine.server_service import mask_from_crop
+from ..volume.input.io import Volume
+from ..volume.outputs.dicom_out import check_dicom_possible, dataset_bytes, describe_objects, dicom_objects
+from ..volume.slices.orientation import model_orientation
+from ..volume.tasks.results import Segment, VolumeResult, measure_into, segment_finding
 from .errors import ApiError
 from .jobs import DONE
-from .refine_schemas import MaskCrop
-from .refine_service import mask_from_crop
 from .schemas import Strict
 
 MAX_EXPORT_SEGMENTS = 254

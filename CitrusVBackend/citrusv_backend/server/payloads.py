@@ -9,9 +9,9 @@ import math
 import numpy as np
 
 from ..serialization import json_default
-from ..volume.io import Volume
-from ..volume.outputs import report_markdown, segment_color
-from ..volume.pipeline import VolumeResult
+from ..volume.input.io import Volume
+from ..volume.outputs.files import report_markdown, segment_color
+from ..volume.tasks.results import VolumeResult
 from .codec import b64encode, compress_crop
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from fastapi import Request
 from pydantic import Field, ValidationError
 
-from ..volume.io import Volume
+from ..volume.input.io import Volume
 from .codec import VOXEL_DTYPES
 from .errors import ApiError
 from .schemas import Dimension, Strict

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..inference.options import ImageOptions
 from ..option_fields import request_model
 from ..option_types import PIXEL_BUDGET_MAX, PIXEL_BUDGET_MIN
-from ..volume.dicom_series import IDENTITY_KEYWORDS
+from ..volume.input.dicom_series import IDENTITY_KEYWORDS
 from ..volume.options import VolumeOptions
 from .codec import COMPRESSIONS, VOXEL_DTYPES
 

@@ -15,10 +15,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..volume.refine import RefinementSession
 from ..model.feature_cache import SAM2FeatureCache
-from ..volume.slice_features import SliceFeatureStore
-from ..volume.slice_source import volume_token
+from ..refine.volume_features import SliceFeatureStore
+from ..refine.volume_session import RefinementSession
+from ..volume.slices.slice_source import volume_token
 from .errors import ApiError
 from .logs import log_event
 

@@ -15,19 +15,20 @@ import torch
 from ..errors import InputError
 from ..inference.engine import CitrusVEngine, InferenceResult
 from ..model.processor import check_prompt_and_answer
-from ..volume.dicom_out import (check_dicom_possible, dataset_bytes, describe_objects, dicom_objects, dicom_skipped,
-                                model_name, wants_dicom)
-from ..volume.io import Volume
-from ..volume.orientation import model_orientation
-from ..volume.pipeline import VolumePipeline, VolumeResult
-from ..volume.targets import detection_targets, parse_targets
-from ..volume.windowing import check_window_spec
+from ..volume.outputs.dicom_out import (check_dicom_possible, dataset_bytes, describe_objects, dicom_objects,
+                                        dicom_skipped, model_name, wants_dicom)
+from ..refine.server_service import RefineSeed
+from ..volume.input.io import Volume
+from ..volume.slices.orientation import model_orientation
+from ..volume.slices.windowing import check_window_spec
+from ..volume.tasks.pipeline import VolumePipeline
+from ..volume.tasks.results import VolumeResult
+from ..volume.tasks.targets import detection_targets, parse_targets
 from . import rle
 from .codec import mask_payload
 from .conversations import ask_payload
-from .payloads import to_json_bytes, volume_result_payload
 from .jobs import Job
-from .refine_service import RefineSeed
+from .payloads import to_json_bytes, volume_result_payload
 from .schemas import ImageRequest, JobRequest
 
 

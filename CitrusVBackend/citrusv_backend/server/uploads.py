@@ -4,7 +4,7 @@
 counted in bytes of the stored type, then the memory budget, which is reserved for the volume until it is
 stored. A volume file is read only from the bytes received: its whole header is parsed, any reference to
 another file is refused, the voxel bytes it claims must be there, and the image reader is given a copy with a
-header written here (see `volume.headers`), read with the reader of the format the content has.
+header written here (see `volume.input.headers`), read with the reader of the format the content has.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ..errors import TooLargeError
-from ..volume.dicom_series import series_from_reference
-from ..volume.headers import DETACHED_SUFFIXES, read_header, refuse_external, require_voxel_bytes, write_self_contained
-from ..volume.io import NIFTI_SUFFIXES, Volume, case_name, check_volume_size, read_volume
+from ..volume.input.dicom_series import series_from_reference
+from ..volume.input.headers import (DETACHED_SUFFIXES, read_header, refuse_external, require_voxel_bytes,
+                                    write_self_contained)
+from ..volume.input.io import NIFTI_SUFFIXES, Volume, case_name, check_volume_size, read_volume
 from .codec import b64decode, voxels_from_bytes
 from .errors import ApiError
 from .schemas import VolumeUpload

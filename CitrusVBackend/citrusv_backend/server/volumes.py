@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from ..volume.io import Volume
+from ..volume.input.io import Volume
 from .errors import ApiError
 from .logs import log_event
 

@@ -10,9 +10,9 @@ from .. import option_types as types
 from ..errors import InputError
 from ..inference.options import FORCED_SEGMENT_ANSWER, ImageOptions
 from ..option_fields import check_fields, option, same_as
-from .orientation import PLANES
-from .presence import PRESENCE_RULES, PresenceRule
-from .windowing import CLINICAL, CT_PRESETS
+from .slices.orientation import PLANES
+from .slices.windowing import CLINICAL, CT_PRESETS
+from .tasks.presence import PRESENCE_RULES, PresenceRule
 
 MODES = ("propagate", "per-slice", "hybrid")
 TASKS = ("segment", "detect", "report")

@@ -11,14 +11,14 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from ...option_fields import request_model
-from ...volume.conversation import (DEFAULT_BUDGET_TOKENS, MAX_PROMPT_CHARS, Conversation, TurnRequest,
-                                    budget_problem, check_turn, conversation_markdown, estimated_turn_tokens,
-                                    turn_slice_png)
+from ...volume.tasks.conversation import (DEFAULT_BUDGET_TOKENS, MAX_PROMPT_CHARS, Conversation, TurnRequest,
+                                          budget_problem, check_turn, conversation_markdown, estimated_turn_tokens,
+                                          turn_slice_png)
 from ..codec import b64encode
 from ..errors import ApiError
 from ..jobs import Job
-from ..schemas import JobInfo, Strict
 from ..payloads import to_json_bytes
+from ..schemas import JobInfo, Strict
 from . import Service
 
 router = APIRouter(tags=["conversations"])

@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ...volume.dicom_out import model_name
+from ...volume.outputs.dicom_out import model_name
 from ..exports import ExportRequest, run_export
 from . import Service
 

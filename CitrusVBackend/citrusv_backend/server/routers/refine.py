@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from starlette.concurrency import run_in_threadpool
 
+from ...refine.server_schemas import SEGMENT_NAME, RefineRequest, SessionInfo, SessionRequest, StepRequest, StepResult
+from ...refine.server_service import refine_runner, run_step, session_payload, start_session
 from ..errors import ApiError
 from ..jobs import Job
-from ..refine_schemas import SEGMENT_NAME, RefineRequest, SessionInfo, SessionRequest, StepRequest, StepResult
-from ..refine_service import refine_runner, run_step, session_payload, start_session
 from . import Service, run_now
 
 router = APIRouter(tags=["refine"])

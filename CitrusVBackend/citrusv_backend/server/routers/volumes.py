@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from ...volume.dicom_series import series_from_reference
-from ...volume.io import Volume, case_name
+from ...volume.input.dicom_series import series_from_reference
+from ...volume.input.io import Volume, case_name
 from .. import raw_upload
 from ..errors import ApiError
 from ..schemas import DicomReference, VolumeInfo, VolumeUpload

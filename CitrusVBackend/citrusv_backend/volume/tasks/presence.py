@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 PRESENCE_RULES = ("mask", "object-score", "both")
 

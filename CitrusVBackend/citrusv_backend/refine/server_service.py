@@ -18,12 +18,14 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..volume.pipeline import SliceSource, VolumeOptions, task_budget
-from ..volume.refine import RefinementSession, RefineOutcome
-from ..volume.windowing import Window, parse_window
-from .codec import compress_crop
-from .errors import ApiError
-from .jobs import DONE, Job
+from ..server.codec import compress_crop
+from ..server.errors import ApiError
+from ..server.jobs import DONE, Job
+from ..volume.options import VolumeOptions
+from ..volume.slices.slice_source import SliceSource
+from ..volume.slices.windowing import Window, parse_window
+from ..volume.tasks.sampling import task_budget
+from .volume_session import RefinementSession, RefineOutcome
 
 
 @dataclass

@@ -23,10 +23,10 @@ from typing import Callable, Hashable
 import numpy as np
 import torch
 
-from ..inference.hostwork import POSTPROCESS, HostStats, Prefetcher
-from ..model.feature_cache import SAM2FeatureCache, split_backbone
-from ..model.image_prep import FastImagePrep
-from ..model.processor import PixelBudget, smart_resize
+from ...inference.hostwork import POSTPROCESS, HostStats, Prefetcher
+from ...model.feature_cache import SAM2FeatureCache, split_backbone
+from ...model.image_prep import FastImagePrep
+from ...model.processor import PixelBudget, smart_resize
 
 PROPAGATION_OBJECT_ID = 1
 
@@ -220,7 +220,7 @@ def propagate(predictor, frames: SliceFrames, height: int, width: int, anchors: 
 def tracked_slice(predictor, state: dict, frame: int, logits: torch.Tensor, size: tuple[int, int],
                   presence: PresenceTest | None, mask_upsampling: str) -> PropagatedSlice:
     """One propagated frame: its mask (upsampled as asked), presence and object score."""
-    from ..inference.engine import upsample_mask
+    from ...inference.engine import upsample_mask
 
     scores = logits[0, 0].float()
     low_res = predictor.last_low_res_masks[0, 0].float().cpu()

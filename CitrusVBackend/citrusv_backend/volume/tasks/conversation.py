@@ -32,19 +32,21 @@ import numpy as np
 import torch.nn.functional as F
 import torch
 
-from ..errors import InputError, JobCancelled, TooLargeError
-from ..inference.engine import CitrusVEngine, InferenceResult
-from ..inference.parsing import Box, parse_boxes, scale_boxes
-from ..option_fields import same_as
-from ..model.processor import IMAGE_TOKENS, TASK_PIXEL_BUDGETS, PixelBudget, check_prompt_and_answer, smart_resize
-from .io import Volume
-from .options import VolumeOptions
-from .orientation import PLANES, DisplayOrientation, model_orientation
-from .pipeline import REPORT_EXPERIMENTAL, Segment, VolumeResult, box_to_patient
+from ...errors import InputError, JobCancelled, TooLargeError
+from ...inference.engine import CitrusVEngine, InferenceResult
+from ...inference.parsing import Box, parse_boxes, scale_boxes
+from ...model.processor import IMAGE_TOKENS, TASK_PIXEL_BUDGETS, PixelBudget, check_prompt_and_answer, smart_resize
+from ...option_fields import same_as
+from ..input.io import Volume
+from ..options import VolumeOptions
+from ..outputs.quantify import laterality_of, measure_segment
+from ..slices.orientation import PLANES, DisplayOrientation, model_orientation
+from ..slices.slice_source import SliceSource
+from ..slices.windowing import Window, check_window_spec, parse_window
+from .boxes import box_to_patient
 from .presence import Evidence, PresenceRule
-from .quantify import laterality_of, measure_segment
-from .slice_source import SliceSource
-from .windowing import Window, check_window_spec, parse_window
+from .report import REPORT_EXPERIMENTAL
+from .results import Segment, VolumeResult
 
 CONVERSATION_FORMAT = "citrusv-conversation/1"
 DEFAULT_BUDGET_TOKENS = 16384

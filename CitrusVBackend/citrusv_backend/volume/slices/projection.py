@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
-from .io import Volume
+from ...errors import InputError
+from ..input.io import Volume
 from .orientation import display_orientation
 from .windowing import CT_PADDING_BELOW
 

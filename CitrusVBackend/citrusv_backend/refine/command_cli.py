@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import option_types as types
-from .errors import CitrusVError
-from .option_fields import add_options, from_args
-from .volume.arguments import add_volume_options, volume_options
-from .volume.options import RefineOptions
+from .. import option_types as types
+from ..errors import CitrusVError
+from ..option_fields import add_options, from_args
+from ..volume.arguments import add_volume_options, volume_options
+from ..volume.options import RefineOptions
 
 
 def add_refine_parser(sub, add_model_options) -> None:
@@ -41,7 +41,7 @@ def add_refine_parser(sub, add_model_options) -> None:
 
 
 def read_steps(args, lps_to_ijk: np.ndarray) -> list:
-    from .volume.refine_prompts import RefinePrompts, prompts_from_dict, prompts_from_markups
+    from .volume_prompts import RefinePrompts, prompts_from_dict, prompts_from_markups
 
     steps = []
     if args.steps:
@@ -63,15 +63,16 @@ def read_steps(args, lps_to_ijk: np.ndarray) -> list:
 
 
 def cmd_refine(args) -> int:
-    from .model_source import load_engine
-    from .console import ProgressPrinter, random_weights_banner, say
-    from .paths import check_not_inside_input, writable_folder
-    from .model.feature_cache import SAM2FeatureCache
-    from .volume.io import read_volume
-    from .volume.pipeline import VolumePipeline, task_budget
-    from .volume.refine import RefinementSession
-    from .volume.refine_prompts import prompts_by_slice
-    from .volume.slice_features import SliceFeatureStore
+    from ..console import ProgressPrinter, random_weights_banner, say
+    from ..model.feature_cache import SAM2FeatureCache
+    from ..model_source import load_engine
+    from ..paths import check_not_inside_input, writable_folder
+    from ..volume.input.io import read_volume
+    from ..volume.tasks.pipeline import VolumePipeline
+    from ..volume.tasks.sampling import task_budget
+    from .volume_features import SliceFeatureStore
+    from .volume_prompts import prompts_by_slice
+    from .volume_session import RefinementSession
 
     check_not_inside_input(Path(args.volume), Path(args.out))
     writable_folder(args.out, create=False)  # a bad output folder fails before the volume is read
@@ -117,7 +118,7 @@ def cmd_refine(args) -> int:
 
 
 def _read_labels(args, volume) -> np.ndarray:
-    from .volume.io import read_volume
+    from ..volume.input.io import read_volume
 
     labelmap = read_volume(args.labelmap)
     if labelmap.shape != volume.shape or not np.allclose(labelmap.geometry.ijk_to_lps(), volume.geometry.ijk_to_lps(),
@@ -130,15 +131,15 @@ def _read_labels(args, volume) -> np.ndarray:
 
 
 def _labelmap_source(volume, options, query):
-    from .volume.pipeline import SliceSource
-    from .volume.windowing import parse_window
+    from ..volume.slices.slice_source import SliceSource
+    from ..volume.slices.windowing import parse_window
 
     return SliceSource(volume, options.axis, parse_window(options.window, query or "", volume.modality, volume.voxels))
 
 
 def _model_query(text: str | None) -> str | None:
     """A target as the pipeline asks the model about it: a --query 'left lung' becomes the reference phrasing."""
-    from .volume.targets import QUERY_TEMPLATE, parse_targets
+    from ..volume.tasks.targets import QUERY_TEMPLATE, parse_targets
 
     if not text or text.strip().lower().startswith("please"):
         return text
@@ -147,10 +148,10 @@ def _model_query(text: str | None) -> str | None:
 
 
 def _write(args, volume, source, labels, before, session, records, placed, changed, random_weights) -> None:
-    from .console import say
-    from .volume.io import write_labelmap
-    from .volume.outputs import atomic_path, write_text
-    from .volume.refine_preview import preview_rows, render_refinement
+    from ..console import say
+    from ..paths import atomic_path, write_text
+    from ..volume.input.io import write_labelmap
+    from .volume_preview import preview_rows, render_refinement
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .outputs import RANDOM_NOTE
-from .refine_prompts import INCLUDE, SlicePrompt
+from ..volume.outputs.files import RANDOM_NOTE
+from .volume_prompts import INCLUDE, SlicePrompt
 
 BEFORE_COLOR = (86, 180, 233)
 AFTER_COLOR = (230, 159, 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 TRAINING = "training"      # the SA-Med2D per-volume percentile normalisation (default)
 CLINICAL = "clinical"      # a CT preset per target, chosen from the target's words

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from ..model.processor import PixelBudget
-from .io import Volume
+from ...model.processor import PixelBudget
+from ..input.io import Volume
 from .orientation import DisplayOrientation, convert_pixels, display_orientation, model_orientation
 from .window_lookup import WindowLookup
 from .windowing import Window

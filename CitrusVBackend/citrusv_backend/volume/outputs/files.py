@@ -6,7 +6,7 @@ killed run never leaves a half-written file under a final name.
 Segments may overlap (a lesion inside its organ); each output carries every segment's own voxels
 (docs/dicom-and-overlaps.md):
 - `{case}_seg.nii.gz`: the multi-label labelmap, one label per voxel, the smaller segment on top where segments
-  overlap (volume/overlaps.multilabel); when any segments overlap, also `{case}_segment_{label}.nii.gz` per found
+  overlap (overlaps.multilabel); when any segments overlap, also `{case}_segment_{label}.nii.gz` per found
   segment (0/1, its whole mask). `{case}_labels.json` says, per segment, which file holds all its voxels, how
   many of them the multi-label file shows and which segments it overlaps.
 - `{case}_seg.seg.nrrd`: as many layers as the overlaps need, each segment whole in one layer.
@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..paths import atomic_path, write_text  # noqa: F401  (write_text: imported from here by others)
-from ..serialization import json_default
-from .colors import SEGMENT_COLORS, segment_color  # noqa: F401  (SEGMENT_COLORS: its home was here)
-from .io import Volume, write_labelmap
+from ...paths import atomic_path, write_text
+from ...serialization import json_default
+from ..input.io import Volume, write_labelmap
+from ..slices.slice_source import SliceSource
+from ..tasks.results import VolumeResult
+from .colors import segment_color
 from .overlaps import layers, overlapping, visible_voxels
-from .pipeline import SliceSource, VolumeResult
 
 FINDING_COLUMNS = ["finding", "location", "laterality", "volume_ml", "long_axis_mm", "short_axis_mm",
                    "mean_intensity", "slice", "segment"]
@@ -214,7 +215,7 @@ def write_outputs(result: VolumeResult, out_dir: Path, extra: dict | None = None
                   dicom: bool | None = None) -> dict[str, Path]:
     """All files of one case in `out_dir` (geometry and previews from the slices the task saw); by kind.
 
-    `dicom`: also a DICOM SEG and SR (volume.dicom_out); None = only when the input is a DICOM series."""
+    `dicom`: also a DICOM SEG and SR (volume.outputs.dicom_out); None = only when the input is a DICOM series."""
     source = result.source
     volume = source.volume
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from ..model.processor import PixelBudget
 if TYPE_CHECKING:
     from ..inference.engine import CitrusVEngine
     from ..model.modeling import SAM2ImageFeatures
-    from .pipeline import SliceSource
+    from ..volume.slices.slice_source import SliceSource
 
 # The video predictor reads the frame image from its cache entry only to expand it; nothing uses its pixels.
 _NO_IMAGE = torch.empty(1, 3, 0, 0)

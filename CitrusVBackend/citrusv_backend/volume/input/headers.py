@@ -26,7 +26,7 @@ from typing import BinaryIO, Union
 
 Source = Union[Path, BinaryIO]  # a file, or the open file of an upload
 
-from ..errors import InputError
+from ...errors import InputError
 
 MAX_HEADER_BYTES = 8 * 2**20  # far more than any real header; a "header" without an end is refused
 CHUNK = 1 << 20

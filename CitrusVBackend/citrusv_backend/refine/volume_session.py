@@ -4,7 +4,7 @@ A `RefinementSession` holds one segment of one volume: its mask, the slices the 
 SAM2's memory, as clicked frames do in SAM2's own video tool), the last low-resolution logits of the slices it
 touched, and the slices' SAM2 features (`SliceFeatureStore`). A step:
 
-1. the prompts are mapped from IJK onto the display slices they land on (`refine_prompts`);
+1. the prompts are mapped from IJK onto the display slices they land on (`volume_prompts`);
 2. each such slice is decoded by SAM2's own prompt encoder + mask decoder on that slice's features: the points
    (a box as two corner points first), the current mask as the dense prompt (the slice's last logits, else its
    binary mask turned into logits as SAM2 turns mask inputs into logits), and optionally the target's projected
@@ -32,11 +32,11 @@ from ..errors import InputError
 from ..inference.engine import FORCED_SEGMENT_ANSWER, upsample_mask
 from ..model.modeling import SAM2Prompts
 from ..model.processor import TASK_PIXEL_BUDGETS, PixelBudget
-from .options import RefineOptions  # noqa: F401  (its home was here)
-from .propagation import PROPAGATION_OBJECT_ID, SliceFrames, frames_as_video, quiet_progress_bars
-from .refine_history import History, MaskChange, changed_box
-from .refine_prompts import EXCLUDE, INCLUDE, RefinePrompts, SlicePrompt, box_mask, prompts_by_slice
-from .slice_features import SliceFeatureStore
+from ..volume.options import RefineOptions  # noqa: F401  (its home was here)
+from ..volume.tasks.propagation import PROPAGATION_OBJECT_ID, SliceFrames, frames_as_video, quiet_progress_bars
+from .volume_features import SliceFeatureStore
+from .volume_history import History, MaskChange, changed_box
+from .volume_prompts import EXCLUDE, INCLUDE, RefinePrompts, SlicePrompt, box_mask, prompts_by_slice
 
 # SAM2 turns a binary mask input into logits this way (`SAM2Base._use_mask_as_output`).
 MASK_LOGIT_SCALE, MASK_LOGIT_BIAS = 20.0, -10.0

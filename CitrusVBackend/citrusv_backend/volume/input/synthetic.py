@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..outputs.quantify import VoxelGeometry
 from .io import Volume
-from .quantify import VoxelGeometry
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0):

@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from ..option_fields import request_model
+from ..server.schemas import MAX_PROMPT_CHARS, Strict
 from ..volume.options import RefineOptions, VolumeOptions
-from ..volume.refine_prompts import BoxPrompt, PointPrompt, RefinePrompts
-from .schemas import MAX_PROMPT_CHARS, Strict
+from .volume_prompts import BoxPrompt, PointPrompt, RefinePrompts
 
 SEGMENT_NAME = r"^[A-Za-z0-9._-]{1,64}$"
 Coordinate = Annotated[float, Field(allow_inf_nan=False)]

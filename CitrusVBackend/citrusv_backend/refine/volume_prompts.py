@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .orientation import DisplayOrientation
+from ..volume.slices.orientation import DisplayOrientation
 
 INCLUDE, EXCLUDE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 1, 0, 2, 3
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import InputError
-from ..model.processor import IMAGE_TAG
+from ...errors import InputError
+from ...model.processor import IMAGE_TAG
 
 # The reference's queries (MeCoVQA-G rows read by eval/eval_segmentation.py, projects/inference.py) start with
 # "<image>\n": the image block, then a newline, then the question.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
+from ...errors import InputError
 
 NOTE_BOTH_EMPTY = "both masks are empty"
 NOTE_ONE_EMPTY = "{} mask is empty: surface distances are infinite and reported as None"

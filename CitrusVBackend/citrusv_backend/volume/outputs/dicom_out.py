@@ -1,7 +1,7 @@
 """A volume result as DICOM: a Segmentation (SEG) and a TID 1500 measurement report (Comprehensive 3D SR).
 
 Both are built by highdicom. The SEG is BINARY, one segment per target that was found, each with its coded
-category/type (volume.terminology), CitrusV and the model as the algorithm, and one frame per source slice
+category/type (volume.outputs.terminology), CitrusV and the model as the algorithm, and one frame per source slice
 that the segment touches: frame <-> source instance exactly as volume slice k <-> `series.instances[k]`, so the
 SEG lies on the source series' own frame of reference and slice positions (oblique series included). The
 pixels are each segment's own mask (`Segment.mask`): segments may overlap (a lesion inside its organ), which a
@@ -13,7 +13,7 @@ UID (the same as the segment's). Text that has no coded home — the report's FI
 targets not found, "research use only" and the random-weights warning — goes into the report's Qualitative
 Evaluations container as TEXT items. The two warnings are also in the series descriptions and image comments.
 
-The source is described by a `DicomSeries` (volume.dicom_series); only its UIDs, geometry and the least
+The source is described by a `DicomSeries` (volume.input.dicom_series); only its UIDs, geometry and the least
 identity (`IDENTITY_KEYWORDS`) are copied. A volume that did not come from DICOM gets a new study: its image
 series is written too (so every reference resolves), with no patient or study identity, marked as such.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import InputError
-from .dicom_series import DicomInstance, DicomSeries
-from .io import Volume
+from ... import __version__
+from ...errors import InputError
+from ..input.dicom_series import DicomInstance, DicomSeries
+from ..input.io import Volume
 from .terminology import segment_codes
 
 MANUFACTURER = "CitrusV for 3D Slicer"
@@ -380,7 +380,7 @@ def dataset_bytes(dataset) -> bytes:
 
 def write_dicom_outputs(result, volume: Volume, out_dir: Path, case: str, model: str) -> dict[str, Path]:
     """`{case}_seg.dcm`, `{case}_sr.dcm` (and `{case}_image_NNNN.dcm` for a non-DICOM input), each written whole."""
-    from ..paths import atomic_path
+    from ...paths import atomic_path
 
     objects = dicom_objects(result, volume, model)
     named = [("dicom_sr", f"{case}_sr.dcm", objects.sr)]

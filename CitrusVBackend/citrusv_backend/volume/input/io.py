@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputError, TooLargeError
-from .quantify import VoxelGeometry
+from ...errors import InputError, TooLargeError
+from ..outputs.quantify import VoxelGeometry
 
 if TYPE_CHECKING:
     from .dicom_series import DicomSeries
@@ -54,7 +54,7 @@ class Volume:
     source_path: Path | None = None
     modality: str = "CT"
     metadata: dict = field(default_factory=dict)
-    dicom: "DicomSeries | None" = None   # the source series, when it is one (volume.dicom_series)
+    dicom: "DicomSeries | None" = None   # the source series, when it is one (volume.input.dicom_series)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -144,7 +144,7 @@ def check_data_complete(path: Path) -> None:
 def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, on_bad_dicom: str = "refuse",
                 image_io: str | None = None, before_reading=None) -> Volume:
     """A 3D scalar volume; anything else (2D, 4D, RGB, unreadable) is a clear InputError. A DICOM folder is
-    checked first (volume.dicom_series): `on_bad_dicom` "skip" leaves out files that do not fit, with a warning.
+    checked first (volume.input.dicom_series): `on_bad_dicom` "skip" leaves out files that do not fit, with a warning.
     `image_io` forces the SimpleITK reader of a file (e.g. "NrrdImageIO") instead of letting it pick one by name
     and content; `before_reading(nbytes)` is called with the memory the voxels will take, before they are read."""
     import SimpleITK as sitk

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
-from ..errors import InputError
+from ...errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 MIDLINE_FRACTION = 0.05  # of the volume's L-R extent, either side of its centre

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 ON_PROBLEM = ("refuse", "skip")
 # Patient and study identity copied into the outputs: what a PACS or trial database needs to file them beside
@@ -86,7 +86,7 @@ class DicomSeries:
 
     def geometry(self):
         """The volume's geometry (ITK conventions: i along the rows' direction, j down the columns, k the normal)."""
-        from .quantify import VoxelGeometry
+        from ..outputs.quantify import VoxelGeometry
 
         direction = np.column_stack([self.orientation[:3], self.orientation[3:], self.normal])
         spacing = (self.pixel_spacing[1], self.pixel_spacing[0], self.slice_spacing or self.slice_thickness or 1.0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 # World axes in LPS (the frame of ITK/DICOM/NRRD headers): 0 = Left, 1 = Posterior, 2 = Superior.
 LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR = 0, 1, 2
