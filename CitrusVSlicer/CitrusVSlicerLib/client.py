@@ -55,7 +55,8 @@ class ResultDecoder:
     """The service's result JSON -> `SceneResult`, a bounded amount of inflating per `step()` (main-thread friendly)."""
 
     def __init__(self, payload: dict, shape_kji):
-        expected = list(payload.get("labelmap", {}).get("shape", shape_kji))
+        # A result without masks (an answer-only conversation turn) may carry no labelmap: nothing to check then.
+        expected = list((payload.get("labelmap") or {}).get("shape", shape_kji))
         if list(shape_kji) != expected:
             raise BackendError(f"the result is for a volume of shape {expected}, not {list(shape_kji)}")
         self.payload = payload

@@ -15,7 +15,6 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from .client import ResultDecoder
 from .runner import ApplyRunner
 from .transport import Call
 
@@ -56,7 +55,6 @@ class ConversationTurnRunner(ApplyRunner):
         self.conversation_id = conversation_id
         self.title = title
         self.context_reset = False     # the server had lost the conversation: this turn began a new one
-        self.payload: dict | None = None
 
     def _submit(self) -> None:
         self.stage = "submit"
@@ -91,20 +89,6 @@ class ConversationTurnRunner(ApplyRunner):
                 return self._begin_upload()
             return self._submit()
         self._submitted(call)   # Apply's: the job id, then follow it
-
-    def _result(self, call: Call) -> None:
-        self._call = None
-        if not self.active:
-            return
-        if call.error:
-            return self._fail(str(call.error))
-        try:
-            self.payload = json.loads(call.body())
-        except ValueError:
-            return self._fail(f"the result of job {self.job_id} is not JSON")
-        # A turn without masks may carry no labelmap: the decoder then checks nothing against the volume's shape.
-        self._decoder = ResultDecoder(dict(self.payload, labelmap=self.payload.get("labelmap") or {}), self.upload.voxels.shape)
-        self.stage = "decode"
 
 
 def error_type(call: Call) -> str | None:

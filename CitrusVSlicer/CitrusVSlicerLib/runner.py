@@ -54,6 +54,7 @@ class ApplyRunner:
         self._events: list[Event] = []
         self._call: Call | None = None
         self._decoder: ResultDecoder | None = None
+        self.payload: dict | None = None         # the job's result as it came, once fetched
         self._reused = volume_id is not None
         self._next_poll = 0.0
         self._cancel_sent_at: float | None = None
@@ -198,10 +199,10 @@ class ApplyRunner:
         if call.error:
             return self._fail(str(call.error))
         try:
-            payload = json.loads(call.body())
+            self.payload = json.loads(call.body())
         except ValueError:
             return self._fail(f"the result of job {self.job_id} is not JSON")
-        self._decoder = ResultDecoder(payload, self.upload.voxels.shape)
+        self._decoder = ResultDecoder(self.payload, self.upload.voxels.shape)
         self.stage = "decode"
 
     # ------------------------------------------------------------------------------------------ endings
